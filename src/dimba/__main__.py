@@ -1,0 +1,5 @@
+import sys
+
+from dimba.cli import main
+
+sys.exit(main())

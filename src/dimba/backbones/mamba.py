@@ -1,0 +1,146 @@
+"""Mamba-2 mixers: the causal :class:`Mamba2Mixer` and the bidirectional :class:`BiMamba2`.
+
+:class:`Mamba2Mixer` follows ``mamba_ssm.modules.mamba2.Mamba2`` (Dao & Gu 2024) with identical
+parameter names and shapes, so a checkpoint trained on GPU with ``mamba_ssm`` loads on CPU:
+``in_proj.weight, conv1d.weight, conv1d.bias, dt_bias, A_log, D, norm.weight, out_proj.weight``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dimba.backbones.ssm import selective_scan
+
+try:
+    from causal_conv1d import causal_conv1d_fn
+except ImportError:
+    causal_conv1d_fn = None
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm of the gated input ``y * silu(z)``, normalised over groups of ``group_size`` channels.
+
+    Matches ``mamba_ssm``'s ``RMSNormGated(norm_before_gate=False)``; computed in float32.
+    """
+
+    def __init__(self, dim: int, group_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.group_size = group_size
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        g = (y.float() * F.silu(z.float())).unflatten(-1, (-1, self.group_size))  # (..., G, dim/G)
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., G, dim/G)
+        return (g.flatten(-2) * self.weight.float()).to(y.dtype)  # (..., dim)
+
+
+class Mamba2Mixer(nn.Module):
+    """Causal Mamba-2 mixer: (B, L, D) -> (B, L, D); output t depends on inputs <= t only.
+
+    in_proj -> (z, xBC, dt); xBC -> causal depthwise conv -> SiLU -> (x, B, C);
+    y = SSD scan(x, softplus(dt + dt_bias), A = -exp(A_log), B, C, D); out_proj(norm(y * silu(z))).
+
+    Args:
+        d_model: model width D.
+        d_state: state size N per head.
+        d_conv: causal convolution width.
+        expand: d_inner = expand * d_model.
+        headdim: head size P; the number of heads is H = d_inner / P.
+        ngroups: number G of B/C groups shared by the heads (must divide H).
+        chunk_size: chunk length of the SSD scan.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 64, d_conv: int = 4, expand: int = 2, headdim: int = 64,
+                 ngroups: int = 1, chunk_size: int = 64):
+        super().__init__()
+        d_inner = expand * d_model
+        if d_inner % headdim:
+            raise ValueError(f"d_inner = expand * d_model = {d_inner} is not divisible by headdim = {headdim}")
+        nheads = d_inner // headdim
+        if nheads % ngroups:
+            raise ValueError(f"ngroups = {ngroups} must divide the number of heads {nheads} (d_inner / headdim)")
+        self.d_inner, self.d_state, self.headdim = d_inner, d_state, headdim
+        self.nheads, self.ngroups, self.chunk_size = nheads, ngroups, chunk_size
+        self.conv_dim = d_inner + 2 * ngroups * d_state  # channels of xBC
+
+        self.in_proj = nn.Linear(d_model, d_inner + self.conv_dim + nheads, bias=False)  # -> z, xBC, dt
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1)
+        self.dt_bias = nn.Parameter(_inverse_softplus_log_uniform(nheads, 1e-3, 1e-1))
+        self.A_log = nn.Parameter(torch.empty(nheads).uniform_(1.0, 16.0).log())
+        self.D = nn.Parameter(torch.ones(nheads))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True  # same flag as mamba_ssm, for optimiser parameter grouping
+        self.norm = GatedRMSNorm(d_inner, group_size=d_inner // ngroups)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """u: (B, L, D) -> (B, L, D)."""
+        H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
+        z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, H], dim=-1)
+        x, B, C = self._causal_conv(xBC).split([self.d_inner, G * N, G * N], dim=-1)
+        y = selective_scan(
+            x.unflatten(-1, (H, P)),  # (B, L, H, P)
+            F.softplus(dt + self.dt_bias),  # (B, L, H)
+            -torch.exp(self.A_log.float()),  # (H,)
+            B.unflatten(-1, (G, N)),  # (B, L, G, N)
+            C.unflatten(-1, (G, N)),  # (B, L, G, N)
+            self.D,
+            chunk_size=self.chunk_size,
+        )  # (B, L, H, P)
+        return self.out_proj(self.norm(y.flatten(-2), z))  # (B, L, D)
+
+    def _causal_conv(self, xBC: torch.Tensor) -> torch.Tensor:
+        """Depthwise causal convolution over time followed by SiLU: (B, L, C) -> (B, L, C)."""
+        if causal_conv1d_fn is not None and xBC.is_cuda:
+            weight = self.conv1d.weight.squeeze(1)  # (C, d_conv)
+            out = causal_conv1d_fn(xBC.transpose(1, 2), weight, self.conv1d.bias, activation="silu")  # (B, C, L)
+            return out.transpose(1, 2)
+        out = self.conv1d(xBC.transpose(1, 2))[..., : xBC.shape[1]]  # (B, C, L): crop the right padding
+        return F.silu(out).transpose(1, 2)  # (B, L, C)
+
+
+class BiMamba2(nn.Module):
+    """Bidirectional Mamba-2: a forward mixer plus a mixer run on the time-reversed sequence.
+
+    The reverse output is flipped back and combined with the forward one by addition
+    (``combine="add"``) or by concatenation and a linear map 2D -> D (``combine="concat"``,
+    ``combine_proj``). With ``tie_reverse=True`` both directions share ``forward_mixer`` and run as
+    one batched call. Every output position depends on the whole sequence.
+
+    Args:
+        d_model: model width D.
+        tie_reverse: share the mixer weights between the two directions.
+        combine: ``"add"`` or ``"concat"``.
+        **mixer_kwargs: passed to :class:`Mamba2Mixer`.
+    """
+
+    def __init__(self, d_model: int, tie_reverse: bool = False, combine: str = "add", **mixer_kwargs):
+        super().__init__()
+        if combine not in ("add", "concat"):
+            raise ValueError(f"unknown combine {combine!r}: use 'add' or 'concat'")
+        self.forward_mixer = Mamba2Mixer(d_model, **mixer_kwargs)
+        self.reverse_mixer = None if tie_reverse else Mamba2Mixer(d_model, **mixer_kwargs)
+        self.combine_proj = nn.Linear(2 * d_model, d_model, bias=False) if combine == "concat" else None
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """u: (B, L, D) -> (B, L, D)."""
+        u_rev = u.flip(1)  # (B, L, D)
+        if self.reverse_mixer is None:
+            y_fwd, y_rev = self.forward_mixer(torch.cat([u, u_rev], dim=0)).chunk(2, dim=0)  # (B, L, D) each
+        else:
+            y_fwd, y_rev = self.forward_mixer(u), self.reverse_mixer(u_rev)  # (B, L, D) each
+        y_rev = y_rev.flip(1)  # (B, L, D), back in the original order
+        if self.combine_proj is None:
+            return y_fwd + y_rev
+        return self.combine_proj(torch.cat([y_fwd, y_rev], dim=-1))  # (B, L, D)
+
+
+def _inverse_softplus_log_uniform(n: int, low: float, high: float) -> torch.Tensor:
+    """Values whose softplus is log-uniform in [low, high] (the Mamba dt_bias initialisation)."""
+    dt = torch.exp(torch.empty(n).uniform_(math.log(low), math.log(high)))  # (n,)
+    return dt + torch.log(-torch.expm1(-dt))  # softplus^{-1}(dt) = log(exp(dt) - 1)

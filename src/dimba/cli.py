@@ -1,0 +1,182 @@
+"""`dimba train | generate | export | tokenizer`: a thin map from verbs to library functions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from dimba.config import SampleConfig
+from dimba.errors import DimbaError, UsageError
+
+
+def _train_overrides(args: argparse.Namespace) -> list[str]:
+    flags = {"data.corpus": args.data, "model.backbone": args.backbone, "train.max_steps": args.max_steps,
+             "train.max_time": args.max_time}
+    return [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
+
+
+def _resolve_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
+    if args.resume is not None:
+        run = Path(args.resume if isinstance(args.resume, str) else (args.out or ""))
+        if not str(run) or not (run / "config.yaml").is_file():
+            raise UsageError(f"--resume: {str(run) or '(no run given)'!r} is not a dimba run directory: "
+                             "pass --resume runs/NAME (a folder with config.yaml and checkpoints/)")
+        return run, True
+    run = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if run.exists() and (not run.is_dir() or any(run.iterdir())):
+        what = "another run" if (run / "config.yaml").exists() else "other files"
+        raise UsageError(f"--out {str(run)!r} already holds {what}: pass --resume {run} to continue it or choose another --out")
+    return run, False
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dimba.config import apply_overrides, dump_yaml, load_config, load_run_config
+
+    run_dir, resume = _resolve_run_dir(args)
+    if resume:  # the run's own config, plus any new overrides (e.g. a larger --max-steps)
+        cfg = apply_overrides(load_run_config(run_dir / "config.yaml"), _train_overrides(args))
+    else:
+        cfg = load_config(args.preset, args.config, _train_overrides(args))
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    from dimba.train import fit
+
+    fit(cfg, run_dir, resume=resume, progress=not args.quiet)
+    return 0
+
+
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    return tokenizer.encode(prompt) if prompt else []
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from dimba.checkpoint import load_for_inference
+    from dimba.generate import sample_from_model
+
+    model, tokenizer = load_for_inference(args.model)
+    context = model.config.context_length or 256
+    prompt = _prompt_ids(tokenizer, args.prompt)
+    if len(prompt) >= context:
+        raise UsageError(f"the prompt is {len(prompt)} tokens, not shorter than the model context of {context} tokens: "
+                         "shorten --prompt")
+    length = args.length if args.length is not None else context - len(prompt)
+    if len(prompt) + length > context:
+        raise UsageError(f"prompt ({len(prompt)} tokens) + --length {length} exceeds the model context of {context} "
+                         f"tokens: use --length {context - len(prompt)} or less")
+    gen = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    ids = sample_from_model(model, prompt, seq_len=context - len(prompt), num_steps=args.steps,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            guidance_scale=args.guidance, eta=args.eta, num_samples=args.num_samples,
+                            clamp=args.clamp, generator=gen)
+    for i, row in enumerate(ids[:, : len(prompt) + length].tolist()):
+        new = row[len(prompt):]
+        if tokenizer.eos_id in new:
+            new = new[: new.index(tokenizer.eos_id)]
+        if args.num_samples > 1:
+            print(f"===== sample {i} =====")
+        print(tokenizer.decode(prompt + new))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dimba.checkpoint import load_for_inference, save_pretrained
+
+    model, tokenizer = load_for_inference(args.run)
+    out = save_pretrained(model, args.out, tokenizer=tokenizer)
+    print(f"exported to {out}")
+    return 0
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from dimba.tokenizer import train_tokenizer_cli
+
+    path = train_tokenizer_cli(args.data, args.vocab_size, args.out)
+    print(f"tokenizer written to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dimba", description="Diffusion language models with bidirectional Mamba denoisers.")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("train", help="train a model (default: tiny preset on the built-in Shakespeare corpus)")
+    p.add_argument("--preset", default="tiny", help="named preset (tiny, small, base)")
+    p.add_argument("--config", help="YAML file merged over the preset")
+    p.add_argument("--data", help="corpus: 'shakespeare', a .txt/.jsonl file or a folder")
+    p.add_argument("--backbone", choices=["mamba2", "transformer"])
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--max-time", type=float, help="wall-clock budget in minutes")
+    p.add_argument("--out", help="run directory (default runs/<timestamp>)")
+    p.add_argument("--resume", nargs="?", const=True, help="continue a run: --resume RUN, or --resume with --out RUN")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4")
+    p.set_defaults(func=cmd_train)
+
+    sc = SampleConfig()
+    p = sub.add_parser("generate", help="generate text from a run or an export folder (defaults: the sample config)")
+    p.add_argument("model", help="run directory or export folder")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--length", type=int, help="new tokens (default: fill the context)")
+    p.add_argument("--steps", type=int, default=sc.num_steps, help="denoising steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--guidance", type=float, default=sc.guidance_scale, help="classifier-free guidance scale")
+    p.add_argument("--temperature", type=float, default=sc.temperature)
+    p.add_argument("--top-k", type=int, default=sc.top_k)
+    p.add_argument("--top-p", type=float, default=sc.top_p)
+    p.add_argument("--eta", type=float, default=sc.eta, help="0 = DDIM, 1 = ancestral")
+    p.add_argument("--clamp", choices=["none", "soft", "hard"], default=sc.clamp,
+                   help="move x0 estimates onto the token embeddings at every step")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="write config.json + model.safetensors + tokenizer.json from a run (EMA weights)")
+    p.add_argument("run")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tverb", required=True)
+    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer on a corpus")
+    t.add_argument("--data", default="shakespeare")
+    t.add_argument("--vocab-size", type=int, default=4096)
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=cmd_tokenizer_train)
+    return parser
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    for name in ("length", "steps", "num_samples", "top_k", "vocab_size", "max_steps"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if getattr(args, "temperature", None) is not None and args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if getattr(args, "top_p", None) is not None and not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must lie in (0, 1], got {args.top_p}")
+    if getattr(args, "eta", None) is not None and not 0 <= args.eta <= 1:
+        raise UsageError(f"--eta must lie in [0, 1], got {args.eta}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dimba`` console script; user errors exit with status 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        _check_ranges(args)
+        return args.func(args)
+    except DimbaError as exc:
+        print(f"dimba: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dimba: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""The typed, validated configuration tree, named presets, YAML load/dump and dotted overrides."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dimba.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(_Strict):
+    """Everything that defines the network; its fields are the keyword arguments of `DIMBA`."""
+
+    vocab_size: int | None = Field(None, gt=3, description="filled in from the tokenizer when None")
+    context_length: int | None = Field(None, gt=1, description="training sequence length; filled in by training")
+    d_model: int = Field(256, gt=0)
+    num_denoiser_layers: int = Field(4, gt=0)
+    backbone: Literal["mamba2", "transformer"] = "mamba2"
+    bidirectional: bool = True
+    num_diffusion_steps: int = Field(1000, gt=0)
+    schedule: Literal["cosine", "linear"] = "cosine"
+    zero_terminal_snr: bool = True
+    noise_shift: float = Field(1.0, gt=0, description="divide the schedule's SNR by noise_shift^2")
+    prediction_type: Literal["x0", "v"] = "x0"
+    conditioning_type: Literal["film", "additive"] = "film"
+    latent_diffusion: bool = False
+    d_latent: int | None = Field(None, gt=0)
+    use_vae_latent: bool = False
+    self_conditioning: bool = False
+    tie_weights: bool = True
+    num_heads: int = Field(4, gt=0, description="transformer attention heads")
+    d_state: int = Field(64, gt=0, description="Mamba-2 state size N")
+    headdim: int = Field(64, gt=0, description="Mamba-2 head dimension P")
+    expand: int = Field(2, gt=0, description="Mamba-2 inner width = expand * d_model")
+    d_conv: int = Field(4, gt=0)
+    chunk_size: int = Field(64, gt=0, description="SSD chunk length")
+    tie_reverse: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelConfig":
+        if self.use_vae_latent:
+            raise ValueError("use_vae_latent=true needs the TokenVAE, which this version does not ship: set model.use_vae_latent=false")
+        if self.latent_diffusion and self.d_latent is None:
+            raise ValueError("latent_diffusion=true needs model.d_latent (e.g. model.d_latent=64)")
+        if self.backbone == "transformer" and self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}: change one of them")
+        if self.backbone == "mamba2" and (self.expand * self.d_model) % self.headdim:
+            raise ValueError(
+                f"expand*d_model={self.expand * self.d_model} is not divisible by headdim={self.headdim}: change one of them"
+            )
+        return self
+
+
+class DiffusionConfig(_Strict):
+    """Training-objective settings of the continuous family."""
+
+    min_snr_gamma: float = Field(5.0, gt=0)
+    ce_loss_weight: float = Field(1.0, ge=0)
+    recon_loss_weight: float = Field(1.0, ge=0)
+    cond_drop_prob: float = Field(0.1, ge=0, le=1, description="drop the prompt (classifier-free guidance)")
+    prompt_prob: float = Field(0.5, ge=0, le=1, description="fraction of sequences trained with a clean prompt prefix")
+    self_cond_prob: float = Field(0.5, ge=0, le=1)
+
+
+class DataConfig(_Strict):
+    corpus: str = "shakespeare"
+    seq_len: int = Field(256, gt=1)
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    vocab_size: int = Field(4096, ge=260, description="BPE vocabulary size when a tokenizer is trained")
+    tokenizer: str | None = Field(None, description="an existing tokenizer.json to reuse")
+
+
+class TrainConfig(_Strict):
+    max_steps: int = Field(1000, gt=0)
+    max_time: float | None = Field(None, gt=0, description="wall-clock budget in minutes")
+    batch_size: int = Field(16, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    eval_every: int = Field(100, gt=0)
+    eval_batches: int = Field(8, gt=0)
+    save_every: int = Field(500, gt=0)
+    log_every: int = Field(10, gt=0)
+    seed: int = 0
+    accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    devices: int = Field(1, gt=0)
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
+    num_threads: int | None = Field(None, gt=0, description="CPU threads; default all cores")
+    logger: Literal["none", "tensorboard", "wandb"] = "none"
+
+
+class SampleConfig(_Strict):
+    num_steps: int = Field(50, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, gt=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    guidance_scale: float = Field(1.0, ge=0)
+    eta: float = Field(0.0, ge=0, le=1)
+    clamp: Literal["none", "soft", "hard"] = "none"
+
+
+class Config(_Strict):
+    """The whole tree: model / diffusion / data / train / sample."""
+
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig()
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in ``dimba/configs``."""
+    return sorted(p.name[:-5] for p in resources.files("dimba.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, where: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML ({str(exc).splitlines()[0]}): fix the file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must hold a mapping of sections (model:, train:, ...), not {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _apply_override(tree: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not KEY=VALUE: write e.g. train.lr=3e-4")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override key {key!r} must be SECTION.NAME, e.g. train.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        section = first["loc"][:-1]
+        model: type[BaseModel] = Config
+        for part in section:
+            model = model.model_fields[str(part)].annotation  # type: ignore[assignment]
+        valid = ", ".join(model.model_fields)
+        prefix = ".".join(str(p) for p in section)
+        where = f"in section {prefix!r}" if prefix else "at the top level"
+        return f"unknown config key {loc!r}: check the spelling; valid keys {where}: {valid}"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "value_error":
+        return f"invalid config in {loc or 'top level'!r}: {msg}"
+    if loc:
+        return f"invalid config value for {loc!r} (got {first.get('input')!r}): {msg}"
+    return f"invalid config: {msg}"
+
+
+def validate(tree: dict[str, Any]) -> Config:
+    """Validate a nested dict into a `Config`, raising `ConfigError` with a one-line message."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_describe(err)) from None
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    """The raw mapping of a named preset."""
+    if name not in preset_names():
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(preset_names())}")
+    text = resources.files("dimba.configs").joinpath(f"{name}.yaml").read_text()
+    return _read_yaml(text, f"preset {name!r}")
+
+
+def load_config(preset: str | None = "tiny", config_file: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Resolve preset, then a YAML file, then ``KEY=VALUE`` dotted overrides, and validate."""
+    tree = preset_dict(preset) if preset else {}
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found: check the --config path")
+        tree = _merge(tree, _read_yaml(path.read_text(encoding="utf-8", errors="replace"), f"config file {str(path)!r}"))
+    for item in overrides:
+        _apply_override(tree, item)
+    return validate(tree)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A copy of ``cfg`` with ``KEY=VALUE`` dotted overrides applied and validated."""
+    tree = cfg.model_dump()
+    for item in overrides:
+        _apply_override(tree, item)
+    return validate(tree)
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text (what every run directory stores as ``config.yaml``)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def load_run_config(path: str | Path) -> Config:
+    """Read a run's ``config.yaml``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{str(path)!r} not found: is this a dimba run directory?")
+    return validate(_read_yaml(path.read_text(encoding="utf-8"), str(path)))

@@ -1,0 +1,17 @@
+"""Errors a user can cause. The CLI prints their one-line message and exits with status 2."""
+
+
+class DimbaError(ValueError):
+    """Base class: a problem with the user's input, with a message naming the problem and the fix."""
+
+
+class ConfigError(DimbaError):
+    """An invalid configuration key, value or file."""
+
+
+class CheckpointError(DimbaError):
+    """A missing, corrupted or incompatible model directory or checkpoint."""
+
+
+class UsageError(DimbaError):
+    """A bad combination of command-line arguments (e.g. a prompt longer than the context)."""

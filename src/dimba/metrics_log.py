@@ -1,0 +1,69 @@
+"""Metrics of a run: one ``metrics.csv`` (always) plus TensorBoard or W&B when asked for."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from dimba.errors import UsageError
+
+COLUMNS = ["step", "loss", "mse", "ce", "recon", "acc", "lr", "grad_norm", "tokens_per_s", "elapsed_s",
+           "val_loss", "val_mse", "val_ce", "val_recon", "val_acc"]
+
+
+class MetricsLog:
+    """Appends rows ``{step, metric: value}``; unknown metric names are an error (a typo must not vanish)."""
+
+    def __init__(self, path: Path, append: bool = False, enabled: bool = True, logger: str = "none"):
+        self.enabled = enabled
+        self._file = None
+        self._tracker = None
+        if not enabled:
+            return
+        new = not (append and path.is_file())
+        self._file = open(path, "a" if not new else "w", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)
+        if new:
+            self._writer.writeheader()
+        if logger != "none":
+            self._tracker = _make_tracker(logger, path.parent)
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        unknown = set(values) - set(COLUMNS)
+        if unknown:
+            raise KeyError(f"metrics not in the CSV schema: {sorted(unknown)}")
+        self._writer.writerow({"step": step, **{k: f"{v:.6g}" for k, v in values.items()}})
+        self._file.flush()
+        if self._tracker is not None:
+            self._tracker.log_metrics(values, step=step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tracker is not None:
+            self._tracker.finalize("success")
+
+
+def _make_tracker(kind: str, run_dir: Path):
+    try:
+        if kind == "tensorboard":
+            from lightning_fabric.loggers import TensorBoardLogger
+
+            return TensorBoardLogger(root_dir=str(run_dir), name="tensorboard")
+        import wandb
+
+        class _WandB:
+            def __init__(self):
+                self.run = wandb.init(project="dimba", dir=str(run_dir))
+
+            def log_metrics(self, values, step):
+                self.run.log(values, step=step)
+
+            def finalize(self, status):
+                self.run.finish()
+
+        return _WandB()
+    except ImportError:
+        raise UsageError(f"train.logger={kind} needs its package: pip install 'dimba[track]'") from None

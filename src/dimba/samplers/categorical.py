@@ -1,0 +1,35 @@
+"""Categorical sampling from logits with temperature, top-k and top-p, in float64.
+
+float32 Gumbel/multinomial sampling under-samples the tail and flatters sample scores, so the
+probabilities are formed and sampled in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the nucleus of mass top_p: (..., V)."""
+    logits = logits.double()
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)  # (..., V)
+        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already >= p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample ids from logits (..., V); temperature 0 is greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits.double() / temperature, top_k, top_p).softmax(-1)  # (..., V) float64
+    flat = probs.reshape(-1, probs.shape[-1])
+    ids = torch.multinomial(flat, 1, generator=generator)  # (N, 1)
+    return ids.view(probs.shape[:-1])

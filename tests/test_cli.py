@@ -1,0 +1,122 @@
+"""End-to-end CLI: train -> generate -> export -> resume on a tiny local corpus, and user errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dimba.cli import main
+
+TINY = ["model.d_model=32", "model.num_denoiser_layers=2", "model.d_state=8", "model.headdim=16", "model.chunk_size=16",
+        "data.seq_len=32", "data.vocab_size=300", "train.batch_size=4", "train.eval_every=10", "train.save_every=10",
+        "train.warmup_steps=2", "train.eval_batches=2", "train.log_every=5", "train.num_threads=1"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    lines = []
+    for i in range(400):
+        who = ["ROMEO", "JULIET", "NURSE"][i % 3]
+        lines.append(f"{who}:\nO gentle night, thou art the {['moon', 'sun', 'star'][i % 3]} of my heart number {i % 7}.\n")
+    (d / "plays.txt").write_text("\n".join(lines))
+    return d / "plays.txt"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("runs") / "r"
+    assert main(["train", "--data", str(corpus), "--max-steps", "20", "--out", str(out), "--quiet", *TINY]) == 0
+    return out
+
+
+def test_train_writes_a_complete_run(run):
+    names = {p.name for p in run.iterdir()}
+    assert {"config.yaml", "tokenizer.json", "metrics.csv", "checkpoints"} <= names
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "checkpoints" / "step-0000010.ckpt").is_file()
+    rows = (run / "metrics.csv").read_text().splitlines()
+    val = [r.split(",") for r in rows[1:] if r.split(",")[10]]
+    assert len(val) >= 3  # step 0, 10, 20
+    assert float(val[-1][10]) < float(val[0][10])  # validation loss falls
+
+
+def test_generate_from_run_and_export_agree(run, tmp_path, capsys):
+    args = ["--prompt", "ROMEO:", "--length", "12", "--steps", "5", "--seed", "3"]
+    assert main(["generate", str(run), *args]) == 0
+    from_run = capsys.readouterr().out
+    assert from_run.startswith("ROMEO:")
+    assert main(["export", str(run), "--out", str(tmp_path / "exp")]) == 0
+    capsys.readouterr()
+    assert {p.name for p in (tmp_path / "exp").iterdir()} == {"config.json", "model.safetensors", "tokenizer.json", "README.md"}
+    assert main(["generate", str(tmp_path / "exp"), *args]) == 0
+    assert capsys.readouterr().out == from_run
+    assert main(["generate", str(tmp_path / "exp"), *args[:-1], "4"]) == 0
+    assert capsys.readouterr().out != from_run
+
+
+def test_resume_continues_from_last_checkpoint(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    assert main(["train", "--resume", str(copy), "--max-steps", "25", "--quiet"]) == 0
+    state = torch.load(copy / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["step"] == 25
+    steps = [int(r.split(",")[0]) for r in (copy / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == sorted(steps) and steps[-1] == 25
+
+
+def _err(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--print-config", "train.lrr=3"], "unknown config key 'train.lrr'"),
+    (["train", "--print-config", "train.lr=fast"], "train.lr"),
+    (["train", "--data", "/no/such/dir", "--out", "{tmp}/x"], "/no/such/dir"),
+    (["train", "--data", "{tmp}/empty.txt", "--out", "{tmp}/x"], "empty"),
+    (["generate", "/no/such/model"], "not found"),
+    (["generate", "{tmp}"], "holds no model"),
+    (["train", "--resume", "{tmp}"], "not a dimba run"),
+    (["generate", "{run}", "--prompt", "ROMEO: " * 40], "context"),
+    (["generate", "{run}", "--length", "0"], "--length"),
+    (["train", "--out", "{run}"], "already holds another run"),
+    (["export", "{run}", "--out", "{run}"], "not empty"),
+])
+def test_user_errors_are_one_line_exit_2(argv, needle, tmp_path, run, capsys):
+    (tmp_path / "empty.txt").write_text("  \n")
+    argv = [a.format(tmp=tmp_path, run=run) for a in argv]
+    before = sorted(p.name for p in run.rglob("*"))
+    code, err = _err(capsys, argv)
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("dimba: error:") and needle in err, err
+    assert sorted(p.name for p in run.rglob("*")) == before  # nothing written into the existing run
+
+
+def test_console_script_exit_status_and_no_traceback(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "dimba", "generate", str(tmp_path / "missing")], capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_print_config_shows_resolved_values(capsys):
+    assert main(["train", "--print-config", "--backbone", "transformer", "train.lr=5e-4"]) == 0
+    out = capsys.readouterr().out
+    assert "backbone: transformer" in out and "lr: 0.0005" in out
+
+
+def test_tokenizer_train_verb_writes_and_refuses_overwrite(corpus, tmp_path, capsys):
+    from dimba.tokenizer import Tokenizer
+
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--data", str(corpus), "--vocab-size", "300", "--out", str(out)]) == 0
+    tok = Tokenizer.from_file(out / "tokenizer.json")
+    assert tok.vocab_size == 300 and tok.decode(tok.encode("ROMEO:\nO gentle night")) == "ROMEO:\nO gentle night"
+    before = (out / "tokenizer.json").read_bytes()
+    code, err = _err(capsys, ["tokenizer", "train", "--data", str(corpus), "--vocab-size", "400", "--out", str(out)])
+    assert code == 2 and (out / "tokenizer.json").read_bytes() == before

@@ -1,0 +1,65 @@
+import pytest
+
+from dimba.config import ConfigError, apply_overrides, dump_yaml, load_config, preset_names, validate
+
+
+def test_presets_load_and_tiny_is_small():
+    assert {"tiny", "small", "base"} <= set(preset_names())
+    tiny = load_config("tiny")
+    assert tiny.model.backbone == "mamba2" and tiny.data.corpus == "shakespeare"
+    assert load_config("base").model.d_model > tiny.model.d_model
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config("tiny", None, ["train.lr=3e-4", "model.backbone=transformer", "sample.top_k=5"])
+    assert cfg.train.lr == pytest.approx(3e-4) and cfg.model.backbone == "transformer" and cfg.sample.top_k == 5
+
+
+def test_config_file_merges_over_preset(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  batch_size: 3\n")
+    cfg = load_config("tiny", f, ["train.max_steps=7"])
+    assert cfg.train.batch_size == 3 and cfg.train.max_steps == 7 and cfg.model.d_model == load_config("tiny").model.d_model
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.lrr=1", ["unknown config key 'train.lrr'", "lr"]),
+    ("trian.lr=1", ["unknown config key 'trian'"]),
+    ("train.lr=abc", ["train.lr", "valid number"]),
+    ("model.d_model=0", ["model.d_model", "greater than 0"]),
+    ("model.backbone=lstm", ["model.backbone"]),
+    ("train.max_steps=1.5", ["train.max_steps"]),
+    ("noequals", ["KEY=VALUE"]),
+])
+def test_bad_values_give_one_line_errors(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", None, [override])
+    msg = str(err.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+def test_inconsistent_sizes_rejected():
+    with pytest.raises(ConfigError, match="not divisible by num_heads"):
+        load_config("tiny", None, ["model.backbone=transformer", "model.num_heads=3"])
+    with pytest.raises(ConfigError, match="d_latent"):
+        load_config("tiny", None, ["model.latent_diffusion=true"])
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("tiny", tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config("tiny", bad)
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config("huge")
+
+
+def test_dump_roundtrip():
+    cfg = apply_overrides(load_config("tiny"), ["model.vocab_size=100"])
+    import yaml
+
+    assert validate(yaml.safe_load(dump_yaml(cfg))) == cfg
