@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -189,7 +190,7 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
         if step % tc.eval_every == 0 or step == tc.max_steps or out_of_time:
             val = validation_loss(ema.module, data.val, cfg, fabric.device)
             log.write(step, val)
-            bar.write(f"step {step}: val_loss {val['val_loss']:.4f} (ce {val['val_ce']:.3f})")
+            bar.write(f"step {step}: val_loss {val['val_loss']:.4f} (ce {val['val_ce']:.3f})", file=sys.stderr)
         if step % tc.save_every == 0:
             save()
         if out_of_time:
@@ -199,6 +200,6 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
     save(final=True)
     log.close()
     if fabric.is_global_zero and progress:
-        print(f"stopped at step {step} ({reason}); run saved in {run_dir}")
+        print(f"stopped at step {step} ({reason}); run saved in {run_dir}", file=sys.stderr)
     return run_dir
 
