@@ -84,6 +84,8 @@ def _err(capsys, argv):
     (["train", "--resume", "{tmp}"], "not a dimba run"),
     (["generate", "{run}", "--prompt", "ROMEO: " * 40], "context"),
     (["generate", "{run}", "--length", "0"], "--length"),
+    (["generate", "{run}", "--steps", "0"], "--steps"),
+    (["generate", "{run}", "--top-p", "1.5"], "--top-p"),
     (["train", "--out", "{run}"], "already holds another run"),
     (["export", "{run}", "--out", "{run}"], "not empty"),
 ])
@@ -102,6 +104,20 @@ def test_console_script_exit_status_and_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dimba", "generate", str(tmp_path / "missing")], capture_output=True,
                           text=True, env=env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_generate_takes_unset_flags_from_the_run_sample_config(run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    args = ["--prompt", "ROMEO:", "--length", "12", "--seed", "3"]
+    assert main(["generate", str(copy), *args, "--steps", "3", "--temperature", "0"]) == 0
+    explicit = capsys.readouterr().out
+    cfg = (copy / "config.yaml").read_text()
+    (copy / "config.yaml").write_text(cfg.replace("num_steps: 50", "num_steps: 3").replace("temperature: 1.0", "temperature: 0.0"))
+    assert main(["generate", str(copy), *args]) == 0
+    assert capsys.readouterr().out == explicit
 
 
 def test_print_config_shows_resolved_values(capsys):

@@ -6,11 +6,9 @@ import os
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from dimba.data import (
     DOC_SEPARATOR,
-    BlockDataset,
     DataError,
     convert_play,
     load_corpus,
@@ -197,16 +195,6 @@ def test_pack_too_short_corpus(tok):
     with pytest.raises(DataError) as err:
         tokenize_and_pack(["to be"], tok, 64)
     assert f"corpus has {n} tokens, fewer than one block of 64" in _one_line(err)
-
-
-def test_block_dataset_serves_rows(tok):
-    blocks = tokenize_and_pack([TEXT], tok, 16)
-    data = BlockDataset(blocks)
-    assert len(data) == blocks.shape[0] and torch.equal(data[3], blocks[3])
-    batch = next(iter(DataLoader(data, batch_size=5)))
-    assert torch.equal(batch, blocks[:5])
-    with pytest.raises(ValueError):
-        BlockDataset(blocks.float())
 
 
 # ---------------------------------------------------------------- prepare

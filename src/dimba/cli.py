@@ -19,10 +19,11 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
 
 def _resolve_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
     if args.resume is not None:
-        run = Path(args.resume if isinstance(args.resume, str) else (args.out or ""))
-        if not str(run) or not (run / "config.yaml").is_file():
-            raise UsageError(f"--resume: {str(run) or '(no run given)'!r} is not a dimba run directory: "
+        given = args.resume if isinstance(args.resume, str) else args.out
+        if not given or not (Path(given) / "config.yaml").is_file():
+            raise UsageError(f"--resume: {given or '(no run given)'!r} is not a dimba run directory: "
                              "pass --resume runs/NAME (a folder with config.yaml and checkpoints/)")
+        run = Path(given)
         return run, True
     run = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if run.exists() and (not run.is_dir() or any(run.iterdir())):
@@ -48,6 +49,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+_SAMPLE_FLAGS = {"steps": "num_steps", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+                 "guidance": "guidance_scale", "eta": "eta", "clamp": "clamp"}
+
+
+def _sample_settings(args: argparse.Namespace) -> SampleConfig:
+    """The run's `sample` config (defaults for an export folder), overridden by the flags given."""
+    from pydantic import ValidationError
+
+    from dimba.config import load_run_config
+
+    run_cfg = Path(args.model) / "config.yaml"
+    base = load_run_config(run_cfg).sample if run_cfg.is_file() else SampleConfig()
+    given = {field: getattr(args, flag) for flag, field in _SAMPLE_FLAGS.items() if getattr(args, flag) is not None}
+    try:
+        return SampleConfig(**{**base.model_dump(), **given})
+    except ValidationError as err:
+        first = err.errors()[0]
+        flag = next(f for f, field in _SAMPLE_FLAGS.items() if field == first["loc"][0])
+        raise UsageError(f"--{flag.replace('_', '-')} {first['input']!r}: {first['msg']}") from None
+
+
 def _prompt_ids(tokenizer, prompt: str) -> list[int]:
     return tokenizer.encode(prompt) if prompt else []
 
@@ -68,12 +90,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if len(prompt) + length > context:
         raise UsageError(f"prompt ({len(prompt)} tokens) + --length {length} exceeds the model context of {context} "
                          f"tokens: use --length {context - len(prompt)} or less")
+    sc = _sample_settings(args)
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    ids = sample_from_model(model, prompt, seq_len=context - len(prompt), num_steps=args.steps,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            guidance_scale=args.guidance, eta=args.eta, num_samples=args.num_samples,
-                            clamp=args.clamp, generator=gen)
+    ids = sample_from_model(model, prompt, seq_len=context - len(prompt), num_steps=sc.num_steps,
+                            temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p,
+                            guidance_scale=sc.guidance_scale, eta=sc.eta, num_samples=args.num_samples,
+                            clamp=sc.clamp, generator=gen)
     for i, row in enumerate(ids[:, : len(prompt) + length].tolist()):
         new = row[len(prompt):]
         if tokenizer.eos_id in new:
@@ -119,20 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4")
     p.set_defaults(func=cmd_train)
 
-    sc = SampleConfig()
-    p = sub.add_parser("generate", help="generate text from a run or an export folder (defaults: the sample config)")
+    p = sub.add_parser("generate", help="generate text from a run or an export folder",
+                       description="Sampler flags left out take the run's `sample` config (defaults for an export folder).")
     p.add_argument("model", help="run directory or export folder")
     p.add_argument("--prompt", default="")
     p.add_argument("--length", type=int, help="new tokens (default: fill the context)")
-    p.add_argument("--steps", type=int, default=sc.num_steps, help="denoising steps")
+    p.add_argument("--steps", type=int, help="denoising steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--guidance", type=float, default=sc.guidance_scale, help="classifier-free guidance scale")
-    p.add_argument("--temperature", type=float, default=sc.temperature)
-    p.add_argument("--top-k", type=int, default=sc.top_k)
-    p.add_argument("--top-p", type=float, default=sc.top_p)
-    p.add_argument("--eta", type=float, default=sc.eta, help="0 = DDIM, 1 = ancestral")
-    p.add_argument("--clamp", choices=["none", "soft", "hard"], default=sc.clamp,
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--eta", type=float, help="0 = DDIM, 1 = ancestral")
+    p.add_argument("--clamp", choices=["none", "soft", "hard"],
                    help="move x0 estimates onto the token embeddings at every step")
     p.set_defaults(func=cmd_generate)
 
@@ -152,16 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_ranges(args: argparse.Namespace) -> None:
-    for name in ("length", "steps", "num_samples", "top_k", "vocab_size", "max_steps"):
+    for name in ("length", "num_samples", "vocab_size", "max_steps"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if getattr(args, "temperature", None) is not None and args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
-    if getattr(args, "top_p", None) is not None and not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must lie in (0, 1], got {args.top_p}")
-    if getattr(args, "eta", None) is not None and not 0 <= args.eta <= 1:
-        raise UsageError(f"--eta must lie in [0, 1], got {args.eta}")
 
 
 def main(argv: list[str] | None = None) -> int:

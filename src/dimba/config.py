@@ -105,7 +105,7 @@ class TrainConfig(_Strict):
 
 class SampleConfig(_Strict):
     num_steps: int = Field(50, gt=0)
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, ge=0, description="0 = greedy")
     top_k: int | None = Field(None, gt=0)
     top_p: float | None = Field(None, gt=0, le=1)
     guidance_scale: float = Field(1.0, ge=0)

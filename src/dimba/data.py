@@ -12,7 +12,6 @@ from pathlib import Path
 
 import platformdirs
 import torch
-from torch.utils.data import Dataset
 
 from dimba.errors import DimbaError
 from dimba.tokenizer import Tokenizer, atomic_write_text
@@ -252,21 +251,6 @@ def tokenize_and_pack(docs: list[str], tokenizer: Tokenizer, block_size: int) ->
             "use more text or a smaller data.seq_len"
         )
     return _blocks(stream, block_size)  # (N, block_size)
-
-
-class BlockDataset(Dataset):
-    """The rows of a packed ``(N, L)`` token tensor, one ``(L,)`` LongTensor per item."""
-
-    def __init__(self, blocks: torch.Tensor):
-        if blocks.dim() != 2 or blocks.dtype != torch.long:
-            raise ValueError(f"BlockDataset needs a 2-D LongTensor, got {blocks.dtype} of shape {tuple(blocks.shape)}")
-        self.blocks = blocks  # (N, L)
-
-    def __len__(self) -> int:
-        return self.blocks.shape[0]
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.blocks[index]  # (L,)
 
 
 @dataclass

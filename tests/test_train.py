@@ -1,0 +1,28 @@
+import itertools
+
+import pytest
+import torch
+
+from dimba.config import load_config
+from dimba.errors import UsageError
+from dimba.train import lr_lambda, micro_batches
+
+
+def test_micro_batches_cover_each_epoch_and_resume_exactly():
+    data = torch.arange(40).view(20, 2)  # (N, L)
+    full = list(itertools.islice(micro_batches(data, 4, seed=0), 12))  # 5 per epoch, 2.4 epochs
+    epoch0 = torch.cat(full[:5])[:, 0].sort().values
+    assert torch.equal(epoch0, torch.arange(0, 40, 2))  # every block exactly once per epoch
+    assert not torch.equal(torch.cat(full[:5]), torch.cat(full[5:10]))  # reshuffled per epoch
+    resumed = list(itertools.islice(micro_batches(data, 4, seed=0, start=7), 5))
+    assert all(torch.equal(a, b) for a, b in zip(full[7:], resumed))
+    with pytest.raises(UsageError, match="batch_size"):
+        next(micro_batches(data, 21, seed=0))
+
+
+def test_lr_warms_up_then_decays_to_the_floor():
+    cfg = load_config("tiny", None, ["train.max_steps=100", "train.warmup_steps=10", "train.min_lr_ratio=0.1"])
+    f = lr_lambda(cfg)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    values = [f(s) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:])) and values[-1] == pytest.approx(0.1)
