@@ -128,8 +128,8 @@ class DIMBA(nn.Module):
             sc = torch.zeros_like(z_t) if x_self_cond is None else x_self_cond
             z_t = torch.cat([z_t, sc], dim=-1)  # (B, L, 2 d_x)
         h = self.in_proj(z_t)  # (B, L, D)
-        if prompt_mask is not None:
-            h = h + self.prompt_flag(prompt_mask.long())
+        flags = torch.zeros(h.shape[:2], dtype=torch.long, device=h.device) if prompt_mask is None else prompt_mask.long()
+        h = h + self.prompt_flag(flags)  # (B, L, D): which positions hold the clean prompt
         return self.out_proj(self.backbone(h, cond))  # (B, L, d_x)
 
     def x0_from_output(self, x_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
