@@ -141,3 +141,39 @@ def test_bfloat16_forward():
     mixer = Mamba2Mixer(16, **SMALL).to(torch.bfloat16)
     y = mixer(tokens().to(torch.bfloat16))
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+
+
+class _Gate(torch.nn.Module):
+    """GatedRMSNorm without the float32 normalisation, so that a float64 mixer stays float64 throughout."""
+
+    def forward(self, y, z):
+        return y * F.silu(z)
+
+
+@pytest.mark.parametrize("ngroups", [1, 2])
+@pytest.mark.parametrize("exact_norm", [True, False])
+def test_step_by_step_equals_full_forward(ngroups, exact_norm):
+    torch.manual_seed(0)
+    mixer = Mamba2Mixer(16, ngroups=ngroups, **SMALL).double()
+    with torch.no_grad():
+        mixer.dt_bias.add_(1.0)  # larger steps: the state carries more than a few tokens' worth
+    if exact_norm:
+        mixer.norm = _Gate()
+    u = tokens(length=19).double()  # (B, L, D)
+    state = mixer.allocate_state(u.shape[0])
+    assert state[0].shape == (2, mixer.conv_dim, 3) and state[1].shape == (2, 4, 8, 8)
+    with torch.no_grad():
+        ys = []
+        for u_t in u.unbind(1):
+            y_t, state = mixer.step(u_t, state)  # (B, D)
+            ys.append(y_t)
+        # GatedRMSNorm computes in float32: with it the paths agree to float32 rounding only.
+        tol = {"rtol": 1e-10, "atol": 1e-12} if exact_norm else {"rtol": 1e-5, "atol": 1e-6}
+        torch.testing.assert_close(torch.stack(ys, dim=1), mixer(u), **tol)
+
+
+def test_step_leaves_the_given_state_untouched():
+    mixer = Mamba2Mixer(16, **SMALL)
+    state = mixer.allocate_state(2)
+    mixer.step(tokens()[:, 0], state)
+    assert all(not s.any() for s in state)

@@ -65,7 +65,7 @@ class Mamba2Mixer(nn.Module):
         if nheads % ngroups:
             raise ValueError(f"ngroups = {ngroups} must divide the number of heads {nheads} (d_inner / headdim)")
         self.d_inner, self.d_state, self.headdim = d_inner, d_state, headdim
-        self.nheads, self.ngroups, self.chunk_size = nheads, ngroups, chunk_size
+        self.nheads, self.ngroups, self.chunk_size, self.d_conv = nheads, ngroups, chunk_size, d_conv
         self.conv_dim = d_inner + 2 * ngroups * d_state  # channels of xBC
 
         self.in_proj = nn.Linear(d_model, d_inner + self.conv_dim + nheads, bias=False)  # -> z, xBC, dt
@@ -93,6 +93,46 @@ class Mamba2Mixer(nn.Module):
             chunk_size=self.chunk_size,
         )  # (B, L, H, P)
         return self.out_proj(self.norm(y.flatten(-2), z))  # (B, L, D)
+
+    def allocate_state(self, batch: int, device: torch.device | None = None,
+                       dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero recurrent state for :meth:`step`, as before the first token.
+
+        Returns ``(conv_state, ssm_state)``: the last ``d_conv - 1`` conv inputs
+        (batch, conv_dim, d_conv - 1) in the dtype of the weights (or ``dtype``), and the SSM state
+        (batch, H, P, N) in the scan's compute dtype (float64 for float64 weights, else float32).
+        """
+        weight = self.in_proj.weight
+        device = weight.device if device is None else device
+        dtype = weight.dtype if dtype is None else dtype
+        ssm_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        conv_state = torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype)
+        ssm_state = torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device, dtype=ssm_dtype)
+        return conv_state, ssm_state
+
+    def step(self, u_t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+             ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One causal recurrent step in O(1) time and memory: u_t (B, D) -> (y_t (B, D), new state).
+
+        ``state`` comes from :meth:`allocate_state` or a previous call and is not modified. Stepping
+        through a sequence token by token gives the outputs of :meth:`forward` on the whole sequence.
+        """
+        conv_state, h = state
+        H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
+        z, xBC, dt = self.in_proj(u_t).split([self.d_inner, self.conv_dim, H], dim=-1)
+        window = torch.cat([conv_state, xBC.unsqueeze(-1)], dim=-1)  # (B, conv_dim, d_conv), oldest first
+        xBC = F.silu((window * self.conv1d.weight.squeeze(1)).sum(-1) + self.conv1d.bias)  # (B, conv_dim)
+        x, B, C = xBC.to(h.dtype).split([self.d_inner, G * N, G * N], dim=-1)
+        x = x.unflatten(-1, (H, P))  # (B, H, P)
+        B = B.unflatten(-1, (G, N)).repeat_interleave(H // G, dim=1)  # (B, H, N)
+        C = C.unflatten(-1, (G, N)).repeat_interleave(H // G, dim=1)  # (B, H, N)
+        dt = F.softplus(dt.to(h.dtype) + self.dt_bias)  # (B, H)
+        A = -torch.exp(self.A_log.float()).to(h.dtype)  # (H,), rounded through float32 as in forward
+        decay = torch.exp(dt * A)  # (B, H)
+        h = decay[..., None, None] * h + (dt[..., None] * x)[..., None] * B[:, :, None, :]  # (B, H, P, N)
+        y = torch.einsum("bhpn,bhn->bhp", h, C) + self.D.to(h.dtype)[:, None] * x  # (B, H, P)
+        y_t = self.out_proj(self.norm(y.flatten(-2).to(u_t.dtype), z))  # (B, D)
+        return y_t, (window[..., 1:], h)
 
     def _causal_conv(self, xBC: torch.Tensor) -> torch.Tensor:
         """Depthwise causal convolution over time followed by SiLU: (B, L, C) -> (B, L, C)."""
