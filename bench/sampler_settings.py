@@ -16,7 +16,7 @@ import torch
 from dimba.checkpoint import load_for_inference
 from dimba.config import load_run_config
 from dimba.evaluate import training_vocabulary, word_overlap
-from dimba.generate import sample_from_model
+from dimba.generate import completions, sample_from_model
 
 SETTINGS = {
     "default": {},
@@ -46,13 +46,9 @@ def main() -> None:
     for name, kw in SETTINGS.items():
         texts = []
         for seed in range(args.seeds):
-            kw_all = {"num_steps": 50, **kw}
-            ids = sample_from_model(model, prompt, seq_len=context - len(prompt), generator=torch.Generator().manual_seed(seed),
-                                    **kw_all)[0, : len(prompt) + args.length].tolist()
-            new = ids[len(prompt):]
-            if tok.eos_id in new:
-                new = new[: new.index(tok.eos_id)]
-            texts.append(tok.decode(prompt + new))
+            ids = sample_from_model(model, prompt, seq_len=context - len(prompt),
+                                    generator=torch.Generator().manual_seed(seed), **kw)  # 50 steps unless kw says
+            texts += completions(ids, tok, len(prompt), args.length)
         results[name] = {"per_seed": [round(word_overlap(t, vocab), 3) for t in texts],
                          "pooled": round(word_overlap("\n".join(texts), vocab), 3)}
     print(json.dumps(results, indent=2))

@@ -78,8 +78,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from dimba.checkpoint import load_for_inference
-    from dimba.generate import sample_from_model
+    from dimba.generate import completions, sample_from_model
 
+    sc = _sample_settings(args)
     model, tokenizer = load_for_inference(args.model)
     context = model.config.context_length or 256
     prompt = _prompt_ids(tokenizer, args.prompt)
@@ -90,20 +91,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if len(prompt) + length > context:
         raise UsageError(f"prompt ({len(prompt)} tokens) + --length {length} exceeds the model context of {context} "
                          f"tokens: use --length {context - len(prompt)} or less")
-    sc = _sample_settings(args)
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     ids = sample_from_model(model, prompt, seq_len=context - len(prompt), num_steps=sc.num_steps,
                             temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p,
                             guidance_scale=sc.guidance_scale, eta=sc.eta, num_samples=args.num_samples,
                             clamp=sc.clamp, generator=gen)
-    for i, row in enumerate(ids[:, : len(prompt) + length].tolist()):
-        new = row[len(prompt):]
-        if tokenizer.eos_id in new:
-            new = new[: new.index(tokenizer.eos_id)]
+    for i, text in enumerate(completions(ids, tokenizer, len(prompt), length)):
         if args.num_samples > 1:
             print(f"===== sample {i} =====")
-        print(tokenizer.decode(prompt + new))
+        print(text)
     return 0
 
 

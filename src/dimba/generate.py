@@ -81,3 +81,14 @@ def sample_from_model(model, prompt_ids: Sequence[int] | torch.Tensor | None = N
             callback(i, t, x0)
     out = sample_tokens(model.decode(x0), temperature, top_k, top_p, generator)  # (N, L)
     return torch.where(prompt_mask, ids, out)
+
+
+def completions(ids: torch.Tensor, tokenizer, prompt_len: int, length: int) -> list[str]:
+    """Texts of generated rows (N, L): the prompt plus at most ``length`` new tokens, cut at the first EOS."""
+    texts = []
+    for row in ids[:, : prompt_len + length].tolist():
+        new = row[prompt_len:]
+        if tokenizer.eos_id in new:
+            new = new[: new.index(tokenizer.eos_id)]
+        texts.append(tokenizer.decode(row[:prompt_len] + new))
+    return texts
