@@ -136,3 +136,24 @@ def test_tokenizer_train_verb_writes_and_refuses_overwrite(corpus, tmp_path, cap
     before = (out / "tokenizer.json").read_bytes()
     code, err = _err(capsys, ["tokenizer", "train", "--data", str(corpus), "--vocab-size", "400", "--out", str(out)])
     assert code == 2 and (out / "tokenizer.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("family, flags", [("masked", ["--block-length", "4", "--remasking", "random"]),
+                                           ("ar", []), ("hybrid", [])])
+def test_every_family_trains_and_generates(family, flags, corpus, tmp_path, capsys):
+    out = tmp_path / family
+    assert main(["train", "--family", family, "--data", str(corpus), "--max-steps", "10", "--out", str(out), "--quiet",
+                 *TINY]) == 0
+    rows = [r.split(",") for r in (out / "metrics.csv").read_text().splitlines()[1:]]
+    val = [float(r[10]) for r in rows if r[10]]
+    assert val[-1] < val[0]  # the family's own validation objective falls
+    assert "family: " + family in (out / "config.yaml").read_text()
+    capsys.readouterr()
+    args = ["--prompt", "ROMEO:", "--length", "12", "--steps", "8", "--seed", "1", *flags]
+    assert main(["generate", str(out), *args]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("ROMEO:") and "[MASK]" not in text
+    assert main(["export", str(out), "--out", str(tmp_path / "exp")]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "exp"), *args]) == 0
+    assert capsys.readouterr().out == text

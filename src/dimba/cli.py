@@ -12,8 +12,8 @@ from dimba.errors import DimbaError, UsageError
 
 
 def _train_overrides(args: argparse.Namespace) -> list[str]:
-    flags = {"data.corpus": args.data, "model.backbone": args.backbone, "train.max_steps": args.max_steps,
-             "train.max_time": args.max_time}
+    flags = {"data.corpus": args.data, "model.family": args.family, "model.backbone": args.backbone,
+             "train.max_steps": args.max_steps, "train.max_time": args.max_time}
     return [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
 
 
@@ -50,7 +50,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 _SAMPLE_FLAGS = {"steps": "num_steps", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
-                 "guidance": "guidance_scale", "eta": "eta", "clamp": "clamp"}
+                 "guidance": "guidance_scale", "eta": "eta", "clamp": "clamp", "remasking": "remasking",
+                 "block_length": "block_length"}
 
 
 def _sample_settings(args: argparse.Namespace) -> SampleConfig:
@@ -93,10 +94,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
                          f"tokens: use --length {context - len(prompt)} or less")
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    ids = sample_from_model(model, prompt, seq_len=context - len(prompt), num_steps=sc.num_steps,
+    # diffusion families denoise a canvas of the training length (cut at --length below); ar stops at --length
+    canvas = length if model.family == "ar" else context - len(prompt)
+    ids = sample_from_model(model, prompt, seq_len=canvas, num_steps=sc.num_steps,
                             temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p,
                             guidance_scale=sc.guidance_scale, eta=sc.eta, num_samples=args.num_samples,
-                            clamp=sc.clamp, generator=gen)
+                            clamp=sc.clamp, generator=gen, remasking=sc.remasking, block_length=sc.block_length,
+                            eos_id=tokenizer.eos_id)
     for i, text in enumerate(completions(ids, tokenizer, len(prompt), length)):
         if args.num_samples > 1:
             print(f"===== sample {i} =====")
@@ -129,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", help="named preset (tiny, small, base)")
     p.add_argument("--config", help="YAML file merged over the preset")
     p.add_argument("--data", help="corpus: 'shakespeare', a .txt/.jsonl file or a folder")
+    p.add_argument("--family", choices=["continuous", "masked", "hybrid", "ar"],
+                   help="continuous (default), masked ([MASK] diffusion), hybrid, or ar (the autoregressive yardstick)")
     p.add_argument("--backbone", choices=["mamba2", "transformer"])
     p.add_argument("--max-steps", type=int)
     p.add_argument("--max-time", type=float, help="wall-clock budget in minutes")
@@ -144,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="run directory or export folder")
     p.add_argument("--prompt", default="")
     p.add_argument("--length", type=int, help="new tokens (default: fill the context)")
-    p.add_argument("--steps", type=int, help="denoising steps")
+    p.add_argument("--steps", type=int, help="denoising steps (diffusion families)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
@@ -153,7 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float)
     p.add_argument("--eta", type=float, help="0 = DDIM, 1 = ancestral")
     p.add_argument("--clamp", choices=["none", "soft", "hard"],
-                   help="move x0 estimates onto the token embeddings at every step")
+                   help="continuous: move x0 estimates onto the token embeddings at every step")
+    p.add_argument("--remasking", choices=["ancestral", "low_confidence", "random"],
+                   help="masked: which masked tokens each step commits")
+    p.add_argument("--block-length", type=int, help="masked: semi-autoregressive blocks of this many tokens")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="write config.json + model.safetensors + tokenizer.json from a run (EMA weights)")
@@ -172,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_ranges(args: argparse.Namespace) -> None:
-    for name in ("length", "num_samples", "vocab_size", "max_steps"):
+    for name in ("length", "num_samples", "vocab_size", "max_steps", "block_length"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

@@ -21,6 +21,9 @@ class ModelConfig(_Strict):
 
     vocab_size: int | None = Field(None, gt=3, description="filled in from the tokenizer when None")
     context_length: int | None = Field(None, gt=1, description="training sequence length; filled in by training")
+    family: Literal["continuous", "masked", "hybrid", "ar"] = Field(
+        "continuous", description="continuous (Gaussian on latents), masked ([MASK] absorbing), hybrid (both, per token) "
+        "or ar (causal next-token: the autoregressive yardstick; the backbone is made causal)")
     d_model: int = Field(256, gt=0)
     num_denoiser_layers: int = Field(4, gt=0)
     backbone: Literal["mamba2", "transformer"] = "mamba2"
@@ -28,6 +31,7 @@ class ModelConfig(_Strict):
     num_diffusion_steps: int = Field(1000, gt=0)
     schedule: Literal["cosine", "linear"] = "cosine"
     zero_terminal_snr: bool = True
+    mask_schedule: Literal["loglinear", "cosine"] = Field("loglinear", description="masked / hybrid: alpha(t) of the [MASK] process")
     noise_shift: float = Field(1.0, gt=0, description="divide the schedule's SNR by noise_shift^2")
     prediction_type: Literal["x0", "v"] = "x0"
     conditioning_type: Literal["film", "additive"] = "film"
@@ -48,6 +52,8 @@ class ModelConfig(_Strict):
     def _consistent(self) -> "ModelConfig":
         if self.use_vae_latent:
             raise ValueError("use_vae_latent=true needs the TokenVAE, which this version does not ship: set model.use_vae_latent=false")
+        if self.family == "hybrid" and self.prediction_type != "x0":
+            raise ValueError("family=hybrid needs prediction_type=x0 (a masked position has no noisy latent to form v from)")
         if self.latent_diffusion and self.d_latent is None:
             raise ValueError("latent_diffusion=true needs model.d_latent (e.g. model.d_latent=64)")
         if self.backbone == "transformer" and self.d_model % self.num_heads:
@@ -111,6 +117,9 @@ class SampleConfig(_Strict):
     guidance_scale: float = Field(1.0, ge=0)
     eta: float = Field(0.0, ge=0, le=1)
     clamp: Literal["none", "soft", "hard"] = "none"
+    remasking: Literal["ancestral", "low_confidence", "random"] = Field(
+        "low_confidence", description="masked family: which masked tokens are committed at each step")
+    block_length: int | None = Field(None, gt=0, description="masked family: semi-autoregressive blocks of this many tokens")
 
 
 class Config(_Strict):

@@ -1,9 +1,18 @@
 """DIMBA: token embedding + latent encode/decode + prompt conditioning + backbone + output head.
 
-The continuous family diffuses z_0 = encode(tokens): RMS-normalised token embeddings (or a
-learned projection of them to ``d_latent``), times a calibrated ``latent_scale`` so that the
-diffused signal has unit variance. The denoiser predicts x0 or v in that latent space; logits
-come from ``decode`` (the output head) applied to the x0 estimate.
+One class serves the four families (``ModelConfig.family``):
+
+- ``continuous`` diffuses z_0 = encode(tokens): RMS-normalised token embeddings (or a learned
+  projection of them to ``d_latent``), times a calibrated ``latent_scale`` so that the diffused
+  signal has unit variance. The denoiser predicts x0 or v in that latent space; logits come from
+  ``decode`` (the output head) applied to the x0 estimate.
+- ``hybrid`` is the continuous model whose tokens may also be absorbed: a masked position has a
+  zero latent and its own input flag (see `forward`).
+- ``masked`` reads token ids that contain [MASK] and returns logits (`token_logits`); it is not
+  conditioned on t: with [MASK] tokens in the input the noise level is visible (MDLM), which
+  also makes caching the model output between sampler steps exact.
+- ``ar`` is the same token model with a causal backbone: next-token logits, and O(1)-per-token
+  decoding through the backbone's cache (`allocate_cache`, `ar_step`).
 """
 
 from __future__ import annotations
@@ -18,7 +27,10 @@ from dimba.backbones import Backbone
 from dimba.backbones.layers import RMSNorm, TimestepEmbedding
 from dimba.config import ModelConfig
 from dimba.diffusion.gaussian import q_sample, x0_from_v
+from dimba.diffusion.masked import MaskSchedule, mask_tokens, subs_log_probs
 from dimba.diffusion.schedules import NoiseSchedule
+
+MASK_ID = 2  # the tokenizer's [MASK] (dimba.tokenizer reserves [PAD]=0, [EOS]=1, [MASK]=2)
 
 
 def _rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -35,28 +47,36 @@ class DIMBA(nn.Module):
         super().__init__()
         cfg = ModelConfig(vocab_size=vocab_size, **kwargs)
         self.config = cfg
-        d, self.d_x = cfg.d_model, (cfg.d_latent if cfg.latent_diffusion else cfg.d_model)
+        self.family = cfg.family
+        self.mask_id = MASK_ID
+        latent = self.family in ("continuous", "hybrid")
+        d, self.d_x = cfg.d_model, (cfg.d_latent if cfg.latent_diffusion and latent else cfg.d_model)
         self.schedule = NoiseSchedule(cfg.schedule, cfg.zero_terminal_snr, cfg.num_diffusion_steps, cfg.noise_shift)
+        self.mask_schedule = MaskSchedule(cfg.mask_schedule)
 
         self.embedding = nn.Embedding(vocab_size, d)
         nn.init.normal_(self.embedding.weight, std=d**-0.5)  # tied head: unit-variance logits at init
-        self.latent_in = nn.Linear(d, self.d_x, bias=False) if cfg.latent_diffusion else None
-        self.latent_out = nn.Linear(self.d_x, d, bias=False) if cfg.latent_diffusion else None
+        use_proj = cfg.latent_diffusion and latent
+        self.latent_in = nn.Linear(d, self.d_x, bias=False) if use_proj else None
+        self.latent_out = nn.Linear(self.d_x, d, bias=False) if use_proj else None
         self.register_buffer("latent_scale", torch.ones(()))
 
         self.time_embed = TimestepEmbedding(d)
-        self.prompt_proj = nn.Linear(d, d)
         self.null_prompt = nn.Parameter(torch.zeros(d))
-        self.prompt_flag = nn.Embedding(2, d)
-        nn.init.zeros_(self.prompt_flag.weight)
+        self.prompt_proj = nn.Linear(d, d) if self.family != "ar" else None
+        # input flags: 0 = being denoised, 1 = clean prompt, 2 = absorbed ([MASK], hybrid only)
+        self.prompt_flag = nn.Embedding(3 if self.family == "hybrid" else 2, d) if latent else None
+        if self.prompt_flag is not None:
+            nn.init.zeros_(self.prompt_flag.weight)
 
-        self.in_proj = nn.Linear(self.d_x * (2 if cfg.self_conditioning else 1), d)
+        self.in_proj = nn.Linear(self.d_x * (2 if cfg.self_conditioning else 1), d) if latent else None
         self.backbone = Backbone(
             cfg.backbone, d, cfg.num_denoiser_layers, cond_dim=d, conditioning_type=cfg.conditioning_type,
-            bidirectional=cfg.bidirectional, num_heads=cfg.num_heads, d_state=cfg.d_state, d_conv=cfg.d_conv,
-            expand=cfg.expand, headdim=cfg.headdim, chunk_size=cfg.chunk_size, tie_reverse=cfg.tie_reverse,
+            bidirectional=cfg.bidirectional and self.family != "ar", num_heads=cfg.num_heads, d_state=cfg.d_state,
+            d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim, chunk_size=cfg.chunk_size,
+            tie_reverse=cfg.tie_reverse,
         )
-        self.out_proj = nn.Linear(d, self.d_x)
+        self.out_proj = nn.Linear(d, self.d_x) if latent else None
         self.head_norm = RMSNorm(d)
         self.head = nn.Linear(d, vocab_size, bias=False)
         if cfg.tie_weights:
@@ -111,9 +131,11 @@ class DIMBA(nn.Module):
         Positions outside ``prompt_mask`` (the tokens being denoised) never enter it.
         """
         b = input_ids.shape[0]
+        if self.family in ("masked", "ar"):
+            t = torch.zeros((), device=input_ids.device)  # the token families are not conditioned on t
         c = self.time_embed(self._time(t, b, input_ids.device))  # (B, D)
         null = self.null_prompt.expand(b, -1)  # (B, D)
-        if prompt_mask is None:
+        if prompt_mask is None or self.prompt_proj is None:
             return c + null
         w = prompt_mask.to(c.dtype)  # (B, L)
         pooled = (self.embedding(input_ids) * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)  # (B, D)
@@ -122,14 +144,21 @@ class DIMBA(nn.Module):
 
     # ----- denoiser -----------------------------------------------------------------------
     def denoise(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, prompt_mask: torch.Tensor | None = None,
-                x_self_cond: torch.Tensor | None = None) -> torch.Tensor:
-        """Raw network output (x0 or v, per ``prediction_type``) for a noisy latent (B, L, d_x)."""
+                x_self_cond: torch.Tensor | None = None, masked: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw network output (x0 or v, per ``prediction_type``) for a noisy latent (B, L, d_x).
+
+        ``masked`` (B, L) bool (hybrid family) marks absorbed positions; their latent is ignored.
+        """
+        if masked is not None:
+            z_t = z_t.masked_fill(masked[..., None], 0.0)  # an absorbed token carries no latent
         if self.config.self_conditioning:
             sc = torch.zeros_like(z_t) if x_self_cond is None else x_self_cond
             z_t = torch.cat([z_t, sc], dim=-1)  # (B, L, 2 d_x)
         h = self.in_proj(z_t)  # (B, L, D)
         flags = torch.zeros(h.shape[:2], dtype=torch.long, device=h.device) if prompt_mask is None else prompt_mask.long()
-        h = h + self.prompt_flag(flags)  # (B, L, D): which positions hold the clean prompt
+        if masked is not None:
+            flags = flags.masked_fill(masked, 2)  # (B, L)
+        h = h + self.prompt_flag(flags)  # (B, L, D): which positions hold the clean prompt (or a mask)
         return self.out_proj(self.backbone(h, cond))  # (B, L, d_x)
 
     def x0_from_output(self, x_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
@@ -140,14 +169,20 @@ class DIMBA(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
                 prompt_mask: torch.Tensor | None = None, x_self_cond: torch.Tensor | None = None,
-                drop_cond: bool | torch.Tensor = False):
+                drop_cond: bool | torch.Tensor = False, masked: torch.Tensor | None = None):
         """Noise ``input_ids`` to time t and denoise: returns (x_pred, noise, latent_info).
 
-        With ``prompt_mask`` (B, L) bool, prompt tokens stay clean in the sequence and condition
-        the denoiser; ``drop_cond`` (bool or (B,)) drops the prompt for classifier-free guidance:
-        those sequences are noised and scored entirely. ``latent_info`` holds z0, z_t,
-        alpha_bar, t, x0_hat and the effective prompt_mask.
+        Continuous and hybrid families. With ``prompt_mask`` (B, L) bool, prompt tokens stay clean
+        in the sequence and condition the denoiser; ``drop_cond`` (bool or (B,)) drops the prompt
+        for classifier-free guidance: those sequences are noised and scored entirely.
+        Hybrid: each non-prompt token is absorbed with probability 1 - alpha(t) of the mask
+        schedule (``masked`` (B, L) bool gives the draw), and the others get Gaussian noise at
+        the same t. ``latent_info`` holds z0, z_t, alpha_bar, t, x0_hat, the effective
+        prompt_mask and masked.
         """
+        if self.family not in ("continuous", "hybrid"):
+            raise ValueError(f"forward() noises latents (continuous / hybrid families); a {self.family} model "
+                             "takes token ids: use token_logits() or predict_token_logits()")
         b = input_ids.shape[0]
         t = self._time(t, b, input_ids.device)  # (B,)
         drop = torch.as_tensor(drop_cond, device=input_ids.device).expand(b)  # (B,)
@@ -159,14 +194,60 @@ class DIMBA(nn.Module):
         z_t = q_sample(z0, alpha_bar, noise)
         if prompt_mask is not None:
             z_t = torch.where(prompt_mask[..., None], z0, z_t)
+        if self.family == "hybrid":
+            if masked is None:
+                masked = mask_tokens(input_ids, self.mask_schedule.alpha(t), MASK_ID)[1]  # (B, L)
+            if prompt_mask is not None:
+                masked = masked & ~prompt_mask  # the clean prompt is never absorbed
         cond = self.condition(input_ids, t, prompt_mask, drop)
-        x_pred = self.denoise(z_t, t, cond, prompt_mask, x_self_cond)
+        x_pred = self.denoise(z_t, t, cond, prompt_mask, x_self_cond, masked)
         x0_hat = self.x0_from_output(x_pred, z_t, alpha_bar)
-        info = {"z0": z0, "z_t": z_t, "alpha_bar": alpha_bar, "t": t, "x0_hat": x0_hat, "prompt_mask": prompt_mask}
+        info = {"z0": z0, "z_t": z_t, "alpha_bar": alpha_bar, "t": t, "x0_hat": x0_hat, "prompt_mask": prompt_mask,
+                "masked": masked}
         return x_pred, noise, info
 
-    def predict_token_logits(self, input_ids: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Logits (B, L, V) of the denoised estimate of ``input_ids`` noised to time t."""
+    # ----- token families (masked, ar) -----------------------------------------------------
+    def token_logits(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor | None = None,
+                     drop_cond: bool | torch.Tensor = False) -> torch.Tensor:
+        """Raw float32 logits (B, L, V) of the token families on ids (B, L) that may hold [MASK].
+
+        masked: the clean prompt (``prompt_mask``) also conditions through the pooled summary;
+        ar: position l predicts token l + 1 (causal backbone).
+        """
+        h = _rms_normalize(self.embedding(input_ids))  # (B, L, D)
+        cond = self.condition(input_ids, torch.zeros((), device=input_ids.device), prompt_mask, drop_cond)  # (B, D)
+        return self.head(self.head_norm(self.backbone(h, cond))).float()  # (B, L, V)
+
+    def allocate_cache(self, batch: int, max_len: int | None = None) -> list:
+        """An empty decoding cache for `ar_step` (ar family), for up to ``max_len`` positions."""
+        max_len = max_len or self.config.context_length or 256
+        return self.backbone.allocate_cache(batch, max_len, device=self.embedding.weight.device)
+
+    def ar_prefill(self, prompt: torch.Tensor, cache: list) -> tuple[torch.Tensor, list]:
+        """Read a prompt (B, P) at positions 0..P-1 into the cache; returns the next-token logits (B, V)."""
+        h = _rms_normalize(self.embedding(prompt))  # (B, P, D)
+        cond = self.condition(prompt, torch.zeros((), device=prompt.device))  # (B, D)
+        out, cache = self.backbone.prefill(h, cond, cache)  # (B, P, D)
+        return self.head(self.head_norm(out[:, -1])).float(), cache  # (B, V)
+
+    def ar_step(self, token: torch.Tensor, cache: list, pos: int) -> tuple[torch.Tensor, list]:
+        """Feed the token (B,) at position ``pos``; returns next-token logits (B, V) and the cache."""
+        h = _rms_normalize(self.embedding(token))  # (B, D)
+        cond = self.condition(token[:, None], torch.zeros((), device=token.device))  # (B, D)
+        out, cache = self.backbone.step(h, cond, cache, pos)  # (B, D)
+        return self.head(self.head_norm(out)).float(), cache  # (B, V)
+
+    def predict_token_logits(self, input_ids: torch.Tensor, t: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Token logits (B, L, V) for every family.
+
+        continuous / hybrid: of the denoised estimate of ``input_ids`` noised to time t;
+        masked: SUBS log-probabilities of x_0 given ``input_ids`` holding [MASK] (t is implied
+        by the masks); ar: next-token logits.
+        """
+        if self.family == "masked":
+            return subs_log_probs(self.token_logits(input_ids, **kwargs), input_ids, MASK_ID)
+        if self.family == "ar":
+            return self.token_logits(input_ids)
         _, _, info = self(input_ids, t, **kwargs)
         return self.decode(info["x0_hat"])
 

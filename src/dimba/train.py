@@ -16,7 +16,7 @@ from dimba.checkpoint import CKPT_SUBDIR as CKPT_DIR, LAST_CKPT, atomic_save, lo
 from dimba.config import Config, dump_yaml
 from dimba.data import prepare_data
 from dimba.errors import UsageError
-from dimba.losses import compute_dimba_losses, random_prompt_mask
+from dimba.losses import compute_losses, random_prompt_mask
 from dimba.metrics_log import MetricsLog
 from dimba.model import build_model
 from dimba.tokenizer import Tokenizer
@@ -59,7 +59,7 @@ def micro_batches(data: torch.Tensor, batch_size: int, seed: int, start: int = 0
 
 @torch.no_grad()
 def validation_loss(model, val: torch.Tensor, cfg: Config, device: torch.device) -> dict[str, float]:
-    """The training objective on fixed validation blocks, fixed times and fixed noise (no self-conditioning,
+    """The training objective on fixed validation blocks, fixed times, noise and masks (no self-conditioning,
     no prompt), so that values at different steps are comparable."""
     was_training = model.training
     model.eval()
@@ -71,8 +71,8 @@ def validation_loss(model, val: torch.Tensor, cfg: Config, device: torch.device)
         ids = val[i:i + cfg.train.batch_size].to(device)  # (B, L)
         t = ((torch.arange(ids.shape[0]) + 0.5) / ids.shape[0]).to(device)  # (B,)
         noise = torch.randn(ids.shape + (model.d_x,), generator=gen).to(device)
-        _, parts = compute_dimba_losses(model, ids, t, cfg.diffusion.ce_loss_weight, cfg.diffusion.min_snr_gamma,
-                                        recon_loss_weight=cfg.diffusion.recon_loss_weight, self_cond_prob=0.0, noise=noise)
+        masks = torch.Generator(device).manual_seed(4321 + i)
+        _, parts = compute_losses(model, ids, cfg.diffusion, t, self_cond_prob=0.0, noise=noise, generator=masks)
         for k, v in parts.items():
             totals[k] = totals.get(k, 0.0) + float(v)
         batches += 1
@@ -168,8 +168,7 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
             drop = torch.rand(b, device=ids.device) < dc.cond_drop_prob  # (B,)
             prompt_mask = random_prompt_mask(b, length, dc.prompt_prob, ids.device)
             with fabric.no_backward_sync(fmodel, enabled=micro < tc.grad_accum - 1), fabric.autocast():
-                loss, parts = compute_dimba_losses(fmodel, ids, None, dc.ce_loss_weight, dc.min_snr_gamma, prompt_mask,
-                                                   dc.recon_loss_weight, dc.self_cond_prob, drop_cond=drop)
+                loss, parts = compute_losses(fmodel, ids, dc, prompt_mask=prompt_mask, drop_cond=drop)
             fabric.backward(loss / tc.grad_accum)
         grad_norm = fabric.clip_gradients(fmodel, optimizer, max_norm=tc.grad_clip) if tc.grad_clip > 0 else None
         optimizer.step()

@@ -1,7 +1,9 @@
 """Denoiser backbones: (B, L, D) hidden states + a conditioning vector (B, C) -> (B, L, D).
 
 A backbone knows nothing of noise, masks, schedules or losses. A new mixer is one file plus
-one entry in `MIXERS`.
+one entry in `MIXERS`. A causal backbone (``bidirectional=False``) also decodes one token at a
+time in O(1) work per token and layer for Mamba-2 (O(position) for attention) with
+:meth:`Backbone.allocate_cache`, :meth:`Backbone.prefill` and :meth:`Backbone.step`.
 """
 
 from __future__ import annotations
@@ -49,9 +51,49 @@ class Block(nn.Module):
             self.mlp = SwiGLU(d_model)
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """h (B, L, D), c (B, C) -> (B, L, D)."""
         h = h + self.mixer(self.mod1(self.norm1(h), c))  # (B, L, D)
+        return self._mlp(h, c)
+
+    def allocate_state(self, batch: int, max_len: int, device: torch.device | None = None,
+                       dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty decoding state of the causal mixer: a KV cache of ``max_len`` positions for
+        attention, the (conv, SSM) recurrent state for Mamba-2 (which ignores ``max_len``)."""
+        if isinstance(self.mixer, Attention):
+            return self.mixer.allocate_cache(batch, max_len, device, dtype)
+        return self.mixer.allocate_state(batch, device, dtype)
+
+    def prefill(self, h: torch.Tensor, c: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`forward` on a prompt h (B, P, D) at positions 0..P-1 that also fills ``state``.
+
+        Attention fills its KV cache in one parallel pass; Mamba-2 steps its mixer token by token.
+        """
+        x = self.mod1(self.norm1(h), c)  # (B, P, D)
+        if isinstance(self.mixer, Attention):
+            y, state = self.mixer.prefill(x, state)  # (B, P, D)
+        else:
+            ys = []
+            for t in range(x.shape[1]):
+                y_t, state = self.mixer.step(x[:, t], state)  # (B, D)
+                ys.append(y_t)
+            y = torch.stack(ys, dim=1)  # (B, P, D)
+        return self._mlp(h + y, c), state
+
+    def step(self, h_t: torch.Tensor, c: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], pos: int
+             ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`forward` for the one token h_t (B, D) at position ``pos`` -> (B, D), new state."""
+        x_t = self.mod1(self.norm1(h_t), c)  # (B, D)
+        if isinstance(self.mixer, Attention):
+            y_t, state = self.mixer.step(x_t, state, pos)  # (B, D)
+        else:
+            y_t, state = self.mixer.step(x_t, state)  # (B, D)
+        return self._mlp(h_t + y_t, c), state
+
+    def _mlp(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The residual MLP sub-block, when present: (B, [L,] D) -> (B, [L,] D)."""
         if self.mlp is not None:
-            h = h + self.mlp(self.mod2(self.norm2(h), c))  # (B, L, D)
+            h = h + self.mlp(self.mod2(self.norm2(h), c))  # (B, [L,] D)
         return h
 
 
@@ -69,8 +111,52 @@ class Backbone(nn.Module):
             for _ in range(num_layers)
         )
         self.norm = RMSNorm(d_model)
+        self.bidirectional = bidirectional
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """h (B, L, D), c (B, C) -> (B, L, D) after the final norm."""
         for block in self.blocks:
             h = block(h, c)  # (B, L, D)
         return self.norm(h)
+
+    def allocate_cache(self, batch: int, max_len: int, device: torch.device | None = None,
+                       dtype: torch.dtype | None = None) -> list:
+        """Empty decoding cache, one state per block, for sequences of up to ``max_len`` positions.
+
+        Defaults to the device and dtype of the weights. Attention KV caches are written in
+        place by :meth:`prefill` and :meth:`step`; Mamba-2 states are replaced, never modified.
+        """
+        self._require_causal("allocate_cache")
+        return [block.allocate_state(batch, max_len, device, dtype) for block in self.blocks]
+
+    def prefill(self, h: torch.Tensor, c: torch.Tensor, cache: list) -> tuple[torch.Tensor, list]:
+        """Causal :meth:`forward` on a prompt h (B, P, D) at positions 0..P-1 that also fills ``cache``.
+
+        Returns (out (B, P, D), new cache); decoding goes on with :meth:`step` at ``pos = P``.
+        """
+        self._require_causal("prefill")
+        new_cache = []
+        for block, state in zip(self.blocks, cache, strict=True):
+            h, state = block.prefill(h, c, state)  # (B, P, D)
+            new_cache.append(state)
+        return self.norm(h), new_cache
+
+    def step(self, h_t: torch.Tensor, c: torch.Tensor, cache: list, pos: int) -> tuple[torch.Tensor, list]:
+        """One decoding step for the token at position ``pos``.
+
+        h_t (B, D) hidden state of that token, c (B, C) conditioning -> (out (B, D) after the
+        final norm, new cache).
+
+        ``cache`` comes from :meth:`allocate_cache`, :meth:`prefill` or the previous step (at
+        ``pos - 1``). Stepping through a sequence gives the outputs of :meth:`forward`.
+        """
+        self._require_causal("step")
+        new_cache = []
+        for block, state in zip(self.blocks, cache, strict=True):
+            h_t, state = block.step(h_t, c, state, pos)  # (B, D)
+            new_cache.append(state)
+        return self.norm(h_t), new_cache
+
+    def _require_causal(self, method: str) -> None:
+        if self.bidirectional:
+            raise ValueError(f"{method}() needs a causal backbone (bidirectional=False)")

@@ -43,11 +43,11 @@ class TimestepEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(sinusoidal_embedding(t, self.freq_dim))  # (B, D)
+        return self.mlp(sinusoidal_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))  # (B, D)
 
 
 class Modulation(nn.Module):
-    """Applies a conditioning vector ``c`` (B, C) to hidden states (B, L, D).
+    """Applies a conditioning vector ``c`` (B, C) to hidden states (B, L, D) or, for one token, (B, D).
 
     ``film``: h * (1 + scale(c)) + shift(c); ``additive``: h + shift(c). The projection is
     zero-initialised so every block starts as the unconditioned identity modulation.
@@ -64,10 +64,12 @@ class Modulation(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        p = self.proj(F.silu(c))[:, None, :]  # (B, 1, D or 2D)
+        p = self.proj(F.silu(c))  # (B, D or 2D)
+        if h.dim() == 3:
+            p = p[:, None, :]  # (B, 1, D or 2D), broadcast over positions
         if self.kind == "additive":
             return h + p
-        scale, shift = p.chunk(2, dim=-1)  # (B, 1, D) each
+        scale, shift = p.chunk(2, dim=-1)  # (B, [1,] D) each
         return h * (1 + scale) + shift
 
 

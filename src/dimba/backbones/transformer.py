@@ -1,4 +1,8 @@
-"""Attention mixer: multi-head self-attention with rotary positions and SDPA, bidirectional or causal."""
+"""Attention mixer: multi-head self-attention with rotary positions and SDPA, bidirectional or causal.
+
+A causal :class:`Attention` also decodes incrementally with a key/value cache:
+:meth:`Attention.allocate_cache`, :meth:`Attention.prefill` and :meth:`Attention.step`.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,22 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def rotary_tables(length: int, head_dim: int, device: torch.device, base: float = 10_000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of RoPE (Su et al. 2021) for positions 0..length-1."""
+def rotary_tables(length: int, head_dim: int, device: torch.device, base: float = 10_000.0,
+                  start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (length, head_dim / 2) of RoPE (Su et al. 2021) for positions start..start+length-1."""
     inv = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)  # (Dh/2,)
-    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv[None]  # (L, Dh/2)
+    positions = torch.arange(start, start + length, device=device, dtype=torch.float32)  # (L,)
+    angles = positions[:, None] * inv[None]  # (L, Dh/2)
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :Dh/2], x[..., Dh/2:]) of x: (B, H, L, Dh) by the position angles."""
-    x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, L, Dh/2) each
+    """Rotate pairs (x[..., :Dh/2], x[..., Dh/2:]) of x: (B, H, L, Dh) by the position angles.
+
+    Computed in float32 (float64 for float64 inputs) and returned in the dtype of x.
+    """
+    xf = x if x.dtype == torch.float64 else x.float()
+    x1, x2 = xf.chunk(2, dim=-1)  # (B, H, L, Dh/2) each
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, H, L, Dh)
     return out.to(x.dtype)
 
@@ -37,10 +47,76 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, length, d = x.shape
+        """x: (B, L, D) -> (B, L, D)."""
+        q, k, v = self._rotated_qkv(x, start=0)  # (B, H, L, Dh) each
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, Dh)
+        return self._output(y)  # (B, L, D)
+
+    def allocate_cache(self, batch: int, max_len: int, device: torch.device | None = None,
+                       dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty key/value cache ``(k, v)``, each (batch, H, max_len, Dh), for up to ``max_len`` positions.
+
+        Defaults to the device and dtype of the weights. :meth:`prefill` and :meth:`step` write
+        into these tensors in place.
+        """
+        self._require_causal()
+        weight = self.qkv.weight
+        device = weight.device if device is None else device
+        dtype = weight.dtype if dtype is None else dtype
+        shape = (batch, self.num_heads, max_len, self.head_dim)
+        return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+
+    def prefill(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Causal forward on a prompt x (B, P, D) at positions 0..P-1 -> (y (B, P, D), cache).
+
+        Stores the keys and values of the P positions in ``cache`` in place, so decoding goes on
+        with :meth:`step` at ``pos = P``.
+        """
+        self._require_causal()
+        k_cache, v_cache = cache
+        length = x.shape[1]
+        self._check_position(length - 1, k_cache)
+        q, k, v = self._rotated_qkv(x, start=0)  # (B, H, P, Dh) each
+        k_cache[:, :, :length] = k
+        v_cache[:, :, :length] = v
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, P, Dh)
+        return self._output(y), cache  # (B, P, D)
+
+    def step(self, x_t: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], pos: int
+             ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One decoding step: x_t (B, D) at absolute position ``pos`` -> (y_t (B, D), cache).
+
+        Writes the key and value of position ``pos`` into ``cache`` in place and attends over
+        the cached positions 0..pos, which must have been filled by earlier calls (or :meth:`prefill`).
+        Stepping through a sequence gives the outputs of the causal :meth:`forward`.
+        """
+        self._require_causal()
+        k_cache, v_cache = cache
+        self._check_position(pos, k_cache)
+        q, k, v = self._rotated_qkv(x_t[:, None], start=pos)  # (B, H, 1, Dh) each
+        k_cache[:, :, pos] = k[:, :, 0]
+        v_cache[:, :, pos] = v[:, :, 0]
+        y = F.scaled_dot_product_attention(q, k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1])  # (B, H, 1, Dh)
+        return self._output(y)[:, 0], cache  # (B, D)
+
+    def _rotated_qkv(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of x (B, L, D) at positions start..start+L-1, RoPE applied to q and k."""
+        b, length, _ = x.shape
         qkv = self.qkv(x).view(b, length, 3, self.num_heads, self.head_dim)  # (B, L, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, Dh) each
-        cos, sin = rotary_tables(length, self.head_dim, x.device)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, Dh)
-        return self.out_proj(y.transpose(1, 2).reshape(b, length, d))  # (B, L, D)
+        cos, sin = rotary_tables(length, self.head_dim, x.device, start=start)  # (L, Dh/2) each
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def _output(self, y: torch.Tensor) -> torch.Tensor:
+        """Merge the heads of y (B, H, L, Dh) and project: -> (B, L, D)."""
+        return self.out_proj(y.transpose(1, 2).flatten(2))  # (B, L, D)
+
+    def _require_causal(self) -> None:
+        if not self.causal:
+            raise ValueError("incremental decoding needs a causal Attention (causal=True)")
+
+    @staticmethod
+    def _check_position(pos: int, k_cache: torch.Tensor) -> None:
+        if not 0 <= pos < k_cache.shape[2]:
+            raise ValueError(f"position {pos} is outside the cache of {k_cache.shape[2]} positions")

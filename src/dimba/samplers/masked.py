@@ -1,0 +1,142 @@
+"""Absorbing-state ([MASK]) discrete diffusion sampling: MDLM ancestral and LLaDA remasking.
+
+A sampler holds no model: `set_timesteps` plans the steps for a canvas and `step` turns the
+model's logits on the current canvas into the next canvas. The generated region is filled in
+blocks strictly left to right (semi-autoregressive, LLaDA); a single block is plain MDLM / LLaDA.
+The [MASK] token is never sampled (SUBS) and a committed token is never changed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dimba.samplers.categorical import filter_logits, sample_tokens
+
+REMASKING = ("ancestral", "low_confidence", "random")
+
+
+class MaskedSampler:
+    """Unmask a canvas of [MASK] tokens over a planned number of steps.
+
+    remasking:
+        "ancestral": MDLM reverse process under the log-linear schedule. Within a block of k
+            steps, step j goes from t = 1 - j/k to s = 1 - (j+1)/k and unmasks each masked
+            position independently with probability (t - s) / t.
+        "low_confidence": LLaDA. A block's masked count is split evenly over its steps; each step
+            commits that many masked positions whose sampled token is the most probable.
+        "random": LLaDA with the committed positions chosen uniformly at random.
+    block_length: length of the blocks the generated region is split into (None: one block).
+    temperature, top_k, top_p: token sampling, in float64 (temperature 0 is greedy).
+    eos_id: once a row commits eos at position j, its masked positions after j become eos.
+    """
+
+    def __init__(self, mask_id: int, remasking: str = "low_confidence", block_length: int | None = None,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 eos_id: int | None = None):
+        if remasking not in REMASKING:
+            raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
+        if block_length is not None and block_length < 1:
+            raise ValueError(f"block_length must be >= 1 or None, got {block_length}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        self.mask_id = mask_id
+        self.remasking = remasking
+        self.block_length = block_length
+        self.temperature = temperature
+        self.top_k = top_k
+        self.top_p = top_p
+        self.eos_id = eos_id
+        self._length = 0
+        self._gen_start = 0
+        self._blocks: list[tuple[int, int]] = []  # [start, end) of each block
+        self._plan: list[tuple[int, int, int]] = []  # step -> (block, step within block, steps in block)
+        self._block_masked: tuple[int, torch.Tensor] | None = None  # (block, (N,) masked count at its first step)
+
+    def set_timesteps(self, num_steps: int, length: int, gen_start: int = 0) -> None:
+        """Plan num_steps steps for a canvas of `length` positions whose positions >= gen_start are to be generated.
+
+        The region [gen_start, length) is split into blocks of block_length (the last may be
+        shorter); each block gets num_steps // n_blocks steps, the remainder one each to the first
+        blocks. Raises ValueError if num_steps < 1 or num_steps < n_blocks.
+        """
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if not 0 <= gen_start <= length:
+            raise ValueError(f"need 0 <= gen_start <= length, got gen_start={gen_start}, length={length}")
+        size = self.block_length or max(length - gen_start, 1)
+        self._blocks = [(a, min(a + size, length)) for a in range(gen_start, length, size)] or [(gen_start, length)]
+        n_blocks = len(self._blocks)
+        if num_steps < n_blocks:
+            raise ValueError(f"num_steps={num_steps} is fewer than the {n_blocks} blocks of length "
+                             f"{self.block_length}; each block needs at least one step")
+        base, extra = divmod(num_steps, n_blocks)
+        steps = [base + (b < extra) for b in range(n_blocks)]
+        self._plan = [(b, j, k) for b, k in enumerate(steps) for j in range(k)]
+        self._length, self._gen_start = length, gen_start
+        self._block_masked = None
+
+    @property
+    def num_steps(self) -> int:
+        """Number of steps planned by the last `set_timesteps`."""
+        return len(self._plan)
+
+    def step(self, logits: torch.Tensor, x: torch.Tensor, i: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """logits (N, L, V) float of the model on canvas x (N, L) long (mask_id where still masked); returns the next canvas (N, L).
+
+        Only masked positions of step i's block are unmasked; the inputs are not modified. The
+        LLaDA modes must be stepped in order through each block (the block's planned counts are
+        fixed at its first step).
+        """
+        if not self._plan:
+            raise RuntimeError("call set_timesteps before step")
+        if not 0 <= i < len(self._plan):
+            raise IndexError(f"step {i} is outside the {len(self._plan)} planned steps")
+        if x.dim() != 2 or x.shape[1] != self._length or logits.shape[:2] != x.shape:
+            raise ValueError(f"expected x (N, {self._length}) and logits (N, {self._length}, V), "
+                             f"got {tuple(x.shape)} and {tuple(logits.shape)}")
+        b, j, k = self._plan[i]
+        start, end = self._blocks[b]
+        block = x[:, start:end]  # (N, Lb)
+        masked = block == self.mask_id  # (N, Lb)
+        lg = logits[:, start:end].to(torch.float64, copy=True)  # (N, Lb, V)
+        if self.mask_id < lg.shape[-1]:
+            lg[..., self.mask_id] = float("-inf")  # SUBS: never sample [MASK]
+        tokens = sample_tokens(lg, self.temperature, self.top_k, self.top_p, generator)  # (N, Lb)
+        if self.remasking == "ancestral":
+            t, s = 1 - j / k, 1 - (j + 1) / k
+            u = torch.rand(masked.shape, generator=generator, device=x.device, dtype=torch.float64)  # (N, Lb)
+            commit = masked & (u < (t - s) / t)  # (N, Lb)
+        else:
+            commit = masked & self._most_confident(lg, tokens, masked, b, j, k, generator)  # (N, Lb)
+        out = x.clone()  # (N, L)
+        out[:, start:end] = torch.where(commit, tokens, block)
+        if self.eos_id is not None:
+            self._fill_after_eos(out)
+        return out
+
+    def _most_confident(self, lg: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor, b: int, j: int, k: int,
+                        generator: torch.Generator | None) -> torch.Tensor:
+        """LLaDA: the planned number of masked positions with the highest confidence, per row: (N, Lb) bool."""
+        left = masked.sum(-1)  # (N,)
+        if j == 0:
+            self._block_masked = (b, left)
+        elif self._block_masked is None or self._block_masked[0] != b or self._block_masked[1].shape != left.shape:
+            raise RuntimeError(f"step for block {b} was not started at its first step; call the steps in order")
+        n = self._block_masked[1]  # (N,)
+        planned = n // k + (n % k > j).long()  # (N,)
+        count = left if j == k - 1 else torch.minimum(planned, left)  # (N,)
+        if self.remasking == "low_confidence":
+            scaled = filter_logits(lg / self.temperature, self.top_k, self.top_p) if self.temperature > 0 else lg
+            conf = scaled.softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (N, Lb)
+        else:
+            conf = torch.rand(masked.shape, generator=generator, device=masked.device, dtype=torch.float64)  # (N, Lb)
+        order = conf.masked_fill(~masked, float("-inf")).argsort(dim=-1, descending=True, stable=True)  # (N, Lb)
+        ranks_kept = torch.arange(masked.shape[1], device=masked.device) < count[:, None]  # (N, Lb) in sorted order
+        return torch.zeros_like(masked).scatter(-1, order, ranks_kept)
+
+    def _fill_after_eos(self, x: torch.Tensor) -> None:
+        """In place: every masked position after a row's first eos (at or after gen_start) becomes eos."""
+        pos = torch.arange(x.shape[1], device=x.device)  # (L,)
+        is_eos = (x == self.eos_id) & (pos >= self._gen_start)  # (N, L)
+        first = torch.where(is_eos.any(-1), is_eos.int().argmax(-1), x.shape[1])  # (N,)
+        x.masked_fill_((x == self.mask_id) & (pos > first[:, None]), self.eos_id)
