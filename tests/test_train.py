@@ -26,3 +26,14 @@ def test_lr_warms_up_then_decays_to_the_floor():
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     values = [f(s) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(values, values[1:])) and values[-1] == pytest.approx(0.1)
+
+
+def test_lr_decay_follows_the_wall_clock_budget_when_it_runs_out_first():
+    cfg = load_config("tiny", None, ["train.max_steps=1000", "train.warmup_steps=10", "train.min_lr_ratio=0.1"])
+    used = {"fraction": 0.0}
+    f = lr_lambda(cfg, lambda: used["fraction"])
+    assert f(100) == pytest.approx(lr_lambda(cfg)(100))  # no time used: the step schedule
+    used["fraction"] = 0.5
+    assert f(100) == pytest.approx(0.1 + 0.9 * 0.5)  # half the time gone: halfway down the cosine
+    used["fraction"] = 1.2
+    assert f(100) == pytest.approx(0.1)  # out of time: the floor

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from pydantic import ValidationError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 from dimba.errors import CheckpointError
@@ -26,27 +27,46 @@ CKPT_SUBDIR = "checkpoints"
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename over ``path``."""
+    """torch.save to a hidden temporary file in the same folder, flushed to disk, then renamed over
+    ``path``: a crash at any moment leaves the old file or the new one, never a half-written one
+    (at worst a stale ``.NAME.*`` temporary, which `remove_partial_saves` deletes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def remove_partial_saves(folder: Path) -> None:
+    """Delete the temporaries of checkpoint saves that a crash interrupted (``.NAME.ckpt.*`` in ``folder``)."""
+    for tmp in folder.glob(".*.ckpt.*"):
+        tmp.unlink(missing_ok=True)
+
+
+_STATE_KEYS = ("model", "ema", "optimizer", "scheduler", "step", "rng")
+
+
 def load_training_state(path: Path) -> dict[str, Any]:
-    """Read a training checkpoint written by `atomic_save`."""
+    """Read a training checkpoint written by `atomic_save` (tensors and plain containers only: a file
+    that would run code when unpickled is refused without running it)."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} not found: pass a run directory that holds checkpoints/{LAST_CKPT}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user-facing problem
         raise CheckpointError(f"checkpoint {str(path)!r} is unreadable or not a dimba checkpoint ({type(exc).__name__}): "
                               "resume from another checkpoint") from None
+    missing = [key for key in _STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a dimba training checkpoint (no {missing[0]!r} entry): "
+                              "resume from another checkpoint")
+    return state
 
 
 def _model_card(model, extra: str) -> str:
@@ -97,6 +117,41 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def _config_problem(exc: Exception) -> str:
+    """The first problem of a model config that `DIMBA` refused, in a few words."""
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return f"{where}: {first['msg']}" if where else first["msg"]
+    return _first_line(exc)
+
+
+def _key_problem(missing: list[str], unexpected: list[str]) -> str:
+    """Missing and unexpected weight names in a few words; '' when there are none."""
+    parts = ([f"it lacks {len(missing)} weights the config needs, e.g. {missing[0]!r}"] if missing else []) + (
+        [f"it holds {len(unexpected)} weights the config does not know, e.g. {unexpected[0]!r}"] if unexpected else [])
+    return " and ".join(parts)
+
+
+def _mismatch(model, shapes: dict[str, tuple[int, ...]], complete: bool) -> str:
+    """How stored weights (name -> shape) fail to fit ``model``, in a few words; '' when they fit.
+
+    With ``complete`` every weight of the model must be stored; safetensors files keep only one
+    name of each tied pair, which `load_model` resolves itself.
+    """
+    own = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    for name, shape in shapes.items():
+        if name in own and own[name] != shape:
+            return f"its {name!r} has shape {shape} but the config needs {own[name]}"
+    missing = sorted(own.keys() - shapes.keys()) if complete else []
+    return _key_problem(missing, sorted(shapes.keys() - own.keys()))
+
+
 def load_pretrained(path: str | Path, map_location: str = "cpu"):
     """Build the model of an export folder and load its weights strictly."""
     from dimba.model import DIMBA
@@ -109,7 +164,7 @@ def load_pretrained(path: str | Path, map_location: str = "cpu"):
         model = DIMBA(**config)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{str(path / CONFIG_NAME)!r} has an invalid model config "
-                              f"({str(exc).splitlines()[0]}): re-export the model") from None
+                              f"({_config_problem(exc)}): re-export the model") from None
     load_weights(model, path / WEIGHTS_NAME)
     return model.to(map_location)
 
@@ -117,15 +172,33 @@ def load_pretrained(path: str | Path, map_location: str = "cpu"):
 def load_weights(model, weights: Path) -> None:
     """Load a safetensors file into ``model`` strictly, with one-line errors."""
     if not weights.is_file():
-        raise CheckpointError(f"weights {str(weights)!r} not found: re-export the model")
+        what = "is a folder, not a safetensors file" if weights.is_dir() else "not found"
+        raise CheckpointError(f"weights file {str(weights)!r} {what}: re-export the model")
+    corrupted = "weights {!r} are corrupted ({}): re-export the model"
     try:
-        missing, unexpected = load_model(model, str(weights), strict=False)
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise CheckpointError(f"weights {str(weights)!r} are corrupted or do not fit this model "
-                              f"({str(exc).splitlines()[0][:200]}): re-export the model") from None
-    if missing or unexpected:
-        raise CheckpointError(f"weights {str(weights)!r} do not match the model config: missing {sorted(missing)[:3]}, "
-                              f"unexpected {sorted(unexpected)[:3]}: use the config.json exported with them")
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(corrupted.format(str(weights), _first_line(exc))) from None
+    problem = _mismatch(model, shapes, complete=False)
+    if not problem:
+        try:
+            missing, _ = load_model(model, str(weights), strict=False)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CheckpointError(corrupted.format(str(weights), _first_line(exc))) from None
+        problem = _key_problem(sorted(missing), [])
+    if problem:
+        raise CheckpointError(f"weights {str(weights)!r} do not fit their config.json ({problem}; another vocabulary, "
+                              "family or size?): use the config.json exported with them")
+
+
+def check_state_fits(model, weights: dict[str, torch.Tensor], run: str | Path) -> None:
+    """Raise a one-line `CheckpointError` unless the state dict ``weights`` of run ``run`` loads strictly into
+    ``model`` (built from the run's config.yaml)."""
+    problem = _mismatch(model, {name: tuple(t.shape) for name, t in weights.items()}, complete=True)
+    if problem:
+        raise CheckpointError(f"the checkpoint of {str(run)!r} does not fit its config.yaml ({problem}; was "
+                              "config.yaml edited, e.g. model.family?): restore the run's config.yaml or retrain")
 
 
 def load_for_inference(path: str | Path, map_location: str = "cpu"):
@@ -135,6 +208,8 @@ def load_for_inference(path: str | Path, map_location: str = "cpu"):
     from dimba.tokenizer import Tokenizer
 
     path = Path(path)
+    if path.is_file():
+        raise CheckpointError(f"{str(path)!r} is a file: pass a run directory (runs/NAME) or an export folder")
     if not path.is_dir():
         raise CheckpointError(f"model directory {str(path)!r} not found: pass a run directory (runs/NAME) or an export folder")
     if (path / CONFIG_NAME).is_file():
@@ -143,12 +218,10 @@ def load_for_inference(path: str | Path, map_location: str = "cpu"):
         cfg = load_run_config(path / "config.yaml")
         model = build_model(cfg.model)
         ema = load_training_state(path / CKPT_SUBDIR / LAST_CKPT)["ema"]
-        weights = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
-        try:
-            model.load_state_dict(weights, strict=True)
-        except RuntimeError as exc:
-            raise CheckpointError(f"checkpoint of {str(path)!r} does not match its config.yaml "
-                                  f"({str(exc).splitlines()[0][:200]}): resume or retrain the run") from None
+        weights = {k.removeprefix("module."): v for k, v in (ema if isinstance(ema, dict) else {}).items()
+                   if isinstance(k, str) and k.startswith("module.") and isinstance(v, torch.Tensor)}
+        check_state_fits(model, weights, path)
+        model.load_state_dict(weights, strict=True)
         model.to(map_location)
     else:
         raise CheckpointError(f"{str(path)!r} holds no model: expected {CONFIG_NAME} (export folder) or "
@@ -156,4 +229,8 @@ def load_for_inference(path: str | Path, map_location: str = "cpu"):
     tok_path = path / TOKENIZER_NAME
     if not tok_path.is_file():
         raise CheckpointError(f"{str(tok_path)!r} not found: the model folder must hold its tokenizer.json")
-    return model.eval(), Tokenizer.from_file(tok_path)
+    tokenizer = Tokenizer.from_file(tok_path)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise CheckpointError(f"{str(tok_path)!r} has {tokenizer.vocab_size} tokens but the model's vocabulary has "
+                              f"{model.config.vocab_size}: put the tokenizer.json the model was trained with beside it")
+    return model.eval(), tokenizer

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
-from dimba.config import SampleConfig
+from dimba.config import Config, ModelConfig, SampleConfig
 from dimba.errors import DimbaError, UsageError
 
 
@@ -26,10 +28,62 @@ def _resolve_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
         run = Path(given)
         return run, True
     run = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    if run.exists() and (not run.is_dir() or any(run.iterdir())):
+    if run.exists() and not run.is_dir():
+        raise UsageError(f"--out {str(run)!r} is a file: choose a folder path for the run")
+    if run.exists() and any(run.iterdir()):
         what = "another run" if (run / "config.yaml").exists() else "other files"
         raise UsageError(f"--out {str(run)!r} already holds {what}: pass --resume {run} to continue it or choose another --out")
     return run, False
+
+
+def _check_same_model(saved: ModelConfig, new: ModelConfig) -> None:
+    """A resumed run keeps its model: its checkpoint holds weights of exactly that shape and family."""
+    for name in ModelConfig.model_fields:
+        old, value = getattr(saved, name), getattr(new, name)
+        if old != value:
+            raise UsageError(f"--resume cannot change model.{name} ({old!r} -> {value!r}): the run's checkpoint holds "
+                             "the old model; drop that setting, or start a new run with another --out")
+
+
+def _check_devices(cfg: Config) -> None:
+    """Refuse a device request this machine cannot serve, before Fabric starts one process per device."""
+    import torch
+
+    tc = cfg.train
+    mps = torch.backends.mps.is_available()
+    kind = tc.accelerator
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    available = {"cuda": torch.cuda.device_count(), "mps": int(mps), "cpu": os.cpu_count() or 1}[kind]
+    if available == 0:
+        raise UsageError(f"train.accelerator={kind} but this machine has no {kind} device: "
+                         "set train.accelerator=auto (or cpu)")
+    if tc.devices > available:
+        raise UsageError(f"train.devices={tc.devices} but this machine has {available} {kind} device(s) "
+                         f"({'cores' if kind == 'cpu' else 'GPUs'}): set train.devices={available} or fewer")
+
+
+def _fit_new_run(cfg: Config, run_dir: Path, progress: bool) -> None:
+    """`fit` a new run; if a user error stops it before its first checkpoint, remove what it wrote."""
+    from dimba.checkpoint import CKPT_SUBDIR, LAST_CKPT
+    from dimba.train import fit
+
+    created = None if run_dir.exists() else run_dir  # the top-most folder that fit will create
+    while created is not None and not created.parent.exists():
+        created = created.parent
+    try:
+        fit(cfg, run_dir, resume=False, progress=progress)
+    except DimbaError:
+        if not (run_dir / CKPT_SUBDIR / LAST_CKPT).exists():
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            else:  # the folder was there, empty: empty it again
+                for child in run_dir.iterdir():
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
+        raise
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -37,15 +91,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     run_dir, resume = _resolve_run_dir(args)
     if resume:  # the run's own config, plus any new overrides (e.g. a larger --max-steps)
-        cfg = apply_overrides(load_run_config(run_dir / "config.yaml"), _train_overrides(args))
+        saved = load_run_config(run_dir / "config.yaml")
+        cfg = apply_overrides(saved, _train_overrides(args))
+        _check_same_model(saved.model, cfg.model)
     else:
         cfg = load_config(args.preset, args.config, _train_overrides(args))
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    from dimba.train import fit
+    _check_devices(cfg)
+    if resume:
+        from dimba.train import fit
 
-    fit(cfg, run_dir, resume=resume, progress=not args.quiet)
+        fit(cfg, run_dir, resume=True, progress=not args.quiet)
+    else:
+        _fit_new_run(cfg, run_dir, progress=not args.quiet)
     return 0
 
 
@@ -125,8 +185,15 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one-line `UsageError`s (exit status 2 through `main`)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message}: see '{self.prog} --help'")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dimba", description="Diffusion language models with bidirectional Mamba denoisers.")
+    parser = _Parser(prog="dimba", description="Diffusion language models with bidirectional Mamba denoisers.")
     sub = parser.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser("train", help="train a model (default: tiny preset on the built-in Shakespeare corpus)")
@@ -189,8 +256,8 @@ def _check_ranges(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dimba`` console script; user errors exit with status 2."""
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         _check_ranges(args)
         return args.func(args)
     except DimbaError as exc:

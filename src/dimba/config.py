@@ -13,7 +13,8 @@ from dimba.errors import ConfigError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan=False: no setting is meaningful at nan or inf (None stands for "no limit")
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -96,6 +97,8 @@ class TrainConfig(_Strict):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0)
+    max_bad_steps: int = Field(10, gt=0, description="stop after this many consecutive steps with a non-finite loss "
+                               "or gradient norm (each is skipped)")
     ema_decay: float = Field(0.999, ge=0, lt=1)
     eval_every: int = Field(100, gt=0)
     eval_batches: int = Field(8, gt=0)
@@ -137,15 +140,40 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("dimba.configs").iterdir() if p.name.endswith(".yaml"))
 
 
+# PyYAML's constructors raise plain ValueError for some bad scalars (e.g. "!!int abc"), and deep nesting recurses
+_YAML_ERRORS = (yaml.YAMLError, ValueError, RecursionError)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _read_text(path: Path, what: str, missing_hint: str) -> str:
+    """The UTF-8 text of a YAML file, or a `ConfigError` for a missing, unreadable or binary one."""
+    if path.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is a folder, not a YAML file: {missing_hint}")
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} not found: {missing_hint}")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {str(path)!r} ({exc.strerror}): check the file's permissions") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text (bad byte at {exc.start}): "
+                          "fix or replace the file") from None
+
+
 def _read_yaml(text: str, where: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where} is not valid YAML ({str(exc).splitlines()[0]}): fix the file") from None
+    except _YAML_ERRORS as exc:
+        raise ConfigError(f"{where} is not valid YAML ({_first_line(exc)}): fix the file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where} must hold a mapping of sections (model:, train:, ...), not {type(data).__name__}")
+        raise ConfigError(f"{where} holds a {type(data).__name__}, not a mapping of sections: write it as 'model:', "
+                          "'train:', ... sections of indented 'name: value' lines")
     return data
 
 
@@ -168,15 +196,26 @@ def _apply_override(tree: dict[str, Any], item: str) -> None:
         raise ConfigError(f"override key {key!r} must be SECTION.NAME, e.g. train.lr=3e-4")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except _YAML_ERRORS:  # not a YAML value: keep the text, and let validation judge it
         value = raw
     node = tree
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1], start=1):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+            where = ".".join(parts[:depth])
+            if depth == 1:
+                raise ConfigError(f"section {where!r} is {_short(child)}, not a mapping: write it in the config file "
+                                  f"as '{where}:' followed by indented 'name: value' lines")
+            raise ConfigError(f"override {key!r}: {where!r} is a value, not a section: set it directly, "
+                              f"e.g. {where}=VALUE")
         node = child
     node[parts[-1]] = value
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a repr is a single line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _describe(err: ValidationError) -> str:
@@ -195,7 +234,7 @@ def _describe(err: ValidationError) -> str:
     if first["type"] == "value_error":
         return f"invalid config in {loc or 'top level'!r}: {msg}"
     if loc:
-        return f"invalid config value for {loc!r} (got {first.get('input')!r}): {msg}"
+        return f"invalid config value for {loc!r} (got {_short(first.get('input'))}): {msg}"
     return f"invalid config: {msg}"
 
 
@@ -220,9 +259,8 @@ def load_config(preset: str | None = "tiny", config_file: str | Path | None = No
     tree = preset_dict(preset) if preset else {}
     if config_file is not None:
         path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} not found: check the --config path")
-        tree = _merge(tree, _read_yaml(path.read_text(encoding="utf-8", errors="replace"), f"config file {str(path)!r}"))
+        text = _read_text(path, "config file", "check the --config path")
+        tree = _merge(tree, _read_yaml(text, f"config file {str(path)!r}"))
     for item in overrides:
         _apply_override(tree, item)
     return validate(tree)
@@ -244,6 +282,9 @@ def dump_yaml(cfg: Config) -> str:
 def load_run_config(path: str | Path) -> Config:
     """Read a run's ``config.yaml``."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{str(path)!r} not found: is this a dimba run directory?")
-    return validate(_read_yaml(path.read_text(encoding="utf-8"), str(path)))
+    text = _read_text(path, "run config", "is this a dimba run directory?")
+    data = _read_yaml(text, f"run config {str(path)!r}")
+    try:
+        return validate(data)
+    except ConfigError as exc:
+        raise ConfigError(f"run config {str(path)!r}: {exc}") from None

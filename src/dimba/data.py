@@ -177,6 +177,8 @@ def load_corpus(spec: str) -> list[str]:
     (one document per line, from its ``"text"`` field) or a folder (every ``*.txt`` and ``*.jsonl``
     below it, in sorted path order). Whitespace-only documents are dropped.
     """
+    if not spec.strip():  # Path("") is the working directory: never read that by accident
+        raise DataError("the corpus name is empty: pass 'shakespeare', a .txt/.jsonl file or a folder of them")
     if spec == SHAKESPEARE:
         docs = shakespeare_plays()
     else:

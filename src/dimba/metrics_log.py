@@ -3,28 +3,40 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 from dimba.errors import UsageError
 
 COLUMNS = ["step", "loss", "mse", "ce", "recon", "acc", "lr", "grad_norm", "tokens_per_s", "elapsed_s",
-           "val_loss", "val_mse", "val_ce", "val_recon", "val_acc"]
+           "val_loss", "val_mse", "val_ce", "val_recon", "val_acc", "bad_steps"]
 
 
 class MetricsLog:
-    """Appends rows ``{step, metric: value}``; unknown metric names are an error (a typo must not vanish)."""
+    """Appends rows ``{step, metric: value}``; unknown metric names are an error (a typo must not vanish).
 
-    def __init__(self, path: Path, append: bool = False, enabled: bool = True, logger: str = "none"):
+    ``resume_step`` continues an existing file: the rows up to that step are kept (rewritten under
+    the current columns), later ones, logged by a run that died after its last checkpoint, dropped.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True, logger: str = "none"):
         self.enabled = enabled
         self._file = None
         self._tracker = None
         if not enabled:
             return
-        new = not (append and path.is_file())
-        self._file = open(path, "a" if not new else "w", newline="")
+        rows = []
+        if resume_step is not None and path.is_file():
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if (r.get("step") or "").isdigit() and int(r["step"]) <= resume_step]
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+        self._file = open(path, "a", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)
-        if new:
-            self._writer.writeheader()
         if logger != "none":
             self._tracker = _make_tracker(logger, path.parent)
 

@@ -83,6 +83,10 @@ class Tokenizer:
 
     def __init__(self, hf: HFTokenizer):
         spec = json.loads(hf.to_str())
+        kinds = ((spec.get("model") or {}).get("type"), (spec.get("pre_tokenizer") or {}).get("type"))
+        if kinds != ("BPE", "ByteLevel"):  # only byte-level BPE encodes any string
+            raise TokenizerError(f"tokenizer is {kinds[0] or 'unknown'} / {kinds[1] or 'no pre-tokenizer'}, not a "
+                                 f"byte-level BPE (not a dimba tokenizer): {_TRAIN_HINT}")
         if spec.get("added_tokens"):
             spec["added_tokens"] = []
             hf = HFTokenizer.from_str(json.dumps(spec))

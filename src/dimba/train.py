@@ -1,26 +1,37 @@
-"""fit(): the training loop on Lightning Fabric (AdamW, warmup + cosine, clipping, accumulation, EMA)."""
+"""fit(): the training loop on Lightning Fabric (AdamW, warmup + cosine, clipping, accumulation, EMA).
+
+Checkpoints are atomic and hold all that a bitwise-identical continuation needs: weights, optimizer,
+scheduler, EMA, step (the data position is ``step * grad_accum`` micro-batches) and every RNG state.
+"""
 
 from __future__ import annotations
 
 import math
+import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from lightning_fabric import Fabric
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from dimba.checkpoint import CKPT_SUBDIR as CKPT_DIR, LAST_CKPT, atomic_save, load_training_state
+from dimba.checkpoint import (CKPT_SUBDIR as CKPT_DIR, LAST_CKPT, atomic_save, check_state_fits, load_training_state,
+                              remove_partial_saves)
 from dimba.config import Config, dump_yaml
 from dimba.data import prepare_data
-from dimba.errors import UsageError
+from dimba.errors import DimbaError, UsageError
 from dimba.losses import compute_losses, random_prompt_mask
 from dimba.metrics_log import MetricsLog
 from dimba.model import build_model
 from dimba.tokenizer import Tokenizer
 
+
+class DivergenceError(DimbaError):
+    """Training stopped after ``train.max_bad_steps`` consecutive steps with a non-finite loss or gradient norm."""
 
 
 def _ema_avg(decay: float):
@@ -30,14 +41,21 @@ def _ema_avg(decay: float):
     return avg
 
 
-def lr_lambda(cfg: Config):
-    """Linear warmup, then cosine decay to ``min_lr_ratio`` at max_steps."""
+def lr_lambda(cfg: Config, time_fraction=None):
+    """Linear warmup, then cosine decay to ``min_lr_ratio`` at max_steps.
+
+    With ``time_fraction`` (a callable giving the used fraction of ``train.max_time``) the decay
+    follows whichever budget is further along, so a wall-clock-limited run still ends at the
+    floor learning rate: what equal-compute comparisons between families need.
+    """
     tc = cfg.train
 
     def f(step: int) -> float:
         if step < tc.warmup_steps:
             return (step + 1) / tc.warmup_steps
         progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
+        if time_fraction is not None:
+            progress = max(progress, min(1.0, time_fraction()))
         return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return f
 
@@ -57,10 +75,36 @@ def micro_batches(data: torch.Tensor, batch_size: int, seed: int, start: int = 0
         k += 1
 
 
+def rng_state() -> dict[str, Any]:
+    """Every global RNG state (torch CPU and CUDA, Python ``random``, NumPy) as tensors, lists and
+    numbers, so that ``torch.load(weights_only=True)`` reads it back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any] | torch.Tensor) -> None:
+    """Restore what `rng_state` captured (CUDA only where as many devices are visible)."""
+    if isinstance(state, torch.Tensor):  # a checkpoint from before the other generators were saved
+        torch.set_rng_state(state)
+        return
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 @torch.no_grad()
 def validation_loss(model, val: torch.Tensor, cfg: Config, device: torch.device) -> dict[str, float]:
     """The training objective on fixed validation blocks, fixed times, noise and masks (no self-conditioning,
-    no prompt), so that values at different steps are comparable."""
+    no prompt), so that values at different steps are comparable. Uses its own generators only: the
+    global RNG, and with it the training run, is the same with or without validation."""
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(1234)
@@ -78,6 +122,36 @@ def validation_loss(model, val: torch.Tensor, cfg: Config, device: torch.device)
         batches += 1
     model.train(was_training)
     return {f"val_{k}": v / batches for k, v in totals.items()}
+
+
+def _accumulate(fabric: Fabric, fmodel, batches, cfg: Config) -> tuple[dict[str, torch.Tensor], bool]:
+    """Forward and backward over ``grad_accum`` micro-batches (gradients summed in the parameters);
+    returns the loss parts of the last one and whether every loss, on every rank, was finite."""
+    tc, dc = cfg.train, cfg.diffusion
+    nonfinite = torch.zeros((), device=fabric.device)
+    for micro in range(tc.grad_accum):
+        ids = next(batches).to(fabric.device)  # (B, L)
+        b, length = ids.shape
+        drop = torch.rand(b, device=ids.device) < dc.cond_drop_prob  # (B,)
+        prompt_mask = random_prompt_mask(b, length, dc.prompt_prob, ids.device)  # (B, L) or None
+        with fabric.no_backward_sync(fmodel, enabled=micro < tc.grad_accum - 1), fabric.autocast():
+            loss, parts = compute_losses(fmodel, ids, dc, prompt_mask=prompt_mask, drop_cond=drop)
+        fabric.backward(loss / tc.grad_accum)
+        nonfinite += (~torch.isfinite(loss.detach())).float()
+    return parts, float(fabric.all_reduce(nonfinite, reduce_op="sum")) == 0
+
+
+def _restore(state: dict[str, Any], model, ema, optimizer, scheduler, lr: float) -> None:
+    """Load a checkpoint's weights, EMA, optimizer, scheduler and RNG states. ``lr`` (this run's
+    ``train.lr``) replaces the stored base learning rate, so that a resumed run can lower it."""
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, f in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = lr * f(scheduler.last_epoch)  # as LambdaLR computes it: the same float when lr is unchanged
+    set_rng_state(state["rng"])
 
 
 def _precision(cfg: Config) -> str:
@@ -99,12 +173,21 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
 
     The run dir receives config.yaml, tokenizer.json, metrics.csv and checkpoints/ (last.ckpt
     plus periodic step-N.ckpt, each written atomically). Generation and export use the EMA weights.
+    On resume, the checkpoint's state continues bitwise exactly (on CPU), with ``train.lr`` of ``cfg``.
+
+    A step whose loss or gradient norm is NaN/inf (on any rank) is skipped: the weights, optimizer
+    moments and EMA stay as they were, while the step counter, data position and LR schedule move on
+    (the step's budget is spent). It is counted in the ``bad_steps`` column; no periodic checkpoint is
+    written until a good step follows; after ``train.max_bad_steps`` bad steps in a row `DivergenceError` stops
+    the run, leaving the last good checkpoint. Under ``16-mixed`` precision the gradient scaler
+    already skips overflowing steps, so only the loss is checked.
     """
     run_dir = Path(run_dir)
     tc = cfg.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
-    fabric = Fabric(accelerator=tc.accelerator, devices=tc.devices, precision=_precision(cfg))
+    precision = _precision(cfg)
+    fabric = Fabric(accelerator=tc.accelerator, devices=tc.devices, precision=precision)
     fabric.launch()
     fabric.seed_everything(tc.seed, verbose=False)
 
@@ -128,77 +211,98 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
         (no_decay if exempt else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=tc.lr, betas=(tc.beta1, tc.beta2))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    step = 0
+    clock = {"start": time.perf_counter(), "before": 0.0}  # wall-clock of this process, and of earlier sessions
+
+    def used_time() -> float:
+        return clock["before"] + time.perf_counter() - clock["start"]
+
+    time_fraction = (lambda: used_time() / (tc.max_time * 60)) if tc.max_time is not None else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, time_fraction))
+    step = bad_total = bad_streak = 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = int(state["step"])
-        torch.set_rng_state(state["rng"])
+        step, bad_total, bad_streak = int(state["step"]), int(state.get("bad_steps", 0)), int(state.get("bad_streak", 0))
+        clock["before"] = float(state.get("elapsed_s", 0.0))
+        check_state_fits(model, state["model"], run_dir)
+        _restore(state, model, ema, optimizer, scheduler, tc.lr)
+        if fabric.is_global_zero:
+            remove_partial_saves(run_dir / CKPT_DIR)
     fmodel, optimizer = fabric.setup(model, optimizer)
     ema.to(fabric.device)
 
-    log = MetricsLog(run_dir / "metrics.csv", append=resume, enabled=fabric.is_global_zero, logger=tc.logger)
+    log = MetricsLog(run_dir / "metrics.csv", resume_step=step if resume else None, enabled=fabric.is_global_zero,
+                     logger=tc.logger)
     batches = micro_batches(data.train, tc.batch_size, tc.seed, start=step * tc.grad_accum)
     tokens_per_step = tc.batch_size * tc.grad_accum * cfg.data.seq_len * fabric.world_size
-    dc = cfg.diffusion
+    saved_step = step if resume else None
 
     def save(final: bool = False) -> None:
+        nonlocal saved_step
         if not fabric.is_global_zero:
             return
         blob = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "rng": torch.get_rng_state()}
-        atomic_save(blob, run_dir / CKPT_DIR / LAST_CKPT)
-        if not final and step % tc.save_every == 0:
+                "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state(), "elapsed_s": used_time(),
+                "bad_steps": bad_total, "bad_streak": bad_streak}
+        if not final and step % tc.save_every == 0:  # before last.ckpt: a crash in between replays this step
             atomic_save(blob, run_dir / CKPT_DIR / f"step-{step:07d}.ckpt")
+        atomic_save(blob, run_dir / CKPT_DIR / LAST_CKPT)
+        saved_step = step
 
     if step == 0:
         log.write(0, validation_loss(ema.module, data.val, cfg, fabric.device))
-    start, start_step = time.perf_counter(), step
+    clock["start"], start_step = time.perf_counter(), step
     bar = tqdm(total=tc.max_steps, initial=step, disable=not (progress and fabric.is_global_zero), desc="train",
                dynamic_ncols=True)
     reason = "max_steps"
-    while step < tc.max_steps:
-        fmodel.train()
-        for micro in range(tc.grad_accum):
-            ids = next(batches).to(fabric.device)  # (B, L)
-            b, length = ids.shape
-            drop = torch.rand(b, device=ids.device) < dc.cond_drop_prob  # (B,)
-            prompt_mask = random_prompt_mask(b, length, dc.prompt_prob, ids.device)
-            with fabric.no_backward_sync(fmodel, enabled=micro < tc.grad_accum - 1), fabric.autocast():
-                loss, parts = compute_losses(fmodel, ids, dc, prompt_mask=prompt_mask, drop_cond=drop)
-            fabric.backward(loss / tc.grad_accum)
-        grad_norm = fabric.clip_gradients(fmodel, optimizer, max_norm=tc.grad_clip) if tc.grad_clip > 0 else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        ema.update_parameters(model)
-        step += 1
-        elapsed = time.perf_counter() - start
-        tok_s = (step - start_step) * tokens_per_step / max(elapsed, 1e-9)
-        bar.update(1)
-        bar.set_postfix(loss=f"{float(parts['loss']):.3f}", ce=f"{float(parts['ce']):.2f}", tok_s=f"{tok_s:,.0f}")
-        if step % tc.log_every == 0 or step == tc.max_steps:
-            row = {k: float(v) for k, v in parts.items()}
-            row.update(lr=scheduler.get_last_lr()[0], tokens_per_s=tok_s, elapsed_s=elapsed,
-                       grad_norm=float(grad_norm) if grad_norm is not None else float("nan"))
-            log.write(step, row)
-        out_of_time = tc.max_time is not None and elapsed >= tc.max_time * 60
-        if step % tc.eval_every == 0 or step == tc.max_steps or out_of_time:
-            val = validation_loss(ema.module, data.val, cfg, fabric.device)
-            log.write(step, val)
-            bar.write(f"step {step}: val_loss {val['val_loss']:.4f} (ce {val['val_ce']:.3f})", file=sys.stderr)
-        if step % tc.save_every == 0:
-            save()
-        if out_of_time:
-            reason = f"max_time ({tc.max_time} min)"
-            break
-    bar.close()
+    try:
+        while step < tc.max_steps:
+            fmodel.train()
+            parts, loss_ok = _accumulate(fabric, fmodel, batches, cfg)
+            grad_norm = None
+            if loss_ok:  # without clipping, max_norm=inf only measures the norm (the gradients are scaled by 1)
+                grad_norm = fabric.clip_gradients(fmodel, optimizer, max_norm=tc.grad_clip or math.inf,
+                                                  error_if_nonfinite=False)
+            good = loss_ok and (precision == "16-mixed" or math.isfinite(float(grad_norm)))
+            if good:
+                optimizer.step()
+                ema.update_parameters(model)
+                bad_streak = 0
+            else:
+                bad_streak, bad_total = bad_streak + 1, bad_total + 1
+                bar.write(f"step {step + 1}: non-finite {'gradient norm' if loss_ok else 'loss'}, update skipped "
+                          f"({bad_streak} in a row)", file=sys.stderr)
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            elapsed = used_time()
+            tok_s = (step - start_step) * tokens_per_step / max(elapsed - clock["before"], 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(parts['loss']):.3f}", ce=f"{float(parts['ce']):.2f}", tok_s=f"{tok_s:,.0f}")
+            if step % tc.log_every == 0 or step == tc.max_steps or not good:
+                row = {k: float(v) for k, v in parts.items()}
+                row.update(lr=scheduler.get_last_lr()[0], tokens_per_s=tok_s, elapsed_s=elapsed, bad_steps=bad_total,
+                           grad_norm=float(grad_norm) if grad_norm is not None else float("nan"))
+                log.write(step, row)
+            if bad_streak >= tc.max_bad_steps:
+                then = (f"the last good checkpoint (step {saved_step}) is kept: resume it with "
+                        f"`dimba train --resume {run_dir} train.lr=...`" if saved_step is not None else
+                        "no checkpoint was written yet: train again in a new --out")
+                raise DivergenceError(
+                    f"training diverged: {bad_streak} consecutive steps (up to step {step}) had a non-finite loss or "
+                    f"gradient norm; lower train.lr (now {tc.lr:g}) or raise train.warmup_steps; {then}")
+            out_of_time = tc.max_time is not None and elapsed >= tc.max_time * 60
+            if step % tc.eval_every == 0 or step == tc.max_steps or out_of_time:
+                val = validation_loss(ema.module, data.val, cfg, fabric.device)
+                log.write(step, val)
+                bar.write(f"step {step}: val_loss {val['val_loss']:.4f} (ce {val['val_ce']:.3f})", file=sys.stderr)
+            if step % tc.save_every == 0 and bad_streak == 0:
+                save()
+            if out_of_time:
+                reason = f"max_time ({tc.max_time} min)"
+                break
+    finally:
+        bar.close()
+        log.close()
     save(final=True)
-    log.close()
     if fabric.is_global_zero and progress:
         print(f"stopped at step {step} ({reason}); run saved in {run_dir}", file=sys.stderr)
     return run_dir
-
