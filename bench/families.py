@@ -1,6 +1,7 @@
 """The families side by side after equal wall-clock training: curves, speed, samples.
 
     python bench/families.py runs/fam-masked runs/fam-ar runs/fam-hybrid [--seeds 4] [--png bench/families.png]
+                             [--remasking ancestral|low_confidence|random]
 
 For every run: steps reached, training tokens/s, validation loss at start and end (masked: the
 NELBO per token, ar: the next-token NLL, both in nats and comparable; continuous / hybrid: their
@@ -36,9 +37,11 @@ def curve(run: Path) -> tuple[list[tuple[float, float]], dict, list[str]]:
     return val, last, [r["step"] for r in rows]
 
 
-def samples(run: Path, seeds: int) -> list[str]:
+def samples(run: Path, seeds: int, remasking: str | None = None) -> list[str]:
     model, tok = load_for_inference(run)
     sc = load_run_config(run / "config.yaml").sample
+    if remasking:
+        sc.remasking = remasking
     prompt = tok.encode(PROMPT)
     context = model.config.context_length
     canvas = LENGTH if model.family == "ar" else context - len(prompt)
@@ -57,6 +60,7 @@ def main() -> None:
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--png", default=None)
+    ap.add_argument("--remasking", default=None, help="masked runs: override the run's sample.remasking")
     args = ap.parse_args()
     out, curves = {}, {}
     vocab = None
@@ -65,7 +69,7 @@ def main() -> None:
         cfg = load_run_config(run / "config.yaml")
         vocab = vocab or training_vocabulary(cfg.data.corpus, cfg.data.val_fraction)
         val, last, steps = curve(run)
-        texts = samples(run, args.seeds)
+        texts = samples(run, args.seeds, args.remasking)
         fam = cfg.model.family
         curves[fam] = val
         out[fam] = {

@@ -24,18 +24,28 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
-def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample ids from logits (..., V); temperature 0 is greedy (argmax).
-
-    Exact inverse-CDF sampling in float64: the first token whose cumulative probability exceeds
-    a uniform draw (one per row). A token of probability zero is never drawn; it is about ten
-    times faster than ``torch.multinomial`` on CPU for a vocabulary of thousands.
-    """
+def token_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None) -> torch.Tensor:
+    """The float64 sampling distribution (..., V): softmax of the filtered logits / temperature
+    (of the plain logits at temperature 0, where sampling is the argmax)."""
     if temperature == 0:
-        return logits.argmax(-1)
-    probs = filter_logits(logits.double() / temperature, top_k, top_p).softmax(-1)  # (..., V) float64
-    cdf = probs.cumsum(-1)  # (..., V)
+        return logits.double().softmax(-1)
+    return filter_logits(logits.double() / temperature, top_k, top_p).softmax(-1)
+
+
+def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Exact inverse-CDF sampling in float64: per row, the first token whose cumulative probability
+    exceeds a uniform draw. A token of probability zero is never drawn; about ten times faster
+    than ``torch.multinomial`` on CPU for a vocabulary of thousands. probs (..., V) -> ids (...)."""
+    cdf = probs.double().cumsum(-1)  # (..., V)
     u = torch.rand(cdf.shape[:-1] + (1,), dtype=torch.float64, device=cdf.device, generator=generator)  # (..., 1)
     ids = torch.searchsorted(cdf, u * cdf[..., -1:], right=True)  # (..., 1)
     return ids.squeeze(-1).clamp_max(probs.shape[-1] - 1)
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample ids from logits (..., V) with temperature / top-k / top-p in float64; temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    return sample_from_probs(token_probs(logits, temperature, top_k, top_p), generator)

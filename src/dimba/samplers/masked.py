@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from dimba.samplers.categorical import filter_logits, sample_tokens
+from dimba.samplers.categorical import sample_from_probs, token_probs
 
 REMASKING = ("ancestral", "low_confidence", "random")
 
@@ -101,20 +101,21 @@ class MaskedSampler:
         lg = logits[:, start:end].to(torch.float64, copy=True)  # (N, Lb, V)
         if self.mask_id < lg.shape[-1]:
             lg[..., self.mask_id] = float("-inf")  # SUBS: never sample [MASK]
-        tokens = sample_tokens(lg, self.temperature, self.top_k, self.top_p, generator)  # (N, Lb)
+        probs = token_probs(lg, self.temperature, self.top_k, self.top_p)  # (N, Lb, V) float64
+        tokens = probs.argmax(-1) if self.temperature == 0 else sample_from_probs(probs, generator)  # (N, Lb)
         if self.remasking == "ancestral":
             t, s = 1 - j / k, 1 - (j + 1) / k
             u = torch.rand(masked.shape, generator=generator, device=x.device, dtype=torch.float64)  # (N, Lb)
             commit = masked & (u < (t - s) / t)  # (N, Lb)
         else:
-            commit = masked & self._most_confident(lg, tokens, masked, b, j, k, generator)  # (N, Lb)
+            commit = masked & self._most_confident(probs, tokens, masked, b, j, k, generator)  # (N, Lb)
         out = x.clone()  # (N, L)
         out[:, start:end] = torch.where(commit, tokens, block)
         if self.eos_id is not None:
             self._fill_after_eos(out)
         return out
 
-    def _most_confident(self, lg: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor, b: int, j: int, k: int,
+    def _most_confident(self, probs: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor, b: int, j: int, k: int,
                         generator: torch.Generator | None) -> torch.Tensor:
         """LLaDA: the planned number of masked positions with the highest confidence, per row: (N, Lb) bool."""
         left = masked.sum(-1)  # (N,)
@@ -126,8 +127,7 @@ class MaskedSampler:
         planned = n // k + (n % k > j).long()  # (N,)
         count = left if j == k - 1 else torch.minimum(planned, left)  # (N,)
         if self.remasking == "low_confidence":
-            scaled = filter_logits(lg / self.temperature, self.top_k, self.top_p) if self.temperature > 0 else lg
-            conf = scaled.softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (N, Lb)
+            conf = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (N, Lb)
         else:
             conf = torch.rand(masked.shape, generator=generator, device=masked.device, dtype=torch.float64)  # (N, Lb)
         order = conf.masked_fill(~masked, float("-inf")).argsort(dim=-1, descending=True, stable=True)  # (N, Lb)
