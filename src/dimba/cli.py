@@ -15,7 +15,8 @@ from dimba.errors import DimbaError, UsageError
 
 def _train_overrides(args: argparse.Namespace) -> list[str]:
     flags = {"data.corpus": args.data, "model.family": args.family, "model.backbone": args.backbone,
-             "train.max_steps": args.max_steps, "train.max_time": args.max_time}
+             "train.max_steps": args.max_steps, "train.max_time": args.max_time,
+             "train.devices": args.devices, "train.num_nodes": args.num_nodes, "train.strategy": args.strategy}
     return [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
 
 
@@ -45,8 +46,9 @@ def _check_same_model(saved: ModelConfig, new: ModelConfig) -> None:
                              "the old model; drop that setting, or start a new run with another --out")
 
 
-def _check_devices(cfg: Config) -> None:
-    """Refuse a device request this machine cannot serve, before Fabric starts one process per device."""
+def _check_devices(cfg: Config, run_named: bool = True) -> None:
+    """Refuse a device request this machine cannot serve, before Fabric starts one process per device; with
+    several processes the run needs a named folder (each process re-runs the command, a default name would differ)."""
     import torch
 
     tc = cfg.train
@@ -61,6 +63,8 @@ def _check_devices(cfg: Config) -> None:
     if tc.devices > available:
         raise UsageError(f"train.devices={tc.devices} but this machine has {available} {kind} device(s) "
                          f"({'cores' if kind == 'cpu' else 'GPUs'}): set train.devices={available} or fewer")
+    if tc.devices * tc.num_nodes > 1 and not run_named:
+        raise UsageError(f"training on {tc.devices * tc.num_nodes} devices needs a named run folder: pass --out RUN")
 
 
 def _fit_new_run(cfg: Config, run_dir: Path, progress: bool) -> None:
@@ -99,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    _check_devices(cfg)
+    _check_devices(cfg, run_named=resume or args.out is not None)
     if resume:
         from dimba.train import fit
 
@@ -205,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", choices=["mamba2", "transformer"])
     p.add_argument("--max-steps", type=int)
     p.add_argument("--max-time", type=float, help="wall-clock budget in minutes")
+    p.add_argument("--devices", type=int, help="processes (CPU) or GPUs per node; train.batch_size is per device")
+    p.add_argument("--num-nodes", type=int, help="machines (launched by torchrun or SLURM, each with --devices)")
+    p.add_argument("--strategy", choices=["auto", "ddp", "fsdp"], help="multi-device strategy (default auto: DDP)")
     p.add_argument("--out", help="run directory (default runs/<timestamp>)")
     p.add_argument("--resume", nargs="?", const=True, help="continue a run: --resume RUN, or --resume with --out RUN")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

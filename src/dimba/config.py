@@ -106,7 +106,9 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, gt=0)
     seed: int = 0
     accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    devices: int = Field(1, gt=0)
+    devices: int = Field(1, gt=0, description="processes (CPU) or GPUs per node; train.batch_size is per device")
+    num_nodes: int = Field(1, gt=0, description="machines, each running train.devices processes")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description="how devices share the work (fsdp: not yet)")
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
     num_threads: int | None = Field(None, gt=0, description="CPU threads; default all cores")
     logger: Literal["none", "tensorboard", "wandb"] = "none"

@@ -60,18 +60,25 @@ def lr_lambda(cfg: Config, time_fraction=None):
     return f
 
 
-def micro_batches(data: torch.Tensor, batch_size: int, seed: int, start: int = 0):
-    """Endless micro-batches: a fresh seeded permutation per epoch; ``start`` skips that many batches,
-    so resuming at micro-batch k yields exactly the batches an uninterrupted run would."""
-    per_epoch = data.shape[0] // batch_size
+def micro_batches(data: torch.Tensor, batch_size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):
+    """Endless micro-batches of ``rank``: a fresh seeded permutation per epoch; ``start`` skips that many batches,
+    so resuming at micro-batch k yields exactly the batches an uninterrupted run would.
+
+    Each micro-step takes a global batch of ``batch_size * world_size`` blocks from the permutation and
+    gives rank r the slice ``[r * batch_size, (r + 1) * batch_size)``: ranks never share a block, and
+    one process yields what a single-process run always did."""
+    global_batch = batch_size * world_size
+    per_epoch = data.shape[0] // global_batch
     if per_epoch == 0:
-        raise UsageError(f"train.batch_size={batch_size} exceeds the {data.shape[0]} training blocks: "
+        times = f" x {world_size} processes" if world_size > 1 else ""
+        raise UsageError(f"train.batch_size={batch_size}{times} exceeds the {data.shape[0]} training blocks: "
                          "lower train.batch_size or data.seq_len, or use more text")
     k = start
     while True:
         epoch, pos = divmod(k, per_epoch)
         perm = torch.randperm(data.shape[0], generator=torch.Generator().manual_seed(seed + epoch))
-        yield data[perm[pos * batch_size:(pos + 1) * batch_size]]  # (B, L)
+        first = pos * global_batch + rank * batch_size
+        yield data[perm[first:first + batch_size]]  # (B, L)
         k += 1
 
 
@@ -126,7 +133,7 @@ def validation_loss(model, val: torch.Tensor, cfg: Config, device: torch.device)
 
 def _accumulate(fabric: Fabric, fmodel, batches, cfg: Config) -> tuple[dict[str, torch.Tensor], bool]:
     """Forward and backward over ``grad_accum`` micro-batches (gradients summed in the parameters);
-    returns the loss parts of the last one and whether every loss, on every rank, was finite."""
+    returns the loss parts of the last one, averaged over ranks, and whether every loss, on every rank, was finite."""
     tc, dc = cfg.train, cfg.diffusion
     nonfinite = torch.zeros((), device=fabric.device)
     for micro in range(tc.grad_accum):
@@ -138,7 +145,9 @@ def _accumulate(fabric: Fabric, fmodel, batches, cfg: Config) -> tuple[dict[str,
             loss, parts = compute_losses(fmodel, ids, dc, prompt_mask=prompt_mask, drop_cond=drop)
         fabric.backward(loss / tc.grad_accum)
         nonfinite += (~torch.isfinite(loss.detach())).float()
-    return parts, float(fabric.all_reduce(nonfinite, reduce_op="sum")) == 0
+    names = list(parts)
+    mean = fabric.all_reduce(torch.stack([parts[k].float() for k in names]), reduce_op="mean")  # (P,)
+    return dict(zip(names, mean)), float(fabric.all_reduce(nonfinite, reduce_op="sum")) == 0
 
 
 def _restore(state: dict[str, Any], model, ema, optimizer, scheduler, lr: float) -> None:
@@ -181,13 +190,23 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
     written until a good step follows; after ``train.max_bad_steps`` bad steps in a row `DivergenceError` stops
     the run, leaving the last good checkpoint. Under ``16-mixed`` precision the gradient scaler
     already skips overflowing steps, so only the loss is checked.
+
+    With ``train.devices`` x ``train.num_nodes`` > 1 (DDP), ``train.batch_size`` is per process: each rank
+    trains on its own slice of every global batch (see `micro_batches`); logged losses are averaged over
+    ranks; validation, logging and checkpoints happen on rank 0. Exact resume needs the same world size.
+    Fabric starts the extra processes by re-running the command line (``dimba train ...``), or joins
+    those that ``torchrun`` / SLURM started, so call ``fit`` from a script, not an interactive session.
     """
     run_dir = Path(run_dir)
     tc = cfg.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
+    if tc.strategy == "fsdp":
+        raise UsageError("train.strategy=fsdp is not supported yet (the EMA and the checkpoints hold whole, unsharded "
+                         "weights): use train.strategy=ddp")
     precision = _precision(cfg)
-    fabric = Fabric(accelerator=tc.accelerator, devices=tc.devices, precision=precision)
+    fabric = Fabric(accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=tc.strategy,
+                    precision=precision)
     fabric.launch()
     fabric.seed_everything(tc.seed, verbose=False)
 
@@ -203,7 +222,7 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
 
     model = build_model(cfg.model)
     if state is None:
-        model.calibrate_latent_scale(data.train[: tc.batch_size])
+        model.calibrate_latent_scale(data.train[: tc.batch_size * fabric.world_size])  # on the global batch
     ema = AveragedModel(model, avg_fn=_ema_avg(tc.ema_decay), use_buffers=True)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -211,27 +230,32 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
         (no_decay if exempt else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=tc.lr, betas=(tc.beta1, tc.beta2))
-    clock = {"start": time.perf_counter(), "before": 0.0}  # wall-clock of this process, and of earlier sessions
+    clock = {"start": time.perf_counter(), "before": 0.0, "now": 0.0}  # this process, earlier sessions, last step
 
     def used_time() -> float:
         return clock["before"] + time.perf_counter() - clock["start"]
 
-    time_fraction = (lambda: used_time() / (tc.max_time * 60)) if tc.max_time is not None else None
+    time_fraction = (lambda: clock["now"] / (tc.max_time * 60)) if tc.max_time is not None else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, time_fraction))
     step = bad_total = bad_streak = 0
     if state is not None:
         step, bad_total, bad_streak = int(state["step"]), int(state.get("bad_steps", 0)), int(state.get("bad_streak", 0))
-        clock["before"] = float(state.get("elapsed_s", 0.0))
+        clock["before"] = clock["now"] = float(state.get("elapsed_s", 0.0))
         check_state_fits(model, state["model"], run_dir)
         _restore(state, model, ema, optimizer, scheduler, tc.lr)
         if fabric.is_global_zero:
             remove_partial_saves(run_dir / CKPT_DIR)
+    if fabric.global_rank > 0:  # its own t, noise and masks (DDP copies rank 0's weights); rank 0 keeps its stream
+        fabric.seed_everything(tc.seed + 1_000_003 * fabric.global_rank + step, verbose=False)
     fmodel, optimizer = fabric.setup(model, optimizer)
+    for name in ("token_logits", "decode"):  # what the losses call besides forward goes through the DDP wrapper too
+        fmodel.mark_forward_method(name)
     ema.to(fabric.device)
 
     log = MetricsLog(run_dir / "metrics.csv", resume_step=step if resume else None, enabled=fabric.is_global_zero,
                      logger=tc.logger)
-    batches = micro_batches(data.train, tc.batch_size, tc.seed, start=step * tc.grad_accum)
+    batches = micro_batches(data.train, tc.batch_size, tc.seed, start=step * tc.grad_accum, rank=fabric.global_rank,
+                            world_size=fabric.world_size)
     tokens_per_step = tc.batch_size * tc.grad_accum * cfg.data.seq_len * fabric.world_size
     saved_step = step if resume else None
 
@@ -247,7 +271,7 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
         atomic_save(blob, run_dir / CKPT_DIR / LAST_CKPT)
         saved_step = step
 
-    if step == 0:
+    if step == 0 and fabric.is_global_zero:  # validation (no collectives inside) and logging: rank 0 only
         log.write(0, validation_loss(ema.module, data.val, cfg, fabric.device))
     clock["start"], start_step = time.perf_counter(), step
     bar = tqdm(total=tc.max_steps, initial=step, disable=not (progress and fabric.is_global_zero), desc="train",
@@ -271,9 +295,10 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
                 bar.write(f"step {step + 1}: non-finite {'gradient norm' if loss_ok else 'loss'}, update skipped "
                           f"({bad_streak} in a row)", file=sys.stderr)
             optimizer.zero_grad(set_to_none=True)
+            clock["now"] = fabric.broadcast(used_time())  # rank 0's clock on every rank: the same LR, the same stop
             scheduler.step()
             step += 1
-            elapsed = used_time()
+            elapsed = clock["now"]
             tok_s = (step - start_step) * tokens_per_step / max(elapsed - clock["before"], 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{float(parts['loss']):.3f}", ce=f"{float(parts['ce']):.2f}", tok_s=f"{tok_s:,.0f}")
@@ -290,7 +315,7 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
                     f"training diverged: {bad_streak} consecutive steps (up to step {step}) had a non-finite loss or "
                     f"gradient norm; lower train.lr (now {tc.lr:g}) or raise train.warmup_steps; {then}")
             out_of_time = tc.max_time is not None and elapsed >= tc.max_time * 60
-            if step % tc.eval_every == 0 or step == tc.max_steps or out_of_time:
+            if fabric.is_global_zero and (step % tc.eval_every == 0 or step == tc.max_steps or out_of_time):
                 val = validation_loss(ema.module, data.val, cfg, fabric.device)
                 log.write(step, val)
                 bar.write(f"step {step}: val_loss {val['val_loss']:.4f} (ce {val['val_ce']:.3f})", file=sys.stderr)
