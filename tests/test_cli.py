@@ -155,5 +155,7 @@ def test_every_family_trains_and_generates(family, flags, corpus, tmp_path, caps
     assert text.startswith("ROMEO:") and "[MASK]" not in text
     assert main(["export", str(out), "--out", str(tmp_path / "exp")]) == 0
     capsys.readouterr()
+    card = (tmp_path / "exp" / "README.md").read_text()
+    assert {"masked": "masked ([MASK]", "ar": "autoregressive", "hybrid": "hybrid"}[family] in card
     assert main(["generate", str(tmp_path / "exp"), *args]) == 0
     assert capsys.readouterr().out == text

@@ -71,9 +71,14 @@ def load_training_state(path: Path) -> dict[str, Any]:
 
 def _model_card(model, extra: str) -> str:
     cfg = model.config
+    kind = {"continuous": "A continuous (Gaussian latent) diffusion language model",
+            "masked": "A masked ([MASK] absorbing-state) diffusion language model",
+            "hybrid": "A hybrid (per-token masked or Gaussian) diffusion language model",
+            "ar": "An autoregressive language model"}[cfg.family]
+    direction = "causal" if cfg.family == "ar" else "bidirectional" if cfg.bidirectional else "unidirectional"
     return (
-        f"# dimba model\n\nA continuous diffusion language model with a {'bidirectional ' if cfg.bidirectional else ''}"
-        f"`{cfg.backbone}` denoiser ({model.num_parameters() / 1e6:.2f}M parameters, d_model={cfg.d_model}, "
+        f"# dimba model\n\n{kind} with a {direction} "
+        f"`{cfg.backbone}` network ({model.num_parameters() / 1e6:.2f}M parameters, d_model={cfg.d_model}, "
         f"{cfg.num_denoiser_layers} layers, vocabulary {cfg.vocab_size}).\n\n"
         "```python\nfrom dimba import DIMBA, sample_from_model\nmodel = DIMBA.from_pretrained('PATH')\n```\n\n"
         "or `dimba generate PATH --prompt \"ROMEO:\"`.\n" + (f"\n{extra}\n" if extra else "")
