@@ -196,6 +196,8 @@ CASES = {
     "unknown flag": (lambda c: c.train("--epochs", "3"), "unrecognized arguments: --epochs"),
     # ---- hardware
     "more devices than cores": (lambda c: c.train("train.devices=64"), "train.devices=64"),
+    "torch.compile without CUDA": pytest.param(lambda c: c.train("train.compile=true"), "needs a CUDA device",
+                                               marks=_NO_CUDA),
     "cuda on a CPU machine": pytest.param(lambda c: c.train("train.accelerator=cuda"), "no cuda device", marks=_NO_CUDA),
     # ---- corpora
     "corpus: binary": (lambda c: c.train("--data", c.write("b.txt", bytes(range(256)) * 4)), "looks binary"),

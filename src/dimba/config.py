@@ -83,6 +83,11 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.05, gt=0, lt=1)
     vocab_size: int = Field(4096, ge=260, description="BPE vocabulary size when a tokenizer is trained")
     tokenizer: str | None = Field(None, description="an existing tokenizer.json to reuse")
+    streaming: bool = Field(False, description="read data.corpus (.txt/.jsonl/.parquet file or folder) as a stream "
+                            "through HF datasets, tokenised on the fly; see dimba.streaming")
+    val_blocks: int = Field(64, gt=0, description="streaming: validation blocks held out from the start of the stream")
+    tokenizer_train_mb: float = Field(32.0, gt=0, description="streaming without data.tokenizer: train BPE on this "
+                                      "many MB from the start of the stream")
 
 
 class TrainConfig(_Strict):
@@ -110,6 +115,8 @@ class TrainConfig(_Strict):
     num_nodes: int = Field(1, gt=0, description="machines, each running train.devices processes")
     strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description="how devices share the work (fsdp: not yet)")
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
+    gradient_checkpointing: bool = Field(False, description="recompute each block in the backward pass: less memory, ~30% more time")
+    compile: bool = Field(False, description="torch.compile every backbone block (CUDA only)")
     num_threads: int | None = Field(None, gt=0, description="CPU threads; default all cores")
     logger: Literal["none", "tensorboard", "wandb"] = "none"
 

@@ -1,7 +1,8 @@
 """fit(): the training loop on Lightning Fabric (AdamW, warmup + cosine, clipping, accumulation, EMA).
 
 Checkpoints are atomic and hold all that a bitwise-identical continuation needs: weights, optimizer,
-scheduler, EMA, step (the data position is ``step * grad_accum`` micro-batches) and every RNG state.
+scheduler, EMA, step (the data position is ``step * grad_accum`` micro-batches, or with ``data.streaming``
+the stream position) and every RNG state.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dimba.errors import DimbaError, UsageError
 from dimba.losses import compute_losses, random_prompt_mask
 from dimba.metrics_log import MetricsLog
 from dimba.model import build_model
+from dimba.streaming import StreamedData
 from dimba.tokenizer import Tokenizer
 
 
@@ -150,6 +152,15 @@ def _accumulate(fabric: Fabric, fmodel, batches, cfg: Config) -> tuple[dict[str,
     return dict(zip(names, mean)), float(fabric.all_reduce(nonfinite, reduce_op="sum")) == 0
 
 
+def _apply_speed_options(model, cfg: Config) -> None:
+    """``train.gradient_checkpointing`` and ``train.compile`` (each block compiled in place, so
+    checkpoint keys are unchanged; CUDA only)."""
+    model.backbone.gradient_checkpointing = cfg.train.gradient_checkpointing
+    if cfg.train.compile:
+        for block in model.backbone.blocks:
+            block.compile()
+
+
 def _restore(state: dict[str, Any], model, ema, optimizer, scheduler, lr: float) -> None:
     """Load a checkpoint's weights, EMA, optimizer, scheduler and RNG states. ``lr`` (this run's
     ``train.lr``) replaces the stored base learning rate, so that a resumed run can lower it."""
@@ -208,10 +219,17 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
     fabric = Fabric(accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=tc.strategy,
                     precision=precision)
     fabric.launch()
+    if tc.compile and fabric.device.type != "cuda":
+        raise UsageError("train.compile=true needs a CUDA device (torch.compile brings little on CPU here): "
+                         "set train.compile=false")
     fabric.seed_everything(tc.seed, verbose=False)
 
     tokenizer = _load_tokenizer(cfg, run_dir)
-    data = prepare_data(cfg.data.corpus, cfg.data.seq_len, cfg.data.val_fraction, tokenizer, cfg.data.vocab_size)
+    dc = cfg.data
+    if dc.streaming:
+        data = StreamedData(dc.corpus, dc.seq_len, dc.val_blocks, tokenizer, dc.vocab_size, dc.tokenizer_train_mb)
+    else:
+        data = prepare_data(dc.corpus, dc.seq_len, dc.val_fraction, tokenizer, dc.vocab_size)
     cfg.model.vocab_size = data.tokenizer.vocab_size
     cfg.model.context_length = cfg.data.seq_len
     state = load_training_state(run_dir / CKPT_DIR / LAST_CKPT) if resume else None
@@ -221,8 +239,9 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
 
     model = build_model(cfg.model)
+    _apply_speed_options(model, cfg)
     if state is None:
-        model.calibrate_latent_scale(data.train[: tc.batch_size * fabric.world_size])  # on the global batch
+        model.calibrate_latent_scale(data.train_head(tc.batch_size * fabric.world_size))  # on the global batch
     ema = AveragedModel(model, avg_fn=_ema_avg(tc.ema_decay), use_buffers=True)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -254,8 +273,15 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
 
     log = MetricsLog(run_dir / "metrics.csv", resume_step=step if resume else None, enabled=fabric.is_global_zero,
                      logger=tc.logger)
-    batches = micro_batches(data.train, tc.batch_size, tc.seed, start=step * tc.grad_accum, rank=fabric.global_rank,
-                            world_size=fabric.world_size)
+    if dc.streaming:
+        if state is not None and "data_position" not in state:
+            raise UsageError(f"the checkpoint in {run_dir} has no stream position (trained without data.streaming): "
+                             "resume with data.streaming=false")
+        batches = data.batches(tc.batch_size, fabric.global_rank, fabric.world_size,
+                               state["data_position"] if state is not None else None)
+    else:
+        batches = micro_batches(data.train, tc.batch_size, tc.seed, start=step * tc.grad_accum,
+                                rank=fabric.global_rank, world_size=fabric.world_size)
     tokens_per_step = tc.batch_size * tc.grad_accum * cfg.data.seq_len * fabric.world_size
     saved_step = step if resume else None
 
@@ -266,6 +292,8 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
         blob = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state(), "elapsed_s": used_time(),
                 "bad_steps": bad_total, "bad_streak": bad_streak}
+        if dc.streaming:
+            blob["data_position"] = list(batches.position)  # [epoch, document, offset]
         if not final and step % tc.save_every == 0:  # before last.ckpt: a crash in between replays this step
             atomic_save(blob, run_dir / CKPT_DIR / f"step-{step:07d}.ckpt")
         atomic_save(blob, run_dir / CKPT_DIR / LAST_CKPT)

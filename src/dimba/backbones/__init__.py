@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dimba.backbones.layers import Modulation, RMSNorm, SwiGLU
 from dimba.backbones.mamba import BiMamba2, Mamba2Mixer
@@ -112,11 +113,20 @@ class Backbone(nn.Module):
         )
         self.norm = RMSNorm(d_model)
         self.bidirectional = bidirectional
+        self.gradient_checkpointing = False
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """h (B, L, D), c (B, C) -> (B, L, D) after the final norm."""
+        """h (B, L, D), c (B, C) -> (B, L, D) after the final norm.
+
+        With ``gradient_checkpointing`` (training with gradients), each block's activations are
+        recomputed in the backward pass instead of stored.
+        """
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            h = block(h, c)  # (B, L, D)
+            if recompute:
+                h = checkpoint(block, h, c, use_reentrant=False)  # (B, L, D)
+            else:
+                h = block(h, c)  # (B, L, D)
         return self.norm(h)
 
     def allocate_cache(self, batch: int, max_len: int, device: torch.device | None = None,
