@@ -265,6 +265,10 @@ class PreparedData:
     train_text_chars: int
     val_bytes: int  # UTF-8 bytes of the validation text, for bits-per-byte
 
+    def train_head(self, n: int) -> torch.Tensor:
+        """The first ``n`` training blocks: ``(n, L)``."""
+        return self.train[:n]
+
 
 def prepare_data(
     spec: str, seq_len: int, val_fraction: float, tokenizer: Tokenizer | None, vocab_size: int

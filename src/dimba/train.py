@@ -225,11 +225,12 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
     fabric.seed_everything(tc.seed, verbose=False)
 
     tokenizer = _load_tokenizer(cfg, run_dir)
-    dc = cfg.data
-    if dc.streaming:
-        data = StreamedData(dc.corpus, dc.seq_len, dc.val_blocks, tokenizer, dc.vocab_size, dc.tokenizer_train_mb)
+    data_cfg = cfg.data
+    if data_cfg.streaming:
+        data = StreamedData(data_cfg.corpus, data_cfg.seq_len, data_cfg.val_blocks, tokenizer, data_cfg.vocab_size,
+                            data_cfg.tokenizer_train_mb)
     else:
-        data = prepare_data(dc.corpus, dc.seq_len, dc.val_fraction, tokenizer, dc.vocab_size)
+        data = prepare_data(data_cfg.corpus, data_cfg.seq_len, data_cfg.val_fraction, tokenizer, data_cfg.vocab_size)
     cfg.model.vocab_size = data.tokenizer.vocab_size
     cfg.model.context_length = cfg.data.seq_len
     state = load_training_state(run_dir / CKPT_DIR / LAST_CKPT) if resume else None
@@ -273,7 +274,7 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
 
     log = MetricsLog(run_dir / "metrics.csv", resume_step=step if resume else None, enabled=fabric.is_global_zero,
                      logger=tc.logger)
-    if dc.streaming:
+    if data_cfg.streaming:
         if state is not None and "data_position" not in state:
             raise UsageError(f"the checkpoint in {run_dir} has no stream position (trained without data.streaming): "
                              "resume with data.streaming=false")
@@ -292,7 +293,7 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
         blob = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state(), "elapsed_s": used_time(),
                 "bad_steps": bad_total, "bad_streak": bad_streak}
-        if dc.streaming:
+        if data_cfg.streaming:
             blob["data_position"] = list(batches.position)  # [epoch, document, offset]
         if not final and step % tc.save_every == 0:  # before last.ckpt: a crash in between replays this step
             atomic_save(blob, run_dir / CKPT_DIR / f"step-{step:07d}.ckpt")
