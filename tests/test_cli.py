@@ -15,17 +15,6 @@ TINY = ["model.d_model=32", "model.num_denoiser_layers=2", "model.d_state=8", "m
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    lines = []
-    for i in range(400):
-        who = ["ROMEO", "JULIET", "NURSE"][i % 3]
-        lines.append(f"{who}:\nO gentle night, thou art the {['moon', 'sun', 'star'][i % 3]} of my heart number {i % 7}.\n")
-    (d / "plays.txt").write_text("\n".join(lines))
-    return d / "plays.txt"
-
-
-@pytest.fixture(scope="module")
 def run(tmp_path_factory, corpus):
     out = tmp_path_factory.mktemp("runs") / "r"
     assert main(["train", "--data", str(corpus), "--max-steps", "20", "--out", str(out), "--quiet", *TINY]) == 0

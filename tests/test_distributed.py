@@ -21,15 +21,6 @@ STEPS, PER_DEVICE = 6, 4
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "plays.txt"
-    lines = [f"{['ROMEO', 'JULIET', 'NURSE'][i % 3]}:\nO gentle night, thou art the {['moon', 'sun', 'star'][i % 3]} "
-             f"of my heart number {i % 7}.\n" for i in range(400)]
-    path.write_text("\n".join(lines))
-    return path
-
-
 def _train(corpus, out, *args: str) -> None:
     """`dimba train` (the ar family: its loss draws no random numbers) in a fresh interpreter."""
     cmd = [sys.executable, "-m", "dimba", "train", "--quiet", "--family", "ar", "--data", str(corpus),

@@ -27,15 +27,6 @@ TIMEOUT = 120
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "plays.txt"
-    lines = [f"{['ROMEO', 'JULIET', 'NURSE'][i % 3]}:\nO gentle night, thou art the {['moon', 'sun', 'star'][i % 3]} "
-             f"of my heart number {i % 7}.\n" for i in range(400)]
-    path.write_text("\n".join(lines))
-    return path
-
-
 def _start(args: list[str], log) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "dimba", "train", "--quiet", *args], stdout=log, stderr=log, env=ENV)
 
