@@ -1,4 +1,4 @@
-"""`dimba train | generate | export | tokenizer`: a thin map from verbs to library functions."""
+"""`dimba train | generate | eval | export | tokenizer`: a thin map from verbs to library functions."""
 
 from __future__ import annotations
 
@@ -172,6 +172,54 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_blocks(args: argparse.Namespace, tokenizer, context: int):
+    """The (N, L) blocks of ``--split`` of ``--data``, cut like training (the run's seq_len and val_fraction)."""
+    import math
+
+    from dimba.config import load_run_config
+    from dimba.data import prepare_data
+
+    run_cfg = Path(args.model) / "config.yaml"
+    data_cfg = load_run_config(run_cfg).data if run_cfg.is_file() else None
+    seq_len = data_cfg.seq_len if data_cfg else context
+    val_fraction = data_cfg.val_fraction if data_cfg else 0.05
+    prepared = prepare_data(args.data, seq_len, val_fraction, tokenizer, tokenizer.vocab_size)
+    blocks = prepared.val if args.split == "val" else prepared.train  # (N, L)
+    if args.max_tokens is not None:
+        blocks = blocks[: max(1, math.ceil(args.max_tokens / blocks.shape[1]))]
+    return blocks
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from dimba.checkpoint import load_for_inference
+    from dimba.likelihood import FAMILIES, evaluate_likelihood
+
+    model, tokenizer = load_for_inference(args.model)
+    if model.family not in FAMILIES:
+        raise UsageError(f"not yet: likelihood of the {model.family} family (issue 5 adds the continuous bound); "
+                         f"dimba eval supports {' and '.join(FAMILIES)} models")
+    blocks = _eval_blocks(args, tokenizer, model.config.context_length or 256)  # (N, L)
+    gen = torch.Generator().manual_seed(args.seed)
+    result = evaluate_likelihood(model, blocks, tokenizer, mc_samples=args.mc_samples, generator=gen,
+                                 batch_size=args.batch_size, progress=not args.json)
+    result["split"] = args.split
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    kind = f"NELBO (upper bound, K={result['mc_samples']})" if result["is_bound"] else "exact NLL"
+    print(f"{'family':<22}{result['family']}")
+    print(f"{'estimate':<22}{kind}")
+    print(f"{'nats/token':<22}{result['nll_nats_per_token']:.4f} ± {result['stderr_nats_per_token']:.4f}")
+    print(f"{'bits/byte':<22}{result['bits_per_byte']:.4f} ± {result['stderr_bits_per_byte']:.4f}")
+    print(f"{'tokens / bytes':<22}{result['tokens']} / {result['bytes']} ({args.split}, {result['blocks']} blocks)")
+    print(f"{'seconds':<22}{result['seconds']:.1f}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from dimba.checkpoint import load_for_inference, save_pretrained
 
@@ -239,6 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-length", type=int, help="masked: semi-autoregressive blocks of this many tokens")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("eval", help="likelihood in bits per byte: exact NLL (ar) or NELBO upper bound (masked)")
+    p.add_argument("model", help="run directory or export folder")
+    p.add_argument("--data", default="shakespeare", help="corpus: 'shakespeare', a .txt/.jsonl file or a folder")
+    p.add_argument("--split", choices=["val", "train"], default="val")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--mc-samples", type=int, default=8, help="masked: Monte Carlo samples per block")
+    p.add_argument("--max-tokens", type=int, help="evaluate only the first blocks holding this many tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("export", help="write config.json + model.safetensors + tokenizer.json from a run (EMA weights)")
     p.add_argument("run")
     p.add_argument("--out", required=True)
@@ -255,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_ranges(args: argparse.Namespace) -> None:
-    for name in ("length", "num_samples", "vocab_size", "max_steps", "block_length"):
+    for name in ("length", "num_samples", "vocab_size", "max_steps", "block_length", "mc_samples", "max_tokens",
+                 "batch_size"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
