@@ -22,7 +22,7 @@ import torch
 from dimba.checkpoint import load_for_inference
 from dimba.config import load_run_config
 from dimba.evaluate import training_vocabulary, word_overlap
-from dimba.generate import completions, sample_from_model
+from dimba.generate import generate_texts
 
 PROMPT, LENGTH = "ROMEO:", 128
 
@@ -43,15 +43,9 @@ def samples(run: Path, seeds: int, remasking: str | None = None) -> list[str]:
     if remasking:
         sc.remasking = remasking
     prompt = tok.encode(PROMPT)
-    context = model.config.context_length
-    canvas = LENGTH if model.family == "ar" else context - len(prompt)
     texts = []
     for seed in range(seeds):
-        ids = sample_from_model(model, prompt, seq_len=canvas, num_steps=sc.num_steps, temperature=sc.temperature,
-                                top_k=sc.top_k, top_p=sc.top_p, guidance_scale=sc.guidance_scale, eta=sc.eta,
-                                clamp=sc.clamp, remasking=sc.remasking, block_length=sc.block_length,
-                                eos_id=tok.eos_id, generator=torch.Generator().manual_seed(seed))
-        texts += completions(ids, tok, len(prompt), LENGTH)
+        texts += generate_texts(model, tok, prompt, LENGTH, sc, generator=torch.Generator().manual_seed(seed))
     return texts
 
 

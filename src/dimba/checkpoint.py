@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
-from dimba.errors import CheckpointError
+from dimba.errors import CheckpointError, first_line
 
 FORMAT_VERSION = 1
 CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME = "config.json", "model.safetensors", "tokenizer.json"
@@ -122,18 +122,13 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
-
-
 def _config_problem(exc: Exception) -> str:
     """The first problem of a model config that `DIMBA` refused, in a few words."""
     if isinstance(exc, ValidationError):
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         return f"{where}: {first['msg']}" if where else first["msg"]
-    return _first_line(exc)
+    return first_line(exc, 200)
 
 
 def _key_problem(missing: list[str], unexpected: list[str]) -> str:
@@ -184,13 +179,13 @@ def load_weights(model, weights: Path) -> None:
         with safe_open(str(weights), framework="pt") as f:
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(corrupted.format(str(weights), _first_line(exc))) from None
+        raise CheckpointError(corrupted.format(str(weights), first_line(exc, 200))) from None
     problem = _mismatch(model, shapes, complete=False)
     if not problem:
         try:
             missing, _ = load_model(model, str(weights), strict=False)
         except (SafetensorError, OSError, RuntimeError) as exc:
-            raise CheckpointError(corrupted.format(str(weights), _first_line(exc))) from None
+            raise CheckpointError(corrupted.format(str(weights), first_line(exc, 200))) from None
         problem = _key_problem(sorted(missing), [])
     if problem:
         raise CheckpointError(f"weights {str(weights)!r} do not fit their config.json ({problem}; another vocabulary, "

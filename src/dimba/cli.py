@@ -143,7 +143,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from dimba.checkpoint import load_for_inference
-    from dimba.generate import completions, sample_from_model
+    from dimba.generate import generate_texts
 
     sc = _sample_settings(args)
     model, tokenizer = load_for_inference(args.model)
@@ -158,14 +158,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                          f"tokens: use --length {context - len(prompt)} or less")
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    # diffusion families denoise a canvas of the training length (cut at --length below); ar stops at --length
-    canvas = length if model.family == "ar" else context - len(prompt)
-    ids = sample_from_model(model, prompt, seq_len=canvas, num_steps=sc.num_steps,
-                            temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p,
-                            guidance_scale=sc.guidance_scale, eta=sc.eta, num_samples=args.num_samples,
-                            clamp=sc.clamp, generator=gen, remasking=sc.remasking, block_length=sc.block_length,
-                            eos_id=tokenizer.eos_id)
-    for i, text in enumerate(completions(ids, tokenizer, len(prompt), length)):
+    texts = generate_texts(model, tokenizer, prompt, length, sc, num_samples=args.num_samples, generator=gen)
+    for i, text in enumerate(texts):
         if args.num_samples > 1:
             print(f"===== sample {i} =====")
         print(text)

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dimba.errors import ConfigError
+from dimba.errors import ConfigError, first_line
 
 
 class _Strict(BaseModel):
@@ -153,11 +153,6 @@ def preset_names() -> list[str]:
 _YAML_ERRORS = (yaml.YAMLError, ValueError, RecursionError)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def _read_text(path: Path, what: str, missing_hint: str) -> str:
     """The UTF-8 text of a YAML file, or a `ConfigError` for a missing, unreadable or binary one."""
     if path.is_dir():
@@ -177,7 +172,7 @@ def _read_yaml(text: str, where: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except _YAML_ERRORS as exc:
-        raise ConfigError(f"{where} is not valid YAML ({_first_line(exc)}): fix the file") from None
+        raise ConfigError(f"{where} is not valid YAML ({first_line(exc)}): fix the file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -15,3 +15,11 @@ class CheckpointError(DimbaError):
 
 class UsageError(DimbaError):
     """A bad combination of command-line arguments (e.g. a prompt longer than the context)."""
+
+
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type name when empty), cut to ``limit`` characters:
+    what a one-line error quotes of a library's own error."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text if limit is None else text[:limit]

@@ -15,6 +15,9 @@ from dimba.samplers.categorical import sample_tokens
 from dimba.samplers.ddim import DDIMSampler
 from dimba.samplers.hybrid import HybridSampler
 from dimba.samplers.masked import MaskedSampler
+from dimba.tokenizer import EOS, SPECIAL_TOKENS
+
+EOS_ID = SPECIAL_TOKENS.index(EOS)  # the document separator of every dimba tokenizer
 
 
 def _prompt_tensor(prompt_ids, num_samples: int, device: torch.device) -> torch.Tensor:
@@ -64,7 +67,7 @@ def sample_from_model(model, prompt_ids: Sequence[int] | torch.Tensor | None = N
                              generator, callback)
 
 
-def _canvas(model, prompt: torch.Tensor, seq_len: int, fill: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _canvas(prompt: torch.Tensor, seq_len: int, fill: int) -> tuple[torch.Tensor, torch.Tensor]:
     n, p = prompt.shape
     ids = torch.cat([prompt, torch.full((n, seq_len), fill, dtype=torch.long, device=prompt.device)], dim=1)  # (N, L)
     prompt_mask = torch.arange(p + seq_len, device=prompt.device)[None].expand(n, -1) < p  # (N, L)
@@ -93,7 +96,7 @@ def sample_continuous(model, prompt: torch.Tensor, seq_len: int, num_steps: int,
     device = prompt.device
     n, p = prompt.shape
     length = p + seq_len
-    ids, prompt_mask = _canvas(model, prompt, seq_len, 0)
+    ids, prompt_mask = _canvas(prompt, seq_len, 0)
     z_prompt = model.encode(ids)  # (N, L, d): only the prompt positions are used
 
     hybrid = model.family == "hybrid"
@@ -147,7 +150,7 @@ def sample_masked(model, prompt: torch.Tensor, seq_len: int, num_steps: int, sam
     prompt replaced by [MASK] and the prompt conditioning dropped. Stops early when no [MASK] is left.
     """
     n, p = prompt.shape
-    x, prompt_mask = _canvas(model, prompt, seq_len, model.mask_id)
+    x, prompt_mask = _canvas(prompt, seq_len, model.mask_id)
     sampler.set_timesteps(num_steps, x.shape[1], gen_start=p)
     guided = guidance_scale != 1.0 and p > 0
     logits, seen = None, None
@@ -176,9 +179,9 @@ def sample_ar(model, prompt: torch.Tensor, seq_len: int, temperature: float = 1.
     returned. After a row's first EOS the row is filled with EOS; all rows done ends the loop.
     """
     n, p = prompt.shape
-    bos = torch.full((n, 1), 1 if eos_id is None else eos_id, dtype=torch.long, device=prompt.device)
-    ctx = prompt if p > 0 else bos  # (N, P'): what the model reads before the first new token
-    out = torch.full((n, seq_len), 1 if eos_id is None else eos_id, dtype=torch.long, device=prompt.device)
+    eos = EOS_ID if eos_id is None else eos_id
+    ctx = prompt if p > 0 else torch.full((n, 1), eos, dtype=torch.long, device=prompt.device)  # (N, P')
+    out = torch.full((n, seq_len), eos, dtype=torch.long, device=prompt.device)  # (N, seq_len)
     done = torch.zeros(n, dtype=torch.bool, device=prompt.device)  # (N,)
     if use_cache:
         logits, cache = model.ar_prefill(ctx, model.allocate_cache(n, ctx.shape[1] + seq_len))  # (N, V)
@@ -197,6 +200,24 @@ def sample_ar(model, prompt: torch.Tensor, seq_len: int, temperature: float = 1.
         if use_cache and j + 1 < seq_len:
             logits, cache = model.ar_step(tok, cache, ctx.shape[1] + j)
     return torch.cat([prompt, out], dim=1)
+
+
+def generate_texts(model, tokenizer, prompt_ids: Sequence[int], length: int, sample, num_samples: int = 1,
+                   generator: torch.Generator | None = None) -> list[str]:
+    """Texts of ``num_samples`` generations with the settings of a `SampleConfig` ``sample``: the prompt
+    plus at most ``length`` new tokens, cut at the first EOS.
+
+    The diffusion families denoise a canvas of the training context (the only length they were trained
+    on) and are cut to ``length``; ar stops after ``length`` tokens.
+    """
+    context = model.config.context_length or 256
+    canvas = length if model.family == "ar" else context - len(prompt_ids)
+    ids = sample_from_model(model, prompt_ids, seq_len=canvas, num_steps=sample.num_steps,
+                            temperature=sample.temperature, top_k=sample.top_k, top_p=sample.top_p,
+                            guidance_scale=sample.guidance_scale, eta=sample.eta, num_samples=num_samples,
+                            clamp=sample.clamp, generator=generator, remasking=sample.remasking,
+                            block_length=sample.block_length, eos_id=tokenizer.eos_id)
+    return completions(ids, tokenizer, len(prompt_ids), length)
 
 
 def completions(ids: torch.Tensor, tokenizer, prompt_len: int, length: int) -> list[str]:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dimba.diffusion.masked import subs_log_probs
 from dimba.errors import UsageError
 
 FAMILIES = ("ar", "masked")
@@ -84,9 +85,8 @@ def _masked_block_terms(model, blocks: torch.Tensor, mc_samples: int, batch_size
         masked = rank < mb[:, None]  # (B, L)
         x0, masked = x0.to(dev), masked.to(dev)
         x_t = torch.where(masked, torch.full_like(x0, model.mask_id), x0)  # (B, L)
-        logits = model.token_logits(x_t).double().clone()  # (B, L, V)
-        logits[..., model.mask_id] = float("-inf")  # SUBS: [MASK] is never predicted
-        nll = -logits.log_softmax(-1).gather(-1, x0[..., None])[..., 0]  # (B, L)
+        logp = subs_log_probs(model.token_logits(x_t).double(), x_t, model.mask_id)  # (B, L, V) float64
+        nll = -logp.gather(-1, x0[..., None])[..., 0]  # (B, L)
         nll = torch.where(masked, nll, torch.zeros_like(nll)).sum(-1)  # (B,)
         terms.append((nll * length / mb.to(dev).double()).cpu().numpy())
     return np.concatenate(terms).reshape(n, mc_samples)  # (N, K)

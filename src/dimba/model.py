@@ -29,8 +29,9 @@ from dimba.config import ModelConfig
 from dimba.diffusion.gaussian import q_sample, x0_from_v
 from dimba.diffusion.masked import MaskSchedule, mask_tokens, subs_log_probs
 from dimba.diffusion.schedules import NoiseSchedule
+from dimba.tokenizer import MASK, SPECIAL_TOKENS
 
-MASK_ID = 2  # the tokenizer's [MASK] (dimba.tokenizer reserves [PAD]=0, [EOS]=1, [MASK]=2)
+MASK_ID = SPECIAL_TOKENS.index(MASK)  # the id every dimba tokenizer gives [MASK]
 
 
 def _rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -98,7 +99,7 @@ class DIMBA(nn.Module):
         h = z / self.latent_scale
         if self.latent_out is not None:
             h = self.latent_out(h)  # (B, L, D)
-        return self.head(self.head_norm(h)).float()
+        return self._head_logits(h)
 
     def codebook(self) -> torch.Tensor:
         """The latent of every vocabulary token: (V, d_x)."""
@@ -196,7 +197,7 @@ class DIMBA(nn.Module):
             z_t = torch.where(prompt_mask[..., None], z0, z_t)
         if self.family == "hybrid":
             if masked is None:
-                masked = mask_tokens(input_ids, self.mask_schedule.alpha(t), MASK_ID)[1]  # (B, L)
+                masked = mask_tokens(input_ids, self.mask_schedule.alpha(t), self.mask_id)[1]  # (B, L)
             if prompt_mask is not None:
                 masked = masked & ~prompt_mask  # the clean prompt is never absorbed
         cond = self.condition(input_ids, t, prompt_mask, drop)
@@ -207,6 +208,14 @@ class DIMBA(nn.Module):
         return x_pred, noise, info
 
     # ----- token families (masked, ar) -----------------------------------------------------
+    def _token_input(self, ids: torch.Tensor) -> torch.Tensor:
+        """The backbone input of token ids (...,): their RMS-normalised embeddings (..., D)."""
+        return _rms_normalize(self.embedding(ids))
+
+    def _head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Float32 vocabulary logits of hidden states (..., D) -> (..., V)."""
+        return self.head(self.head_norm(h)).float()
+
     def token_logits(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor | None = None,
                      drop_cond: bool | torch.Tensor = False) -> torch.Tensor:
         """Raw float32 logits (B, L, V) of the token families on ids (B, L) that may hold [MASK].
@@ -214,9 +223,8 @@ class DIMBA(nn.Module):
         masked: the clean prompt (``prompt_mask``) also conditions through the pooled summary;
         ar: position l predicts token l + 1 (causal backbone).
         """
-        h = _rms_normalize(self.embedding(input_ids))  # (B, L, D)
         cond = self.condition(input_ids, torch.zeros((), device=input_ids.device), prompt_mask, drop_cond)  # (B, D)
-        return self.head(self.head_norm(self.backbone(h, cond))).float()  # (B, L, V)
+        return self._head_logits(self.backbone(self._token_input(input_ids), cond))  # (B, L, V)
 
     def allocate_cache(self, batch: int, max_len: int | None = None) -> list:
         """An empty decoding cache for `ar_step` (ar family), for up to ``max_len`` positions."""
@@ -225,17 +233,15 @@ class DIMBA(nn.Module):
 
     def ar_prefill(self, prompt: torch.Tensor, cache: list) -> tuple[torch.Tensor, list]:
         """Read a prompt (B, P) at positions 0..P-1 into the cache; returns the next-token logits (B, V)."""
-        h = _rms_normalize(self.embedding(prompt))  # (B, P, D)
         cond = self.condition(prompt, torch.zeros((), device=prompt.device))  # (B, D)
-        out, cache = self.backbone.prefill(h, cond, cache)  # (B, P, D)
-        return self.head(self.head_norm(out[:, -1])).float(), cache  # (B, V)
+        out, cache = self.backbone.prefill(self._token_input(prompt), cond, cache)  # (B, P, D)
+        return self._head_logits(out[:, -1]), cache  # (B, V)
 
     def ar_step(self, token: torch.Tensor, cache: list, pos: int) -> tuple[torch.Tensor, list]:
         """Feed the token (B,) at position ``pos``; returns next-token logits (B, V) and the cache."""
-        h = _rms_normalize(self.embedding(token))  # (B, D)
         cond = self.condition(token[:, None], torch.zeros((), device=token.device))  # (B, D)
-        out, cache = self.backbone.step(h, cond, cache, pos)  # (B, D)
-        return self.head(self.head_norm(out)).float(), cache  # (B, V)
+        out, cache = self.backbone.step(self._token_input(token), cond, cache, pos)  # (B, D)
+        return self._head_logits(out), cache  # (B, V)
 
     def predict_token_logits(self, input_ids: torch.Tensor, t: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Token logits (B, L, V) for every family.
@@ -245,7 +251,7 @@ class DIMBA(nn.Module):
         by the masks); ar: next-token logits.
         """
         if self.family == "masked":
-            return subs_log_probs(self.token_logits(input_ids, **kwargs), input_ids, MASK_ID)
+            return subs_log_probs(self.token_logits(input_ids, **kwargs), input_ids, self.mask_id)
         if self.family == "ar":
             return self.token_logits(input_ids)
         _, _, info = self(input_ids, t, **kwargs)

@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from dimba.errors import DimbaError
+from dimba.errors import DimbaError, first_line
 
 PAD = "[PAD]"
 EOS = "[EOS]"
@@ -124,7 +124,7 @@ class Tokenizer:
         try:
             hf = HFTokenizer.from_str(text)
         except Exception as exc:  # the Rust side raises a bare Exception
-            raise TokenizerError(f"not a valid tokenizer.json ({_first_line(exc)}): {_TRAIN_HINT}") from None
+            raise TokenizerError(f"not a valid tokenizer.json ({first_line(exc)}): {_TRAIN_HINT}") from None
         return cls(hf)
 
     @classmethod
@@ -137,7 +137,7 @@ class Tokenizer:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise TokenizerError(
-                f"tokenizer file {str(path)!r} is unreadable ({_first_line(exc)}): {_TRAIN_HINT}"
+                f"tokenizer file {str(path)!r} is unreadable ({first_line(exc)}): {_TRAIN_HINT}"
             ) from None
         try:
             return cls.from_str(text)
@@ -199,11 +199,6 @@ class Tokenizer:
         if skip_special_tokens:
             ids = [i for i in ids if i >= len(SPECIAL_TOKENS)]
         return self._hf.decode(list(ids))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def train_tokenizer_cli(data: str, vocab_size: int, out: str) -> Path:

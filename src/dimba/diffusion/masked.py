@@ -57,11 +57,11 @@ def mask_tokens(input_ids: torch.Tensor, alpha: torch.Tensor, mask_id: int, keep
 
 
 def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """SUBS parameterisation: log p(x_0 | x_t) in float32, (B, L, V).
+    """SUBS parameterisation: log p(x_0 | x_t), (B, L, V), in float32 (float64 for float64 logits).
 
     [MASK] gets probability zero everywhere; an unmasked position puts all its mass on its own token.
     """
-    logits = logits.float().clone()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True)
     logits[..., mask_id] = float("-inf")
     logp = logits.log_softmax(-1)  # (B, L, V)
     clean = (x_t != mask_id)[..., None]  # (B, L, 1)
