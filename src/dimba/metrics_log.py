@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import csv
-import os
+import io
 from pathlib import Path
 
 from dimba.errors import UsageError
+from dimba.tokenizer import atomic_write_text
 
 COLUMNS = ["step", "loss", "mse", "ce", "recon", "acc", "lr", "grad_norm", "tokens_per_s", "elapsed_s",
            "val_loss", "val_mse", "val_ce", "val_recon", "val_acc", "bad_steps"]
@@ -29,12 +30,11 @@ class MetricsLog:
         if resume_step is not None and path.is_file():
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if (r.get("step") or "").isdigit() and int(r["step"]) <= resume_step]
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(path, text.getvalue())
         self._file = open(path, "a", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)
         if logger != "none":
