@@ -5,6 +5,9 @@
   neither scored nor counted (no EOS is prepended, which would exceed the training context).
 - ``masked``: the continuous-time NELBO of masked diffusion (MDLM eq. 10), an upper bound on the
   NLL of all L tokens of each block, estimated by Monte Carlo (see `_masked_block_terms`).
+- ``continuous`` and ``hybrid``: the variational bound of the latent-Gaussian process on all L
+  tokens (diffusion + reconstruction + prior terms, VDM style; see `dimba.likelihood_gaussian`),
+  not the training loss.
 
 Bits per byte = total nats / ln 2 / UTF-8 bytes of the evaluated text, where the text is the
 evaluated token ids of each block decoded by the tokenizer (special tokens such as [EOS] decode to
@@ -20,10 +23,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dimba import likelihood_gaussian as gaussian
 from dimba.diffusion.masked import subs_log_probs
 from dimba.errors import UsageError
 
-FAMILIES = ("ar", "masked")
+FAMILIES = ("ar", "masked", "continuous", "hybrid")
 
 
 def _device(model) -> torch.device:
@@ -92,8 +96,8 @@ def _masked_block_terms(model, blocks: torch.Tensor, mc_samples: int, batch_size
     return np.concatenate(terms).reshape(n, mc_samples)  # (N, K)
 
 
-def _masked_stderr(terms: np.ndarray) -> float:
-    """Monte Carlo standard error of the total NELBO estimate (nats), given the data, from terms (N, K).
+def _mc_stderr(terms: np.ndarray) -> float:
+    """Monte Carlo standard error of the total bound estimate (nats), given the data, from terms (N, K).
 
     Per block, the variance of its K-sample mean is estimated as the sample variance of its terms
     over K (treating the stratified samples as independent, which overstates it: stratification
@@ -107,21 +111,37 @@ def _masked_stderr(terms: np.ndarray) -> float:
     return float(terms[:, 0].std(ddof=1) * math.sqrt(n)) if n > 1 else float("nan")
 
 
+def _gaussian_total(model, blocks, mc_samples, batch_size, generator, progress, t0) -> tuple[float, float, dict]:
+    """Total bound (nats), its standard error and the per-part totals of a continuous / hybrid model."""
+    gauss, absorb = gaussian.diffusion_terms(model, blocks, mc_samples, batch_size, generator, progress, t0)  # (N, K)
+    recon = gaussian.reconstruction_nats(model, blocks, batch_size, generator, progress, t0)  # (N,)
+    prior = gaussian.prior_nats(model, blocks)  # (N,)
+    parts = {"diffusion": float(gauss.mean(1).sum()), "absorbing": float(absorb.mean(1).sum()),
+             "reconstruction": float(recon.sum()), "prior": float(prior.sum())}
+    # the reconstruction is one draw per block: its spread across blocks overstates its Monte Carlo error
+    recon_var = recon.var(ddof=1) * len(recon) if len(recon) > 1 else 0.0
+    stderr = math.sqrt(_mc_stderr(gauss + absorb) ** 2 + recon_var)
+    return sum(parts.values()), stderr, parts
+
+
 @torch.no_grad()
 def evaluate_likelihood(model, blocks: torch.Tensor, tokenizer, mc_samples: int = 8,
                         generator: torch.Generator | None = None, batch_size: int = 16,
-                        progress: bool = False) -> dict:
-    """NLL (ar, exact) or NELBO (masked, an upper bound) of ``blocks`` (N, L) LongTensor.
+                        progress: bool = False, t0: float | None = None,
+                        calibration_blocks: torch.Tensor | None = None) -> dict:
+    """NLL (ar, exact) or an upper bound on it (the diffusion families) of ``blocks`` (N, L) LongTensor.
 
     Returns a dict: family, nll_nats_per_token, bits_per_byte, is_bound, mc_samples
     (0 for ar), stderr_nats_per_token (of the Monte Carlo estimate; 0 for ar), stderr_bits_per_byte, tokens,
-    bytes, blocks, seconds. ``batch_size`` counts rows per forward pass (for masked, one row is one
-    (block, sample) pair). ``generator`` (CPU) drives the masked estimator's randomness.
+    bytes, blocks, seconds; continuous / hybrid add ``parts_nats_per_token`` (diffusion, absorbing,
+    reconstruction, prior), ``t0`` and ``snr_t0``. ``batch_size`` counts rows per forward pass (for the
+    bounds, one row is one (block, sample) pair). ``generator`` (CPU) drives the estimators' randomness.
+    continuous / hybrid: ``t0`` is where the reverse process stops and rounds; None chooses it with
+    `dimba.likelihood_gaussian.choose_t0` on ``calibration_blocks`` (default: the first 8 evaluated blocks).
     """
     family = getattr(model, "family", None)
     if family not in FAMILIES:
-        raise UsageError(f"not yet: likelihood of the {family} family (issue 5 adds the continuous bound); "
-                         f"evaluate an {' or '.join(FAMILIES)} model")
+        raise UsageError(f"cannot evaluate the likelihood of a {family!r} model: families are {', '.join(FAMILIES)}")
     if blocks.dim() != 2 or blocks.shape[0] < 1 or blocks.shape[1] < 2:
         raise UsageError(f"need blocks of shape (N >= 1, L >= 2), got {tuple(blocks.shape)}")
     if mc_samples < 1 or batch_size < 1:
@@ -131,19 +151,27 @@ def evaluate_likelihood(model, blocks: torch.Tensor, tokenizer, mc_samples: int 
         model.eval()
     start = time.perf_counter()
     blocks = blocks.long().cpu()
+    parts = None
     if family == "ar":
         total = float(_ar_block_nll(model, blocks, batch_size, progress).sum())
         tokens, nbytes = blocks[:, 1:].numel(), _text_bytes(blocks[:, 1:], tokenizer)
         stderr, k = 0.0, 0
     else:
-        terms = _masked_block_terms(model, blocks, mc_samples, batch_size, generator, progress)  # (N, K)
-        total = float(terms.mean(axis=1).sum())
-        tokens, nbytes = blocks.numel(), _text_bytes(blocks, tokenizer)
-        stderr, k = _masked_stderr(terms), mc_samples
+        tokens, nbytes, k = blocks.numel(), _text_bytes(blocks, tokenizer), mc_samples
+        if family == "masked":
+            terms = _masked_block_terms(model, blocks, mc_samples, batch_size, generator, progress)  # (N, K)
+            total, stderr = float(terms.mean(axis=1).sum()), _mc_stderr(terms)
+        else:
+            if t0 is None:
+                calib = blocks[:8] if calibration_blocks is None else calibration_blocks.long().cpu()
+                t0, _ = gaussian.choose_t0(model, calib, generator, batch_size)
+            if not 0 < t0 < 1:
+                raise UsageError(f"t0 must lie in (0, 1), got {t0}")
+            total, stderr, parts = _gaussian_total(model, blocks, mc_samples, batch_size, generator, progress, t0)
     if was_training:
         model.train()
     bits = 1 / math.log(2) / max(nbytes, 1)
-    return {
+    result = {
         "family": family,
         "nll_nats_per_token": total / tokens,
         "bits_per_byte": total * bits,
@@ -156,3 +184,8 @@ def evaluate_likelihood(model, blocks: torch.Tensor, tokenizer, mc_samples: int 
         "blocks": len(blocks),
         "seconds": time.perf_counter() - start,
     }
+    if parts is not None:
+        result["parts_nats_per_token"] = {name: value / tokens for name, value in parts.items()}
+        result["t0"] = t0
+        result["snr_t0"] = float(model.schedule.snr_and_slope(torch.tensor([t0], dtype=torch.float64))[0])
+    return result

@@ -168,6 +168,17 @@ class DIMBA(nn.Module):
             return x0_from_v(z_t, x_pred, alpha_bar)
         return x_pred
 
+    def estimate_x0(self, z_t: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor,
+                    masked: torch.Tensor | None = None) -> torch.Tensor:
+        """The unconditional x0 estimate (B, L, d_x) at a noisy latent z_t (B, L, d_x), a deterministic function
+        of (z_t, t, masked): with self-conditioning, the network's own first estimate at the same z_t is fed back
+        (two passes, as in Plaid's likelihood evaluation). ``t``, ``alpha_bar``: (B,)."""
+        cond = self.condition(z_t.new_zeros(z_t.shape[:2], dtype=torch.long), t)  # (B, D): no prompt
+        x0 = self.x0_from_output(self.denoise(z_t, t, cond, None, None, masked), z_t, alpha_bar)
+        if self.config.self_conditioning:
+            x0 = self.x0_from_output(self.denoise(z_t, t, cond, None, x0, masked), z_t, alpha_bar)
+        return x0  # (B, L, d_x)
+
     def forward(self, input_ids: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
                 prompt_mask: torch.Tensor | None = None, x_self_cond: torch.Tensor | None = None,
                 drop_cond: bool | torch.Tensor = False, masked: torch.Tensor | None = None):

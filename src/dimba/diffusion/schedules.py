@@ -44,15 +44,19 @@ class NoiseSchedule:
             return t
         return (t.double() + 1) / self.num_steps
 
-    def sqrt_alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
-        """sqrt(alpha_bar(t)), computed in float64, returned in float32."""
+    def alpha_bar64(self, t: torch.Tensor) -> torch.Tensor:
+        """alpha_bar(t) in float64 (differentiable in t, for the likelihood bound's SNR slope)."""
         a = self._sqrt_alpha_bar_raw(self.to_continuous(t).double().clamp(0, 1))
         if self.zero_terminal_snr:
             a = (a - self._a1) * self._a0 / (self._a0 - self._a1)
         ab = a.clamp(0, 1) ** 2
         if self.shift != 1.0:
             ab = ab / (ab + self.shift**2 * (1 - ab))  # SNR / shift^2
-        return ab.sqrt().float()
+        return ab
+
+    def sqrt_alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """sqrt(alpha_bar(t)), computed in float64, returned in float32."""
+        return self.alpha_bar64(t).sqrt().float()
 
     def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
         return self.sqrt_alpha_bar(t) ** 2
@@ -61,3 +65,12 @@ class NoiseSchedule:
         """Signal-to-noise ratio alpha_bar / (1 - alpha_bar), finite at t = 0 through ``eps``."""
         ab = self.alpha_bar(t).double()
         return (ab / (1 - ab).clamp_min(eps)).float()
+
+    def snr_and_slope(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SNR(t) and dSNR/dt in float64 for continuous t in (0, 1] (autograd through `alpha_bar64`)."""
+        t = t.detach().double().requires_grad_(True)
+        with torch.enable_grad():
+            ab = self.alpha_bar64(t)
+            snr = ab / (1 - ab)
+            (slope,) = torch.autograd.grad(snr.sum(), t)
+        return snr.detach(), slope
