@@ -1,4 +1,4 @@
-"""`dimba train | generate | eval | export | tokenizer`: a thin map from verbs to library functions."""
+"""`dimba train | generate | eval | bench | export | tokenizer`: a thin map from verbs to library functions."""
 
 from __future__ import annotations
 
@@ -118,15 +118,20 @@ _SAMPLE_FLAGS = {"steps": "num_steps", "temperature": "temperature", "top_k": "t
                  "block_length": "block_length"}
 
 
+def _run_sample_config(model_path: str) -> SampleConfig:
+    """The `sample` config of a run (defaults for an export folder)."""
+    from dimba.config import load_run_config
+
+    run_cfg = Path(model_path) / "config.yaml"
+    return load_run_config(run_cfg).sample if run_cfg.is_file() else SampleConfig()
+
+
 def _sample_settings(args: argparse.Namespace) -> SampleConfig:
     """The run's `sample` config (defaults for an export folder), overridden by the flags given."""
     from pydantic import ValidationError
 
-    from dimba.config import load_run_config
-
-    run_cfg = Path(args.model) / "config.yaml"
-    base = load_run_config(run_cfg).sample if run_cfg.is_file() else SampleConfig()
-    given = {field: getattr(args, flag) for flag, field in _SAMPLE_FLAGS.items() if getattr(args, flag) is not None}
+    base = _run_sample_config(args.model)
+    given = {field: getattr(args, flag) for flag, field in _SAMPLE_FLAGS.items() if getattr(args, flag, None) is not None}
     try:
         return SampleConfig(**{**base.model_dump(), **given})
     except ValidationError as err:
@@ -135,8 +140,18 @@ def _sample_settings(args: argparse.Namespace) -> SampleConfig:
         raise UsageError(f"--{flag.replace('_', '-')} {first['input']!r}: {first['msg']}") from None
 
 
-def _prompt_ids(tokenizer, prompt: str) -> list[int]:
-    return tokenizer.encode(prompt) if prompt else []
+def _prompt_and_length(args: argparse.Namespace, model, tokenizer) -> tuple[list[int], int]:
+    """The ids of ``--prompt`` and ``--length`` (default: fill the context); one line if they do not fit the context."""
+    context = model.config.context_length or 256
+    prompt = tokenizer.encode(args.prompt) if getattr(args, "prompt", None) else []
+    if len(prompt) >= context:
+        raise UsageError(f"the prompt is {len(prompt)} tokens, not shorter than the model context of {context} tokens: "
+                         "shorten --prompt")
+    length = args.length if args.length is not None else context - len(prompt)
+    if len(prompt) + length > context:
+        raise UsageError(f"prompt ({len(prompt)} tokens) + --length {length} exceeds the model context of {context} "
+                         f"tokens: use --length {context - len(prompt)} or less")
+    return prompt, length
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -147,15 +162,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     sc = _sample_settings(args)
     model, tokenizer = load_for_inference(args.model)
-    context = model.config.context_length or 256
-    prompt = _prompt_ids(tokenizer, args.prompt)
-    if len(prompt) >= context:
-        raise UsageError(f"the prompt is {len(prompt)} tokens, not shorter than the model context of {context} tokens: "
-                         "shorten --prompt")
-    length = args.length if args.length is not None else context - len(prompt)
-    if len(prompt) + length > context:
-        raise UsageError(f"prompt ({len(prompt)} tokens) + --length {length} exceeds the model context of {context} "
-                         f"tokens: use --length {context - len(prompt)} or less")
+    prompt, length = _prompt_and_length(args, model, tokenizer)
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     texts = generate_texts(model, tokenizer, prompt, length, sc, num_samples=args.num_samples, generator=gen)
@@ -167,7 +174,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _eval_blocks(args: argparse.Namespace, tokenizer, context: int):
-    """The (N, L) blocks of ``--split`` of ``--data``, cut like training (the run's seq_len and val_fraction)."""
+    """The (N, L) blocks of ``--split`` of ``--data``, cut like training (the run's seq_len and val_fraction),
+    and 8 training blocks to calibrate on."""
     import math
 
     from dimba.config import load_run_config
@@ -181,7 +189,69 @@ def _eval_blocks(args: argparse.Namespace, tokenizer, context: int):
     blocks = prepared.val if args.split == "val" else prepared.train  # (N, L)
     if args.max_tokens is not None:
         blocks = blocks[: max(1, math.ceil(args.max_tokens / blocks.shape[1]))]
-    return blocks
+    # the continuous bound's t0 is chosen on training blocks (the last ones, never the evaluated ones)
+    return blocks, prepared.train[-8:]
+
+
+_EVAL_SAMPLE_FLAGS = ("judge", "references", "prompt", "length", "steps")  # meaningful with --samples only
+
+
+def _load_judge(path: str):
+    """(model, tokenizer) of the ``--judge`` folder, refused in one line unless it is an ar model."""
+    from dimba.checkpoint import load_for_inference
+    from dimba.errors import CheckpointError
+    from dimba.sample_quality import check_judge
+
+    try:
+        judge, judge_tokenizer = load_for_inference(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"--judge: {exc}") from None
+    check_judge(judge)
+    return judge, judge_tokenizer
+
+
+def _vocabulary(model_path: str, corpus: str | None = None) -> set[str] | None:
+    """The training words of a run's corpus, or of ``corpus`` for an export folder; None for a streamed
+    corpus or an export folder without ``corpus``."""
+    from dimba.config import load_run_config
+    from dimba.data import DataError
+    from dimba.evaluate import training_vocabulary
+
+    run_cfg = Path(model_path) / "config.yaml"
+    val_fraction = 0.05
+    if run_cfg.is_file():
+        data = load_run_config(run_cfg).data
+        corpus, val_fraction = (None, None) if data.streaming else (data.corpus, data.val_fraction)
+    if corpus is None:
+        return None
+    try:
+        return training_vocabulary(corpus, val_fraction)
+    except DataError as exc:
+        raise UsageError(f"the training-word fraction reads the training corpus, which failed: {exc}") from None
+
+
+def _eval_samples(args: argparse.Namespace) -> int:
+    """`dimba eval MODEL --samples N --judge AR_MODEL`: `sample_quality` as a table or one JSON object."""
+    import json
+
+    import torch
+
+    from dimba.checkpoint import load_for_inference
+    from dimba.sample_quality import format_report, load_references, sample_quality, warm_up
+
+    if args.judge is None:
+        raise UsageError("--samples needs --judge AR_MODEL: an ar-family run or export folder that scores gen-PPL")
+    references = load_references(args.references) if args.references is not None else None
+    sc = _sample_settings(args)
+    judge, judge_tokenizer = _load_judge(args.judge)
+    model, tokenizer = load_for_inference(args.model)
+    prompt, length = _prompt_and_length(args, model, tokenizer)
+    warm_up(model, sc, length)
+    torch.manual_seed(args.seed)
+    result = sample_quality(model, tokenizer, judge, judge_tokenizer, args.samples, sc, length, prompt,
+                            torch.Generator().manual_seed(args.seed), _vocabulary(args.model, args.data), references)
+    print(json.dumps(result) if args.json else format_report(result))
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -190,27 +260,84 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from dimba.checkpoint import load_for_inference
-    from dimba.likelihood import FAMILIES, evaluate_likelihood
+    from dimba.likelihood import evaluate_likelihood
+
+    if args.samples is not None:
+        return _eval_samples(args)
+    given = [flag for flag in _EVAL_SAMPLE_FLAGS if getattr(args, flag) is not None]
+    if given:
+        raise UsageError(f"--{given[0]} is a sample-quality flag: add --samples N (and --judge AR_MODEL)")
 
     model, tokenizer = load_for_inference(args.model)
-    if model.family not in FAMILIES:
-        raise UsageError(f"not yet: likelihood of the {model.family} family (issue 5 adds the continuous bound); "
-                         f"dimba eval supports {' and '.join(FAMILIES)} models")
-    blocks = _eval_blocks(args, tokenizer, model.config.context_length or 256)  # (N, L)
+    if args.t0 is not None and model.family not in ("continuous", "hybrid"):
+        raise UsageError(f"--t0 sets where the Gaussian reverse process stops: a {model.family} model has none")
+    blocks, calibration = _eval_blocks(args, tokenizer, model.config.context_length or 256)  # (N, L), (8, L)
     gen = torch.Generator().manual_seed(args.seed)
     result = evaluate_likelihood(model, blocks, tokenizer, mc_samples=args.mc_samples, generator=gen,
-                                 batch_size=args.batch_size, progress=not args.json)
+                                 batch_size=args.batch_size, progress=not args.json, t0=args.t0,
+                                 calibration_blocks=calibration)
     result["split"] = args.split
     if args.json:
         print(json.dumps(result))
         return 0
-    kind = f"NELBO (upper bound, K={result['mc_samples']})" if result["is_bound"] else "exact NLL"
+    kind = f"upper bound (K={result['mc_samples']})" if result["is_bound"] else "exact NLL"
     print(f"{'family':<22}{result['family']}")
     print(f"{'estimate':<22}{kind}")
+    for name, value in result.get("parts_nats_per_token", {}).items():
+        print(f"{'  ' + name:<22}{value:.4f} nats/token")
+    if "t0" in result:
+        print(f"{'t0 (SNR)':<22}{result['t0']:.4g} ({result['snr_t0']:.3g})")
     print(f"{'nats/token':<22}{result['nll_nats_per_token']:.4f} ± {result['stderr_nats_per_token']:.4f}")
     print(f"{'bits/byte':<22}{result['bits_per_byte']:.4f} ± {result['stderr_bits_per_byte']:.4f}")
     print(f"{'tokens / bytes':<22}{result['tokens']} / {result['bytes']} ({args.split}, {result['blocks']} blocks)")
     print(f"{'seconds':<22}{result['seconds']:.1f}")
+    return 0
+
+
+def cmd_bench_sweep(args: argparse.Namespace) -> int:
+    """`dimba bench sweep MODEL --judge AR_MODEL --steps 8,16,...`: one JSON object; with --out, PREFIX.json and .png."""
+    import json
+
+    import torch
+
+    from dimba.bench_sweep import check_out, check_sweepable, parse_steps, sweep, write_sweep
+    from dimba.checkpoint import load_for_inference
+
+    steps = parse_steps(args.steps)
+    paths = check_out(args.out) if args.out is not None else None
+    judge, judge_tokenizer = _load_judge(args.judge)
+    model, tokenizer = load_for_inference(args.model)
+    check_sweepable(model)
+    _, length = _prompt_and_length(args, model, tokenizer)
+    torch.manual_seed(args.seed)
+    result = sweep(model, tokenizer, judge, judge_tokenizer, steps, _run_sample_config(args.model),
+                   _run_sample_config(args.judge), args.samples, length, args.seed, _vocabulary(args.model))
+    result = {"model": args.model, "judge": args.judge, **result}
+    print(json.dumps(result))
+    if paths is not None:
+        write_sweep(result, paths)
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    """`dimba bench train --preset P`: one JSON object; with --out, PREFIX.json and PREFIX.png."""
+    import json
+
+    from dimba.bench_sweep import check_out
+    from dimba.bench_train import draw, measure_training
+    from dimba.config import load_config
+    from dimba.tokenizer import atomic_write_text
+
+    if args.steps < 1 or args.warmup < 0:
+        raise UsageError(f"--steps must be at least 1 and --warmup at least 0, got {args.steps} and {args.warmup}")
+    paths = check_out(args.out) if args.out is not None else None
+    flags = {"data.corpus": args.data, "model.family": args.family, "model.backbone": args.backbone}
+    cfg = load_config(args.preset, args.config, [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides)
+    result = {"preset": args.preset, **measure_training(cfg, args.steps, args.warmup)}
+    print(json.dumps(result))
+    if paths is not None:
+        atomic_write_text(paths[0], json.dumps(result, indent=1) + "\n")
+        draw(result, str(paths[1]))
     return 0
 
 
@@ -281,16 +408,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-length", type=int, help="masked: semi-autoregressive blocks of this many tokens")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval", help="likelihood in bits per byte: exact NLL (ar) or NELBO upper bound (masked)")
+    p = sub.add_parser("eval", help="likelihood in bits per byte: exact NLL (ar) or an upper bound (diffusion families); "
+                       "with --samples, sample quality (gen-PPL under an ar judge, entropy, distinct-n, BLEU / ROUGE)",
+                       description="Without --samples: the likelihood of --data. With --samples N: generate N samples "
+                       "with the run's `sample` settings and score them (--judge is required).")
     p.add_argument("model", help="run directory or export folder")
-    p.add_argument("--data", default="shakespeare", help="corpus: 'shakespeare', a .txt/.jsonl file or a folder")
+    p.add_argument("--data", default="shakespeare", help="corpus: 'shakespeare', a .txt/.jsonl file or a folder; with "
+                   "--samples and an export folder, the training text of the word fraction")
     p.add_argument("--split", choices=["val", "train"], default="val")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--mc-samples", type=int, default=8, help="masked: Monte Carlo samples per block")
+    p.add_argument("--mc-samples", type=int, default=8, help="diffusion families: Monte Carlo samples per block")
+    p.add_argument("--t0", type=float, help="continuous / hybrid: where the reverse process stops and rounds "
+                   "(default: chosen on training blocks)")
     p.add_argument("--max-tokens", type=int, help="evaluate only the first blocks holding this many tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
+    p.add_argument("--samples", type=int, help="sample quality: generate this many samples instead of scoring --data")
+    p.add_argument("--judge", help="with --samples: an ar-family run or export folder that scores gen-PPL")
+    p.add_argument("--references", help='with --samples: JSON lines {"prompt": ..., "reference": ...}, one '
+                   "completion each, scored with BLEU and ROUGE (pip install 'dimba[eval]')")
+    p.add_argument("--prompt", help="with --samples: the prompt of the samples (default: none)")
+    p.add_argument("--length", type=int, help="with --samples: new tokens per sample (default: fill the context)")
+    p.add_argument("--steps", type=int, help="with --samples: denoising steps (default: the run's sample.num_steps)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="benchmarks that print one JSON object and draw plots")
+    bsub = p.add_subparsers(dest="bverb", required=True)
+    b = bsub.add_parser("sweep", help="gen-PPL and latency against denoising steps, with the ar judge as yardstick",
+                        description="For each step count: N unconditional samples from MODEL (its `sample` settings), "
+                        "their gen-PPL under the ar judge, entropy and latency; then the judge's own samples.")
+    b.add_argument("model", help="a diffusion run directory or export folder")
+    b.add_argument("--judge", required=True, help="an ar-family run or export folder: scores gen-PPL, and is the baseline")
+    b.add_argument("--steps", default="8,16,32,64,128,256", help="comma-separated step counts")
+    b.add_argument("--samples", type=int, default=16, help="samples per point")
+    b.add_argument("--length", type=int, help="new tokens per sample (default: the model context)")
+    b.add_argument("--out", help="write PREFIX.json and PREFIX.png (gen-PPL against seconds per sample)")
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=cmd_bench_sweep)
+    b = bsub.add_parser("train", help="training tokens/s, achieved GFLOP/s, MFU against the measured matmul peak, "
+                        "peak memory", description="Times training steps of a preset (the same step as `dimba train`, "
+                        "one device) after a warm-up; FLOPs counted by torch's FlopCounterMode.")
+    b.add_argument("--preset", default="tiny", help="named preset (tiny, small, base)")
+    b.add_argument("--config", help="YAML file merged over the preset")
+    b.add_argument("--data", help="corpus: 'shakespeare', a .txt/.jsonl file or a folder")
+    b.add_argument("--family", choices=["continuous", "masked", "hybrid", "ar"])
+    b.add_argument("--backbone", choices=["mamba2", "transformer"])
+    b.add_argument("--steps", type=int, default=20, help="timed steps")
+    b.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    b.add_argument("--out", help="write PREFIX.json and PREFIX.png")
+    b.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.batch_size=16")
+    b.set_defaults(func=cmd_bench_train)
 
     p = sub.add_parser("export", help="write config.json + model.safetensors + tokenizer.json from a run (EMA weights)")
     p.add_argument("run")
@@ -309,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_ranges(args: argparse.Namespace) -> None:
     for name in ("length", "num_samples", "vocab_size", "max_steps", "block_length", "mc_samples", "max_tokens",
-                 "batch_size"):
+                 "batch_size", "samples"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

@@ -202,30 +202,38 @@ def sample_ar(model, prompt: torch.Tensor, seq_len: int, temperature: float = 1.
     return torch.cat([prompt, out], dim=1)
 
 
-def generate_texts(model, tokenizer, prompt_ids: Sequence[int], length: int, sample, num_samples: int = 1,
-                   generator: torch.Generator | None = None) -> list[str]:
-    """Texts of ``num_samples`` generations with the settings of a `SampleConfig` ``sample``: the prompt
-    plus at most ``length`` new tokens, cut at the first EOS.
+def generate_ids(model, prompt_ids: Sequence[int], length: int, sample, num_samples: int = 1,
+                 generator: torch.Generator | None = None, eos_id: int = EOS_ID) -> torch.Tensor:
+    """Ids (N, P + canvas) of ``num_samples`` generations with the settings of a `SampleConfig` ``sample``,
+    stopping a row at ``eos_id`` (masked, ar); `generated_ids` keeps the first ``length`` new tokens.
 
     The diffusion families denoise a canvas of the training context (the only length they were trained
-    on) and are cut to ``length``; ar stops after ``length`` tokens.
+    on), which is cut to ``length`` afterwards; ar generates ``length`` tokens.
     """
     context = model.config.context_length or 256
     canvas = length if model.family == "ar" else context - len(prompt_ids)
-    ids = sample_from_model(model, prompt_ids, seq_len=canvas, num_steps=sample.num_steps,
-                            temperature=sample.temperature, top_k=sample.top_k, top_p=sample.top_p,
-                            guidance_scale=sample.guidance_scale, eta=sample.eta, num_samples=num_samples,
-                            clamp=sample.clamp, generator=generator, remasking=sample.remasking,
-                            block_length=sample.block_length, eos_id=tokenizer.eos_id)
+    return sample_from_model(model, prompt_ids, seq_len=canvas, num_steps=sample.num_steps,
+                             temperature=sample.temperature, top_k=sample.top_k, top_p=sample.top_p,
+                             guidance_scale=sample.guidance_scale, eta=sample.eta, num_samples=num_samples,
+                             clamp=sample.clamp, generator=generator, remasking=sample.remasking,
+                             block_length=sample.block_length, eos_id=eos_id)
+
+
+def generate_texts(model, tokenizer, prompt_ids: Sequence[int], length: int, sample, num_samples: int = 1,
+                   generator: torch.Generator | None = None) -> list[str]:
+    """Texts of ``num_samples`` generations with the settings of a `SampleConfig` ``sample``: the prompt
+    plus at most ``length`` new tokens, cut at the first EOS (see `generate_ids`)."""
+    ids = generate_ids(model, prompt_ids, length, sample, num_samples, generator, tokenizer.eos_id)
     return completions(ids, tokenizer, len(prompt_ids), length)
+
+
+def generated_ids(ids: torch.Tensor, prompt_len: int, length: int, eos_id: int = EOS_ID) -> list[list[int]]:
+    """The new ids of generated rows (N, L): at most ``length`` tokens after the prompt, cut before the first EOS."""
+    rows = ids[:, prompt_len: prompt_len + length].tolist()
+    return [row[: row.index(eos_id)] if eos_id in row else row for row in rows]
 
 
 def completions(ids: torch.Tensor, tokenizer, prompt_len: int, length: int) -> list[str]:
     """Texts of generated rows (N, L): the prompt plus at most ``length`` new tokens, cut at the first EOS."""
-    texts = []
-    for row in ids[:, : prompt_len + length].tolist():
-        new = row[prompt_len:]
-        if tokenizer.eos_id in new:
-            new = new[: new.index(tokenizer.eos_id)]
-        texts.append(tokenizer.decode(row[:prompt_len] + new))
-    return texts
+    new = generated_ids(ids, prompt_len, length, tokenizer.eos_id)
+    return [tokenizer.decode(prompt + row) for prompt, row in zip(ids[:, :prompt_len].tolist(), new)]

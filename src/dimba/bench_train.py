@@ -1,0 +1,136 @@
+"""`dimba bench train`: training throughput, achieved FLOP/s, the fraction of the machine's measured
+matmul peak (MFU) and peak memory, for a preset, through the training step of `dimba.train`.
+
+The FLOPs of a training step (forward + backward of the family's objective) are counted by
+`torch.utils.flop_counter.FlopCounterMode` on one step: matrix products, attention and
+convolutions, not elementwise work, which is how MFU is usually defined. The peak is the median
+rate of a large square matmul in the run's precision (fp32 on CPU, bf16 under bf16-mixed),
+measured in the same process at the same thread count, before and after the timed steps.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+
+import torch
+from lightning_fabric import Fabric
+from torch.utils.flop_counter import FlopCounterMode
+
+from dimba.config import Config
+from dimba.data import prepare_data
+from dimba.model import build_model
+from dimba.train import _accumulate, _apply_speed_options, _precision, micro_batches
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048,
+                       repeats: int = 10) -> float:
+    """Median GFLOP/s of an n x n matmul (2 n^3 FLOPs) on ``device`` in ``dtype``."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(repeats + 2):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        if i >= 2:  # two warm-up products
+            times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def _peak_memory_mib(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"peak_gpu_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+
+
+def measure_training(cfg: Config, steps: int = 20, warmup: int = 3) -> dict:
+    """Time ``steps`` training steps (after ``warmup``) of the model and data of ``cfg`` on one device.
+
+    Returns a dict: family, backbone, parameters, device, threads, precision, tokens_per_step,
+    step_seconds (each), median_step_s, tokens_per_s, flops_per_step, achieved_gflops,
+    matmul_peak_gflops (before, after), mfu (achieved / the larger peak), and peak memory.
+    """
+    tc = cfg.train
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    precision = _precision(cfg)
+    fabric = Fabric(accelerator=tc.accelerator, devices=1, precision=precision)
+    fabric.seed_everything(tc.seed, verbose=False)
+    data = prepare_data(cfg.data.corpus, cfg.data.seq_len, cfg.data.val_fraction, None, cfg.data.vocab_size)
+    cfg.model.vocab_size = data.tokenizer.vocab_size
+    cfg.model.context_length = cfg.data.seq_len
+    model = build_model(cfg.model)
+    _apply_speed_options(model, cfg)
+    model.calibrate_latent_scale(data.train_head(tc.batch_size))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr)
+    fmodel, optimizer = fabric.setup(model, optimizer)
+    for name in ("token_logits", "decode"):
+        fmodel.mark_forward_method(name)
+    batches = micro_batches(data.train, tc.batch_size, tc.seed)
+    device = fabric.device
+    peak_dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") \
+        else torch.float32
+
+    def step() -> None:
+        _accumulate(fabric, fmodel, batches, cfg)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    peak_before = matmul_peak_gflops(device, peak_dtype)
+    fmodel.train()
+    for _ in range(warmup):
+        step()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops = counter.get_total_flops()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    peak_after = matmul_peak_gflops(device, peak_dtype)
+    median = statistics.median(times)
+    tokens = tc.batch_size * tc.grad_accum * cfg.data.seq_len
+    achieved = flops / median / 1e9
+    return {
+        "family": cfg.model.family, "backbone": cfg.model.backbone, "parameters": model.num_parameters(),
+        "device": str(device), "threads": torch.get_num_threads(), "precision": precision,
+        "batch_size": tc.batch_size * tc.grad_accum, "seq_len": cfg.data.seq_len, "tokens_per_step": tokens,
+        "steps": steps, "step_seconds": times, "median_step_s": median, "tokens_per_s": tokens / median,
+        "flops_per_step": flops, "achieved_gflops": achieved,
+        "matmul_peak_gflops": [peak_before, peak_after], "mfu": achieved / max(peak_before, peak_after),
+        **_peak_memory_mib(device),
+    }
+
+
+def draw(result: dict, path: str) -> None:
+    """PNG: step times, and achieved GFLOP/s against the matmul peak."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.plot(range(1, len(result["step_seconds"]) + 1), result["step_seconds"], marker="o")
+    left.axhline(result["median_step_s"], color="gray", linestyle="--", label="median")
+    left.set(xlabel="timed step", ylabel="seconds", title=f"{result['family']} / {result['backbone']}: step time")
+    left.legend()
+    peak = max(result["matmul_peak_gflops"])
+    right.bar(["training step", "matmul peak"], [result["achieved_gflops"], peak], color=["tab:blue", "tab:gray"])
+    right.set(ylabel="GFLOP/s", title=f"MFU {100 * result['mfu']:.1f}% ({result['threads']} threads, {result['device']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
