@@ -172,6 +172,13 @@ def test_gaussian_bound_is_tight_for_the_exact_denoiser(schedule, ztsnr, shift):
     assert (parts["prior"] > 0) == (not ztsnr) and r["t0"] == T_MIN and r["is_bound"]
 
 
+def test_gaussian_stderr_shrinks_like_one_over_sqrt_k():
+    blocks = torch.as_tensor(np.random.default_rng(2).integers(0, len(STATES), (64, 16)) + STATES[0])
+    se = {k: evaluate_likelihood(AnalyticGaussian(), blocks, CharTokenizer(), mc_samples=k, batch_size=1024, t0=1e-3,
+                                 generator=torch.Generator().manual_seed(3))["stderr_nats_per_token"] for k in (4, 64)}
+    assert se[64] > 0 and 2.5 < se[4] / se[64] < 6
+
+
 def test_hybrid_bound_charges_log_v_per_reveal():
     from dimba.likelihood_gaussian import T_MIN
 
