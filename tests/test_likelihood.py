@@ -145,6 +145,9 @@ class AnalyticGaussian(torch.nn.Module):
     def encode(self, ids):
         return self.book[ids]  # (B, L, d)
 
+    def codebook(self):
+        return self.book  # (V, d)
+
     def estimate_x0(self, z_t, t, alpha_bar, masked=None):
         states = self.book[STATES]  # (S, d)
         a, var = alpha_bar.sqrt()[:, None, None, None], (1 - alpha_bar)[:, None, None, None]
@@ -164,7 +167,7 @@ def test_gaussian_bound_is_tight_for_the_exact_denoiser(schedule, ztsnr, shift):
 
     blocks = torch.as_tensor(np.random.default_rng(0).integers(0, len(STATES), (512, 16)) + STATES[0])
     r = evaluate_likelihood(AnalyticGaussian("continuous", schedule, ztsnr, shift), blocks, CharTokenizer(),
-                            mc_samples=16, batch_size=2048, generator=torch.Generator().manual_seed(0), t0=T_MIN)
+                            mc_samples=16, batch_size=2048, generator=torch.Generator().manual_seed(0), t0=T_MIN, clamp="none")
     # the estimate's spread over seeds is about 0.017 here; the reported standard error is conservative
     assert abs(r["nll_nats_per_token"] - math.log(4)) < min(0.06, 3 * r["stderr_nats_per_token"])
     parts = r["parts_nats_per_token"]
@@ -174,7 +177,7 @@ def test_gaussian_bound_is_tight_for_the_exact_denoiser(schedule, ztsnr, shift):
 
 def test_gaussian_stderr_shrinks_like_one_over_sqrt_k():
     blocks = torch.as_tensor(np.random.default_rng(2).integers(0, len(STATES), (64, 16)) + STATES[0])
-    se = {k: evaluate_likelihood(AnalyticGaussian(), blocks, CharTokenizer(), mc_samples=k, batch_size=1024, t0=1e-3,
+    se = {k: evaluate_likelihood(AnalyticGaussian(), blocks, CharTokenizer(), mc_samples=k, batch_size=1024, t0=1e-3, clamp="none",
                                  generator=torch.Generator().manual_seed(3))["stderr_nats_per_token"] for k in (4, 64)}
     assert se[64] > 0 and 2.5 < se[4] / se[64] < 6
 
@@ -184,7 +187,7 @@ def test_hybrid_bound_charges_log_v_per_reveal():
 
     blocks = torch.as_tensor(np.random.default_rng(1).integers(0, len(STATES), (128, 16)) + STATES[0])
     r = evaluate_likelihood(AnalyticGaussian("hybrid"), blocks, CharTokenizer(), mc_samples=16, batch_size=512,
-                            generator=torch.Generator().manual_seed(0), t0=T_MIN)
+                            generator=torch.Generator().manual_seed(0), t0=T_MIN, clamp="none")
     parts, se = r["parts_nats_per_token"], r["stderr_nats_per_token"]
     # the reveal draws from a uniform head: log 4 nats per token, whatever t at which it happens
     assert abs(parts["absorbing"] - math.log(4)) < 3 * se
@@ -236,10 +239,15 @@ def test_trained_models_bound_the_exact_nll(family, chain):
     if family == "continuous":
         from dimba.likelihood_gaussian import T_MIN
 
-        # the x0 error floor makes the bound explode near t = 0: the chosen t0 avoids it
+        # the x0 error floor makes the unclamped bound explode near t = 0: the chosen t0 / clamp avoid it
         floor = evaluate_likelihood(model, _blocks(chain[2]), CharTokenizer(), mc_samples=4, batch_size=256,
-                                    generator=torch.Generator().manual_seed(0), t0=T_MIN)
-        assert r["t0"] > T_MIN and floor["nll_nats_per_token"] > 2 * r["nll_nats_per_token"]
+                                    generator=torch.Generator().manual_seed(0), t0=T_MIN, clamp="none")
+        assert floor["nll_nats_per_token"] > 2 * r["nll_nats_per_token"]
+        for clamp in ("none", "soft"):  # each reverse process, its t0 chosen, bounds the NLL
+            other = evaluate_likelihood(model, _blocks(chain[2]), CharTokenizer(), mc_samples=16, batch_size=256,
+                                        generator=torch.Generator().manual_seed(1), clamp=clamp,
+                                        calibration_blocks=calibration)
+            assert other["clamp"] == clamp and other["nll_nats_per_token"] >= exact - 3 * other["stderr_nats_per_token"]
 
 
 TINY = ["model.d_model=32", "model.num_denoiser_layers=2", "model.d_state=8", "model.headdim=16", "model.chunk_size=16",
@@ -266,7 +274,22 @@ def test_cli_eval_json(family, tmp_path_factory, corpus, capsys):
     assert r["tokens"] == 7 * (31 if family == "ar" else 32)  # ceil(200 / 32) blocks of 32
     assert 0 < r["bits_per_byte"] < 60 and r["bytes"] > 0
     if family in ("continuous", "hybrid"):
-        assert 0 < r["t0"] < 1 and set(r["parts_nats_per_token"]) == {"diffusion", "absorbing", "reconstruction",
+        assert 0 < r["t0"] < 1 and r["clamp"] in ("none", "soft") and set(r["parts_nats_per_token"]) == {"diffusion", "absorbing", "reconstruction",
                                                                          "prior"}
     assert main(["eval", str(run), "--data", str(corpus), "--max-tokens", "64"]) == 0
     assert "bits/byte" in capsys.readouterr().out
+
+
+def test_cli_eval_reverse_process_flags(tmp_path_factory, corpus, capsys):
+    ar, cont = _train(tmp_path_factory, corpus, "ar"), _train(tmp_path_factory, corpus, "continuous")
+    for run, flags, words in ((ar, ["--t0", "0.5"], "ar model has none"), (cont, ["--t0", "1.5"], "(0, 1)"),
+                              (cont, ["--clamp", "hard"], "invalid choice")):
+        capsys.readouterr()
+        assert main(["eval", str(run), "--data", str(corpus), "--max-tokens", "64", *flags]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1 and words in captured.err
+    capsys.readouterr()
+    assert main(["eval", str(cont), "--data", str(corpus), "--max-tokens", "64", "--json", "--t0", "0.3",
+                 "--clamp", "soft", "--mc-samples", "2"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["t0"] == 0.3 and r["clamp"] == "soft"

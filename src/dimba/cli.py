@@ -269,13 +269,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--{given[0]} is a sample-quality flag: add --samples N (and --judge AR_MODEL)")
 
     model, tokenizer = load_for_inference(args.model)
-    if args.t0 is not None and model.family not in ("continuous", "hybrid"):
-        raise UsageError(f"--t0 sets where the Gaussian reverse process stops: a {model.family} model has none")
+    if (args.t0 is not None or args.clamp is not None) and model.family not in ("continuous", "hybrid"):
+        raise UsageError(f"--t0 and --clamp set the Gaussian reverse process: a {model.family} model has none")
     blocks, calibration = _eval_blocks(args, tokenizer, model.config.context_length or 256)  # (N, L), (8, L)
     gen = torch.Generator().manual_seed(args.seed)
     result = evaluate_likelihood(model, blocks, tokenizer, mc_samples=args.mc_samples, generator=gen,
                                  batch_size=args.batch_size, progress=not args.json, t0=args.t0,
-                                 calibration_blocks=calibration)
+                                 clamp=args.clamp, calibration_blocks=calibration)
     result["split"] = args.split
     if args.json:
         print(json.dumps(result))
@@ -286,7 +286,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name, value in result.get("parts_nats_per_token", {}).items():
         print(f"{'  ' + name:<22}{value:.4f} nats/token")
     if "t0" in result:
-        print(f"{'t0 (SNR)':<22}{result['t0']:.4g} ({result['snr_t0']:.3g})")
+        print(f"{'t0 (SNR), clamp':<22}{result['t0']:.4g} ({result['snr_t0']:.3g}), {result['clamp']}")
     print(f"{'nats/token':<22}{result['nll_nats_per_token']:.4f} ± {result['stderr_nats_per_token']:.4f}")
     print(f"{'bits/byte':<22}{result['bits_per_byte']:.4f} ± {result['stderr_bits_per_byte']:.4f}")
     print(f"{'tokens / bytes':<22}{result['tokens']} / {result['bytes']} ({args.split}, {result['blocks']} blocks)")
@@ -420,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mc-samples", type=int, default=8, help="diffusion families: Monte Carlo samples per block")
     p.add_argument("--t0", type=float, help="continuous / hybrid: where the reverse process stops and rounds "
                    "(default: chosen on training blocks)")
+    p.add_argument("--clamp", choices=["none", "soft"], help="continuous / hybrid: the x0 estimate the reverse "
+                   "process steps with, the network's or the codebook mean under the head (default: chosen on "
+                   "training blocks)")
     p.add_argument("--max-tokens", type=int, help="evaluate only the first blocks holding this many tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")

@@ -111,9 +111,11 @@ def _mc_stderr(terms: np.ndarray) -> float:
     return float(terms[:, 0].std(ddof=1) * math.sqrt(n)) if n > 1 else float("nan")
 
 
-def _gaussian_total(model, blocks, mc_samples, batch_size, generator, progress, t0) -> tuple[float, float, dict]:
+def _gaussian_total(model, blocks, mc_samples, batch_size, generator, progress, t0,
+                    clamp) -> tuple[float, float, dict]:
     """Total bound (nats), its standard error and the per-part totals of a continuous / hybrid model."""
-    gauss, absorb = gaussian.diffusion_terms(model, blocks, mc_samples, batch_size, generator, progress, t0)  # (N, K)
+    gauss, absorb = gaussian.diffusion_terms(model, blocks, mc_samples, batch_size, generator, progress, t0,
+                                             clamp)  # (N, K) each
     recon = gaussian.reconstruction_nats(model, blocks, batch_size, generator, progress, t0)  # (N,)
     prior = gaussian.prior_nats(model, blocks)  # (N,)
     parts = {"diffusion": float(gauss.mean(1).sum()), "absorbing": float(absorb.mean(1).sum()),
@@ -127,17 +129,18 @@ def _gaussian_total(model, blocks, mc_samples, batch_size, generator, progress, 
 @torch.no_grad()
 def evaluate_likelihood(model, blocks: torch.Tensor, tokenizer, mc_samples: int = 8,
                         generator: torch.Generator | None = None, batch_size: int = 16,
-                        progress: bool = False, t0: float | None = None,
+                        progress: bool = False, t0: float | None = None, clamp: str | None = None,
                         calibration_blocks: torch.Tensor | None = None) -> dict:
     """NLL (ar, exact) or an upper bound on it (the diffusion families) of ``blocks`` (N, L) LongTensor.
 
     Returns a dict: family, nll_nats_per_token, bits_per_byte, is_bound, mc_samples
     (0 for ar), stderr_nats_per_token (of the Monte Carlo estimate; 0 for ar), stderr_bits_per_byte, tokens,
     bytes, blocks, seconds; continuous / hybrid add ``parts_nats_per_token`` (diffusion, absorbing,
-    reconstruction, prior), ``t0`` and ``snr_t0``. ``batch_size`` counts rows per forward pass (for the
-    bounds, one row is one (block, sample) pair). ``generator`` (CPU) drives the estimators' randomness.
-    continuous / hybrid: ``t0`` is where the reverse process stops and rounds; None chooses it with
-    `dimba.likelihood_gaussian.choose_t0` on ``calibration_blocks`` (default: the first 8 evaluated blocks).
+    reconstruction, prior), ``t0``, ``snr_t0`` and ``clamp``. ``batch_size`` counts rows per forward pass
+    (for the bounds, one row is one (block, sample) pair). ``generator`` (CPU) drives the estimators'
+    randomness. continuous / hybrid: ``t0`` is where the reverse process stops and rounds, ``clamp``
+    (none | soft) the x0 estimate it steps with; None chooses with
+    `dimba.likelihood_gaussian.choose_reverse` on ``calibration_blocks`` (default: the first 8 evaluated blocks).
     """
     family = getattr(model, "family", None)
     if family not in FAMILIES:
@@ -162,12 +165,15 @@ def evaluate_likelihood(model, blocks: torch.Tensor, tokenizer, mc_samples: int 
             terms = _masked_block_terms(model, blocks, mc_samples, batch_size, generator, progress)  # (N, K)
             total, stderr = float(terms.mean(axis=1).sum()), _mc_stderr(terms)
         else:
-            if t0 is None:
+            if t0 is not None and not 0 < t0 < 1:
+                raise UsageError(f"--t0 must lie in (0, 1), got {t0}")
+            if clamp is not None and clamp not in gaussian.CLAMPS:
+                raise UsageError(f"--clamp must be one of {', '.join(gaussian.CLAMPS)}, got {clamp!r}")
+            if t0 is None or clamp is None:
                 calib = blocks[:8] if calibration_blocks is None else calibration_blocks.long().cpu()
-                t0, _ = gaussian.choose_t0(model, calib, generator, batch_size)
-            if not 0 < t0 < 1:
-                raise UsageError(f"t0 must lie in (0, 1), got {t0}")
-            total, stderr, parts = _gaussian_total(model, blocks, mc_samples, batch_size, generator, progress, t0)
+                clamp, t0, _ = gaussian.choose_reverse(model, calib, clamp, t0, generator, batch_size)
+            total, stderr, parts = _gaussian_total(model, blocks, mc_samples, batch_size, generator, progress, t0,
+                                                   clamp)
     if was_training:
         model.train()
     bits = 1 / math.log(2) / max(nbytes, 1)
@@ -186,6 +192,6 @@ def evaluate_likelihood(model, blocks: torch.Tensor, tokenizer, mc_samples: int 
     }
     if parts is not None:
         result["parts_nats_per_token"] = {name: value / tokens for name, value in parts.items()}
-        result["t0"] = t0
+        result["t0"], result["clamp"] = t0, clamp
         result["snr_t0"] = float(model.schedule.snr_and_slope(torch.tensor([t0], dtype=torch.float64))[0])
     return result

@@ -15,13 +15,16 @@ x0_hat is `DIMBA.estimate_x0`: unconditional, and self-conditioned on its own fi
 same z_t when the model uses self-conditioning, so it is a deterministic function of (z_t, t) and
 the bound holds.
 
-**t_0** is part of the generative model (where the reverse process stops and rounds), and any t_0
-in (0, 1) gives a valid bound. It matters: an x0-predicting network has an error floor (its x0
-error stops shrinking as the SNR grows), and -SNR'(t) ~ SNR / t makes the diffusion term of that
-floor explode near t = 0, while the head already decodes the tokens from moderately noisy latents.
-`choose_t0` therefore picks t_0 from a grid by minimising a cheap quadrature of the bound on
-calibration blocks (the CLI uses training blocks, never the evaluated ones), the way VDM learns its
-minimum log-SNR; the reported bound is then estimated with that fixed t_0.
+**t_0 and the clamp** are part of the generative model, and every choice gives a valid bound: t_0
+is where the reverse process stops and rounds; the clamp is which deterministic x0 estimate the
+reverse steps use, the network's own (``none``) or the mean of the codebook under the head's
+distribution (``soft``: score interpolation, CDCD; `dimba generate --clamp soft`). The choice
+matters: an x0-predicting network has an error floor (its x0 error stops shrinking as the SNR
+grows), and -SNR'(t) ~ SNR / t makes that floor explode near t = 0, while the head already decodes
+the tokens from moderately noisy latents and the soft clamp snaps to a codebook point when the
+head is sure. `choose_reverse` therefore picks both from a grid by minimising a cheap quadrature of
+the bound on calibration blocks (the CLI uses training blocks, never the evaluated ones), the way
+VDM learns its minimum log-SNR; the reported bound is then estimated with those fixed choices.
 
 **hybrid.** A position is absorbed ([MASK], no latent) with probability 1 - alpha(t) of the mask
 schedule and otherwise carries z_t of the Gaussian process at the same t (masks only grow with t).
@@ -51,11 +54,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+CLAMPS = ("none", "soft")  # the x0 estimate the reverse process steps with (see `_integrand`)
 T_MIN = 1e-4  # the smallest training time (`dimba.losses.stratified_times`): the smallest t_0 considered
 
 
 def _t0_grid() -> torch.Tensor:
-    """Times for `choose_t0` (J,): 24 log-spaced on [T_MIN, 0.5], then 0.55, 0.6, ..., 1."""
+    """Times for `choose_reverse` (J,): 24 log-spaced on [T_MIN, 0.5], then 0.55, 0.6, ..., 1."""
     low = torch.logspace(math.log10(T_MIN), math.log10(0.5), 24, dtype=torch.float64)
     return torch.cat([low, torch.linspace(0.5, 1.0, 11, dtype=torch.float64)[1:]])
 
@@ -103,23 +107,28 @@ def _noisy_state(model, ids: torch.Tensor, t: torch.Tensor, generator: torch.Gen
     return z0, x0, masked
 
 
-def _token_nll(model, x0: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """-log softmax(decode(x0))[ids] per position, float64 (B, L)."""
-    logp = model.decode(x0.to(_dtype(model))).double().log_softmax(-1)  # (B, L, V)
-    return -logp.gather(-1, ids[..., None])[..., 0]
+def _integrand(model, ids: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None,
+               clamps: tuple[str, ...] = ("none",)) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Per position at times t (B,) float64, in nats per unit time: the Gaussian integrand (B, L) of the
+    reverse process of each clamp in ``clamps``, the absorbing integrand (B, L) (zeros but for hybrid),
+    and -log p_theta(x | state_t) (B, L), p_theta = softmax(decode(x0_hat)) (the head on the raw estimate).
 
-
-def _integrand(model, ids: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None, with_nll: bool = False):
-    """Per position at times t (B,) float64: the Gaussian and absorbing integrands (B, L) each, in nats per
-    unit time, and -log p_theta(x | state_t) (B, L) when ``with_nll`` or hybrid (else None)."""
+    Clamps: ``none`` steps with the network's x0 estimate, ``soft`` with the mean of the codebook under
+    p_theta (score interpolation, as `dimba generate --clamp soft`).
+    """
     z0, x0, masked = _noisy_state(model, ids, t, generator)
     _, slope = model.schedule.snr_and_slope(t)  # (B,) dSNR/dt < 0
-    gauss = 0.5 * -slope.to(ids.device)[:, None] * (z0 - x0).pow(2).sum(-1)  # (B, L)
-    nll = _token_nll(model, x0, ids) if with_nll or masked is not None else None  # (B, L)
+    logits = model.decode(x0.to(_dtype(model))).double()  # (B, L, V)
+    nll = -logits.log_softmax(-1).gather(-1, ids[..., None])[..., 0]  # (B, L)
+    kept = 1.0 if masked is None else (~masked).double()  # the Gaussian term skips absorbed positions
+    gauss = {}
+    for clamp in clamps:
+        x = x0 if clamp == "none" else logits.softmax(-1) @ model.codebook().double()  # (B, L, d)
+        gauss[clamp] = 0.5 * -slope.to(ids.device)[:, None] * (z0 - x).pow(2).sum(-1) * kept  # (B, L)
     if masked is None:
-        return gauss, torch.zeros_like(gauss), nll
+        return gauss, torch.zeros_like(nll), nll
     w = model.mask_schedule.weight(t).to(ids.device)[:, None]  # (B, 1)
-    return gauss * ~masked, w * nll * masked, nll
+    return gauss, w * nll * masked, nll
 
 
 def prior_nats(model, blocks: torch.Tensor) -> np.ndarray:
@@ -140,13 +149,13 @@ def reconstruction_nats(model, blocks: torch.Tensor, batch_size: int, generator:
                       leave=False):
         ids = blocks[start:start + batch_size].to(_device(model))  # (B, L)
         t = torch.full((len(ids),), t0, dtype=torch.float64)  # (B,)
-        nll = _integrand(model, ids, t, generator, with_nll=True)[2]  # (B, L)
+        nll = _integrand(model, ids, t, generator, clamps=())[2]  # (B, L)
         out.append(nll.sum(-1).cpu().numpy())
     return np.concatenate(out)
 
 
-def diffusion_terms(model, blocks: torch.Tensor, mc_samples: int, batch_size: int,
-                    generator: torch.Generator | None, progress: bool, t0: float) -> tuple[np.ndarray, np.ndarray]:
+def diffusion_terms(model, blocks: torch.Tensor, mc_samples: int, batch_size: int, generator: torch.Generator | None,
+                    progress: bool, t0: float, clamp: str = "none") -> tuple[np.ndarray, np.ndarray]:
     """Monte Carlo terms of the integral over [t0, 1], float64: (gaussian (N, K), absorbing (N, K)).
 
     The absorbing terms (hybrid) are zeros for the continuous family; each term is f(t) / q(t).
@@ -162,37 +171,40 @@ def diffusion_terms(model, blocks: torch.Tensor, mc_samples: int, batch_size: in
         sl = slice(start, start + batch_size)
         ids = blocks[rows[sl]].to(_device(model))  # (B, L)
         t, q = t_all[sl], q_all[sl]  # (B,)
-        g, a, _ = _integrand(model, ids, t, generator)  # (B, L) each
-        gauss.append((g.sum(-1).cpu() / q).numpy())
+        g, a, _ = _integrand(model, ids, t, generator, (clamp,))  # (B, L) each
+        gauss.append((g[clamp].sum(-1).cpu() / q).numpy())
         absorb.append((a.sum(-1).cpu() / q).numpy())
     shape = (n, mc_samples)
     return np.concatenate(gauss).reshape(shape), np.concatenate(absorb).reshape(shape)
 
 
-def choose_t0(model, blocks: torch.Tensor, generator: torch.Generator | None = None,
-              batch_size: int = 16) -> tuple[float, dict]:
-    """The t_0 of a grid on [T_MIN, 1) (`_t0_grid`) that minimises the bound on ``blocks`` (N, L).
+def choose_reverse(model, blocks: torch.Tensor, clamp: str | None = None, t0: float | None = None,
+                   generator: torch.Generator | None = None, batch_size: int = 16) -> tuple[str, float, dict]:
+    """The clamp (of `CLAMPS`) and t_0 (of the grid `_t0_grid` on [T_MIN, 1)) that minimise the bound on
+    ``blocks`` (N, L); a ``clamp`` or ``t0`` given is kept (a given t0 is compared at its nearest grid time).
 
-    At each grid time t_j one draw per block gives the integrand f(t_j) and the reconstruction
-    term r(t_j) (the same model pass); the bound of t_0 = t_j is approximated by
-    r(t_j) + the trapezoid integral of f from t_j to 1 (the grid's last time) in log t.
-    Returns t_0 and the curve {"t": [...], "bound_nats_per_token": [...]} (an approximation, only
-    used to choose t_0).
+    At each grid time t_j one draw per block gives the integrands f(t_j) and the reconstruction term
+    r(t_j) (one model pass); the bound of t_0 = t_j is approximated by r(t_j) + the trapezoid
+    integral of f from t_j to 1 (the grid's last time) in log t. Returns the clamp, t_0 and the
+    curves {"t": [...], clamp: [bound in nats per token, ...]} (approximations, only used to choose).
     """
+    clamps = CLAMPS if clamp is None else (clamp,)
     times = _t0_grid()  # (J,)
-    f, r = [], []
-    for t in times:
-        fs, rs = [], []
+    f = {c: np.zeros(len(times)) for c in clamps}
+    r = np.zeros(len(times))
+    for j, t in enumerate(times):
         for start in range(0, len(blocks), batch_size):
             ids = blocks[start:start + batch_size].to(_device(model))  # (B, L)
-            g, a, nll = _integrand(model, ids, t.expand(len(ids)), generator, with_nll=True)  # (B, L) each
-            fs.append((g + a).sum().item())
-            rs.append(nll.sum().item())
-        f.append(sum(fs) / blocks.numel())
-        r.append(sum(rs) / blocks.numel())
-    f, r, t = np.array(f), np.array(r), times.numpy()
-    ft = f * t  # (J,) the integrand in log t
-    pieces = 0.5 * (ft[1:] + ft[:-1]) * np.diff(np.log(t))  # (J-1,)
-    bound = r[:-1] + np.cumsum(pieces[::-1])[::-1]  # (J-1,) for t_0 = t_j: r(t_j) + integral from t_j to 1
-    best = int(np.argmin(bound))
-    return float(t[best]), {"t": t[:-1].tolist(), "bound_nats_per_token": bound.tolist()}
+            g, a, nll = _integrand(model, ids, t.expand(len(ids)), generator, clamps)  # (B, L) each
+            for c in clamps:
+                f[c][j] += (g[c] + a).sum().item() / blocks.numel()
+            r[j] += nll.sum().item() / blocks.numel()
+    grid = times.numpy()
+    curves = {"t": grid[:-1].tolist()}
+    for c in clamps:
+        ft = f[c] * grid  # (J,) the integrand in log t
+        pieces = 0.5 * (ft[1:] + ft[:-1]) * np.diff(np.log(grid))  # (J-1,)
+        curves[c] = (r[:-1] + np.cumsum(pieces[::-1])[::-1]).tolist()  # (J-1,) r(t_j) + integral from t_j to 1
+    rows = range(len(grid) - 1) if t0 is None else [int(np.argmin(np.abs(grid[:-1] - t0)))]
+    best_clamp, best_row = min(((c, j) for c in clamps for j in rows), key=lambda cj: curves[cj[0]][cj[1]])
+    return best_clamp, float(grid[best_row]) if t0 is None else t0, curves
