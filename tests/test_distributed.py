@@ -1,8 +1,9 @@
-"""Data-parallel training on CPU: two DDP processes (gloo) split every global batch between them, and end with
-the weights, and log the losses, of one process trained on the same global batches."""
+"""Data-parallel training on CPU: two DDP or FSDP processes (gloo) split every global batch between them, and end
+with the weights, and log the losses, of one process trained on the same global batches."""
 
 import csv
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -21,19 +22,18 @@ STEPS, PER_DEVICE = 6, 4
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-def _train(corpus, out, *args: str) -> None:
-    """`dimba train` (the ar family: its loss draws no random numbers) in a fresh interpreter."""
-    cmd = [sys.executable, "-m", "dimba", "train", "--quiet", "--family", "ar", "--data", str(corpus),
-           "--max-steps", str(STEPS), "--out", str(out), *args, *TINY]
+def _train(corpus, out, *args: str, steps: int = STEPS, family: str = "ar") -> None:
+    """`dimba train` (by default the ar family: its loss draws no random numbers) in a fresh interpreter."""
+    cmd = [sys.executable, "-m", "dimba", "train", "--quiet", "--family", family, "--data", str(corpus),
+           "--max-steps", str(steps), "--out", str(out), *args, *TINY]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def _losses(run) -> dict[int, float]:
+def _losses(run, steps: int = STEPS) -> dict[int, float]:
     with open(run / "metrics.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["loss"]]
-    steps = [int(r["step"]) for r in rows]
-    assert steps == list(range(1, STEPS + 1))  # one row per step: rank 1 wrote none
+    assert [int(r["step"]) for r in rows] == list(range(1, steps + 1))  # one row per step: rank 1 wrote none
     return {int(r["step"]): float(r["loss"]) for r in rows}
 
 
@@ -68,11 +68,66 @@ def test_ddp_on_two_processes_matches_one_process_with_the_global_batch(corpus, 
         torch.testing.assert_close(value, b["model"][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_multi_device_runs_need_a_named_folder_and_fsdp_is_refused(tmp_path, capsys):
+def _assert_close(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for name, value in a.items():
+        torch.testing.assert_close(value, b[name], atol=1e-5, rtol=1e-4, msg=f"{what} {name}")
+
+
+def test_fsdp_on_two_processes_matches_one_process_resumes_and_generates(corpus, tmp_path, capsys):
+    """Sharded weights, gradients, AdamW moments and EMA: the same training as one process, a checkpoint in the
+    usual single-file format (gathered on rank 0), a resume that continues it, and `dimba generate` reading it."""
+    from dimba.checkpoint import load_for_inference
+    from dimba.cli import main
+
+    fsdp, single = tmp_path / "fsdp", tmp_path / "single"
+    flat_lr = "train.min_lr_ratio=1.0"  # after warmup the LR is constant: the schedule does not depend on --max-steps
+    _train(corpus, fsdp, "--devices", "2", "--strategy", "fsdp", f"train.batch_size={PER_DEVICE}", flat_lr,
+           steps=STEPS // 2)
+    half = torch.load(fsdp / "checkpoints" / "last.ckpt", weights_only=True)
+    assert half["step"] == STEPS // 2 and int(half["ema"]["n_averaged"]) == STEPS // 2
+    _train(corpus, fsdp, "--resume", str(fsdp), steps=STEPS)  # the run's config.yaml: 2 devices, fsdp
+    _train(corpus, single, f"train.batch_size={2 * PER_DEVICE}", flat_lr)
+
+    assert [p.name for p in fsdp.rglob("metrics.csv")] == ["metrics.csv"]
+    fsdp_loss, single_loss = _losses(fsdp), _losses(single)
+    for step in fsdp_loss:  # before and after the resume
+        assert fsdp_loss[step] == pytest.approx(single_loss[step], abs=1e-4)
+
+    a = torch.load(fsdp / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(single / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["step"] == b["step"] == STEPS
+    _assert_close(a["model"], b["model"], "model")
+    _assert_close(a["ema"], b["ema"], "ema")  # the EMA of the shards is the shards of the EMA
+    opt_a, opt_b = a["optimizer"], b["optimizer"]
+    assert opt_a["param_groups"] == opt_b["param_groups"] and opt_a["state"].keys() == opt_b["state"].keys()
+    for index, moments in opt_a["state"].items():
+        _assert_close(moments, opt_b["state"][index], f"optimizer state {index}")
+
+    model, _ = load_for_inference(fsdp)
+    reference, _ = load_for_inference(single)
+    _assert_close(model.state_dict(), reference.state_dict(), "inference weights")
+    capsys.readouterr()
+    assert main(["generate", str(fsdp), "--prompt", "ROMEO:", "--length", "8"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
+
+
+def test_fsdp_ranks_take_the_random_self_conditioning_pass_together(corpus, tmp_path):
+    """Every FSDP forward gathers weights from all ranks: a rank taking the optional no-grad self-conditioning
+    pass alone would wait forever. With self-conditioning, accumulation and recomputed activations (more forward
+    passes), the run completes."""
+    run = tmp_path / "run"
+    _train(corpus, run, "--devices", "2", "--strategy", "fsdp", f"train.batch_size={PER_DEVICE}", "train.grad_accum=3",
+           "model.self_conditioning=true", "train.gradient_checkpointing=true", steps=3, family="continuous")
+    assert all(math.isfinite(loss) for loss in _losses(run, steps=3).values())
+
+
+def test_multi_device_runs_need_a_named_folder_and_fsdp_needs_a_scaler_free_precision(tmp_path, capsys):
     from dimba.cli import main
 
     assert main(["train", "--num-nodes", "2", "--quiet"]) == 2
     assert "pass --out RUN" in capsys.readouterr().err
-    assert main(["train", "--strategy", "fsdp", "--out", str(tmp_path / "run"), "--quiet"]) == 2
-    assert "train.strategy=fsdp is not supported" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
+    run = tmp_path / "run"
+    assert main(["train", "--strategy", "fsdp", "--out", str(run), "--quiet", "train.precision=16-mixed"]) == 2
+    assert "train.precision=16-mixed does not work with train.strategy=fsdp" in capsys.readouterr().err
+    assert not run.exists()

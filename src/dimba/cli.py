@@ -380,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-time", type=float, help="wall-clock budget in minutes")
     p.add_argument("--devices", type=int, help="processes (CPU) or GPUs per node; train.batch_size is per device")
     p.add_argument("--num-nodes", type=int, help="machines (launched by torchrun or SLURM, each with --devices)")
-    p.add_argument("--strategy", choices=["auto", "ddp", "fsdp"], help="multi-device strategy (default auto: DDP)")
+    p.add_argument("--strategy", choices=["auto", "ddp", "fsdp"],
+                   help="multi-device strategy (default auto: DDP; fsdp shards the model over the devices)")
     p.add_argument("--out", help="run directory (default runs/<timestamp>)")
     p.add_argument("--resume", nargs="?", const=True, help="continue a run: --resume RUN, or --resume with --out RUN")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -113,7 +113,8 @@ class TrainConfig(_Strict):
     accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     devices: int = Field(1, gt=0, description="processes (CPU) or GPUs per node; train.batch_size is per device")
     num_nodes: int = Field(1, gt=0, description="machines, each running train.devices processes")
-    strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description="how devices share the work (fsdp: not yet)")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description="how devices share the work: ddp (auto) "
+                                                     "replicates the model, fsdp shards weights, optimizer and EMA")
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
     gradient_checkpointing: bool = Field(False, description="recompute each block in the backward pass: less memory, ~30% more time")
     compile: bool = Field(False, description="torch.compile every backbone block (CUDA only)")

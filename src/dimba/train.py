@@ -25,6 +25,8 @@ from dimba.checkpoint import (CKPT_SUBDIR as CKPT_DIR, LAST_CKPT, atomic_save, c
 from dimba.config import Config, dump_yaml
 from dimba.data import prepare_data
 from dimba.errors import DimbaError, UsageError
+from dimba.fsdp import FORWARD_METHODS, PRECISIONS, full_state, shard_model, shard_optimizer_state
+from dimba.fsdp import strategy as fsdp_strategy
 from dimba.losses import compute_losses, random_prompt_mask
 from dimba.metrics_log import MetricsLog
 from dimba.model import build_model
@@ -133,19 +135,30 @@ def validation_loss(model, val: torch.Tensor, cfg: Config, device: torch.device)
     return {f"val_{k}": v / batches for k, v in totals.items()}
 
 
-def _accumulate(fabric: Fabric, fmodel, batches, cfg: Config) -> tuple[dict[str, torch.Tensor], bool]:
+def _accumulate(fabric: Fabric, fmodel, batches, cfg: Config, step: int = 0) -> tuple[dict[str, torch.Tensor], bool]:
     """Forward and backward over ``grad_accum`` micro-batches (gradients summed in the parameters);
-    returns the loss parts of the last one, averaged over ranks, and whether every loss, on every rank, was finite."""
+    returns the loss parts of the last one, averaged over ranks, and whether every loss, on every rank, was finite.
+
+    Under FSDP every forward pass gathers weights from all ranks, so all ranks must run the same passes: the
+    self-conditioning coin (an extra no-grad pass) is then tossed once per micro-batch for all ranks, from a
+    generator seeded by the micro-batch number (from ``step``, the number of steps already taken)."""
     tc, dc = cfg.train, cfg.diffusion
+    shared_coin = tc.strategy == "fsdp" and cfg.model.self_conditioning
     nonfinite = torch.zeros((), device=fabric.device)
     for micro in range(tc.grad_accum):
         ids = next(batches).to(fabric.device)  # (B, L)
         b, length = ids.shape
         drop = torch.rand(b, device=ids.device) < dc.cond_drop_prob  # (B,)
         prompt_mask = random_prompt_mask(b, length, dc.prompt_prob, ids.device)  # (B, L) or None
-        with fabric.no_backward_sync(fmodel, enabled=micro < tc.grad_accum - 1), fabric.autocast():
-            loss, parts = compute_losses(fmodel, ids, dc, prompt_mask=prompt_mask, drop_cond=drop)
-        fabric.backward(loss / tc.grad_accum)
+        self_cond = None  # each rank tosses its own coin inside the loss
+        if shared_coin:
+            coin = torch.Generator().manual_seed(tc.seed + step * tc.grad_accum + micro)
+            self_cond = float(torch.rand((), generator=coin) < dc.self_cond_prob)  # 1.0: always, 0.0: never
+        with fabric.no_backward_sync(fmodel, enabled=micro < tc.grad_accum - 1):  # FSDP decides in the backward
+            with fabric.autocast():
+                loss, parts = compute_losses(fmodel, ids, dc, prompt_mask=prompt_mask, drop_cond=drop,
+                                             self_cond_prob=self_cond)
+            fabric.backward(loss / tc.grad_accum)
         nonfinite += (~torch.isfinite(loss.detach())).float()
     names = list(parts)
     mean = fabric.all_reduce(torch.stack([parts[k].float() for k in names]), reduce_op="mean")  # (P,)
@@ -161,12 +174,11 @@ def _apply_speed_options(model, cfg: Config) -> None:
             block.compile()
 
 
-def _restore(state: dict[str, Any], model, ema, optimizer, scheduler, lr: float) -> None:
-    """Load a checkpoint's weights, EMA, optimizer, scheduler and RNG states. ``lr`` (this run's
-    ``train.lr``) replaces the stored base learning rate, so that a resumed run can lower it."""
-    model.load_state_dict(state["model"])
-    ema.load_state_dict(state["ema"])
-    optimizer.load_state_dict(state["optimizer"])
+def _restore(state: dict[str, Any], optimizer, scheduler, lr: float) -> None:
+    """Load a checkpoint's optimizer (into this rank's shards under FSDP), scheduler and RNG states (the weights
+    and EMA are loaded before sharding). ``lr`` (this run's ``train.lr``) replaces the stored base learning rate,
+    so that a resumed run can lower it."""
+    optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], optimizer))
     scheduler.load_state_dict(state["scheduler"])
     scheduler.base_lrs = [lr] * len(optimizer.param_groups)
     for group, f in zip(optimizer.param_groups, scheduler.lr_lambdas):
@@ -178,6 +190,13 @@ def _precision(cfg: Config) -> str:
     if cfg.train.precision != "auto":
         return cfg.train.precision
     return "bf16-mixed" if torch.cuda.is_available() and cfg.train.accelerator in ("auto", "cuda") else "32-true"
+
+
+def _no_weight_decay(model) -> set[str]:
+    """Names of the parameters AdamW does not decay: vectors, embeddings and those flagged ``_no_weight_decay``
+    (read before FSDP replaces the parameters, and their flags, with shards)."""
+    return {name for name, p in model.named_parameters()
+            if p.dim() < 2 or "embedding" in name or getattr(p, "_no_weight_decay", False)}
 
 
 def _load_tokenizer(cfg: Config, run_dir: Path) -> Tokenizer | None:
@@ -205,6 +224,9 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
     With ``train.devices`` x ``train.num_nodes`` > 1 (DDP), ``train.batch_size`` is per process: each rank
     trains on its own slice of every global batch (see `micro_batches`); logged losses are averaged over
     ranks; validation, logging and checkpoints happen on rank 0. Exact resume needs the same world size.
+    ``train.strategy=fsdp`` trains the same way with weights, gradients, optimizer moments and EMA sharded
+    over the ranks (see `dimba.fsdp`): every rank runs the validation (the EMA gathers its weights), and
+    each save gathers the whole state onto rank 0, which writes the checkpoint format of any other run.
     Fabric starts the extra processes by re-running the command line (``dimba train ...``), or joins
     those that ``torchrun`` / SLURM started, so call ``fit`` from a script, not an interactive session.
     """
@@ -212,12 +234,12 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
     tc = cfg.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
-    if tc.strategy == "fsdp":
-        raise UsageError("train.strategy=fsdp is not supported yet (the EMA and the checkpoints hold whole, unsharded "
-                         "weights): use train.strategy=ddp")
-    precision = _precision(cfg)
-    fabric = Fabric(accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=tc.strategy,
-                    precision=precision)
+    precision, sharded = _precision(cfg), tc.strategy == "fsdp"
+    if sharded and precision not in PRECISIONS:
+        raise UsageError(f"train.precision={precision} does not work with train.strategy=fsdp (no gradient scaler): "
+                         f"set train.precision to one of {', '.join(PRECISIONS)}")
+    fabric = Fabric(accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, precision=precision,
+                    strategy=fsdp_strategy(tc.devices * tc.num_nodes) if sharded else tc.strategy)
     fabric.launch()
     if tc.compile and fabric.device.type != "cuda":
         raise UsageError("train.compile=true needs a CUDA device (torch.compile brings little on CPU here): "
@@ -243,13 +265,23 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
     _apply_speed_options(model, cfg)
     if state is None:
         model.calibrate_latent_scale(data.train_head(tc.batch_size * fabric.world_size))  # on the global batch
+    else:
+        check_state_fits(model, state["model"], run_dir)
+        model.load_state_dict(state["model"])
     ema = AveragedModel(model, avg_fn=_ema_avg(tc.ema_decay), use_buffers=True)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        exempt = p.dim() < 2 or "embedding" in name or getattr(p, "_no_weight_decay", False)
-        (no_decay if exempt else decay).append(p)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=tc.lr, betas=(tc.beta1, tc.beta2))
+    if state is not None:
+        ema.load_state_dict(state["ema"])
+    ema.to(fabric.device)
+    exempt = _no_weight_decay(model)
+    fmodel = fabric.setup_module(model)  # DDP wraps the model; FSDP shards it in place
+    for name in FORWARD_METHODS:  # what the losses call besides forward goes through the DDP wrapper too
+        fmodel.mark_forward_method(name)
+    if sharded:  # the EMA sharded like the model: ema.update_parameters pairs them up shard by shard
+        shard_model(ema.module, fabric.strategy.device_mesh, reshard_root=True)
+    named = list(model.named_parameters())  # the shards under FSDP: the optimizer comes after the sharding
+    groups = [{"params": [p for n, p in named if n not in exempt], "weight_decay": tc.weight_decay},
+              {"params": [p for n, p in named if n in exempt], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2))
     clock = {"start": time.perf_counter(), "before": 0.0, "now": 0.0}  # this process, earlier sessions, last step
 
     def used_time() -> float:
@@ -257,20 +289,16 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
 
     time_fraction = (lambda: clock["now"] / (tc.max_time * 60)) if tc.max_time is not None else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, time_fraction))
+    optimizer = fabric.setup_optimizers(optimizer)
     step = bad_total = bad_streak = 0
     if state is not None:
         step, bad_total, bad_streak = int(state["step"]), int(state.get("bad_steps", 0)), int(state.get("bad_streak", 0))
         clock["before"] = clock["now"] = float(state.get("elapsed_s", 0.0))
-        check_state_fits(model, state["model"], run_dir)
-        _restore(state, model, ema, optimizer, scheduler, tc.lr)
+        _restore(state, optimizer, scheduler, tc.lr)
         if fabric.is_global_zero:
             remove_partial_saves(run_dir / CKPT_DIR)
-    if fabric.global_rank > 0:  # its own t, noise and masks (DDP copies rank 0's weights); rank 0 keeps its stream
+    if fabric.global_rank > 0:  # its own t, noise and masks (same initial weights everywhere); rank 0 keeps its stream
         fabric.seed_everything(tc.seed + 1_000_003 * fabric.global_rank + step, verbose=False)
-    fmodel, optimizer = fabric.setup(model, optimizer)
-    for name in ("token_logits", "decode"):  # what the losses call besides forward goes through the DDP wrapper too
-        fmodel.mark_forward_method(name)
-    ema.to(fabric.device)
 
     log = MetricsLog(run_dir / "metrics.csv", resume_step=step if resume else None, enabled=fabric.is_global_zero,
                      logger=tc.logger)
@@ -288,19 +316,21 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
 
     def save(final: bool = False) -> None:
         nonlocal saved_step
+        saved_step = step
+        weights = {key: full_state(obj.state_dict(), keep=fabric.is_global_zero)  # FSDP: gathered onto rank 0
+                   for key, obj in (("model", model), ("ema", ema), ("optimizer", optimizer))}
         if not fabric.is_global_zero:
             return
-        blob = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state(), "elapsed_s": used_time(),
-                "bad_steps": bad_total, "bad_streak": bad_streak}
+        blob = {**weights, "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state(),
+                "elapsed_s": used_time(), "bad_steps": bad_total, "bad_streak": bad_streak}
         if data_cfg.streaming:
             blob["data_position"] = list(batches.position)  # [epoch, document, offset]
         if not final and step % tc.save_every == 0:  # before last.ckpt: a crash in between replays this step
             atomic_save(blob, run_dir / CKPT_DIR / f"step-{step:07d}.ckpt")
         atomic_save(blob, run_dir / CKPT_DIR / LAST_CKPT)
-        saved_step = step
 
-    if step == 0 and fabric.is_global_zero:  # validation (no collectives inside) and logging: rank 0 only
+    validates = fabric.is_global_zero or sharded  # DDP: rank 0 alone; FSDP: all ranks (logging stays on rank 0)
+    if step == 0 and validates:
         log.write(0, validation_loss(ema.module, data.val, cfg, fabric.device))
     clock["start"], start_step = time.perf_counter(), step
     bar = tqdm(total=tc.max_steps, initial=step, disable=not (progress and fabric.is_global_zero), desc="train",
@@ -309,7 +339,7 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
     try:
         while step < tc.max_steps:
             fmodel.train()
-            parts, loss_ok = _accumulate(fabric, fmodel, batches, cfg)
+            parts, loss_ok = _accumulate(fabric, fmodel, batches, cfg, step)
             grad_norm = None
             if loss_ok:  # without clipping, max_norm=inf only measures the norm (the gradients are scaled by 1)
                 grad_norm = fabric.clip_gradients(fmodel, optimizer, max_norm=tc.grad_clip or math.inf,
@@ -344,10 +374,11 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
                     f"training diverged: {bad_streak} consecutive steps (up to step {step}) had a non-finite loss or "
                     f"gradient norm; lower train.lr (now {tc.lr:g}) or raise train.warmup_steps; {then}")
             out_of_time = tc.max_time is not None and elapsed >= tc.max_time * 60
-            if fabric.is_global_zero and (step % tc.eval_every == 0 or step == tc.max_steps or out_of_time):
+            if validates and (step % tc.eval_every == 0 or step == tc.max_steps or out_of_time):
                 val = validation_loss(ema.module, data.val, cfg, fabric.device)
                 log.write(step, val)
-                bar.write(f"step {step}: val_loss {val['val_loss']:.4f} (ce {val['val_ce']:.3f})", file=sys.stderr)
+                if fabric.is_global_zero:
+                    bar.write(f"step {step}: val_loss {val['val_loss']:.4f} (ce {val['val_ce']:.3f})", file=sys.stderr)
             if step % tc.save_every == 0 and bad_streak == 0:
                 save()
             if out_of_time:
