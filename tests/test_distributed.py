@@ -131,3 +131,21 @@ def test_multi_device_runs_need_a_named_folder_and_fsdp_needs_a_scaler_free_prec
     assert main(["train", "--strategy", "fsdp", "--out", str(run), "--quiet", "train.precision=16-mixed"]) == 2
     assert "train.precision=16-mixed does not work with train.strategy=fsdp" in capsys.readouterr().err
     assert not run.exists()
+
+
+def test_ddp_resume_on_two_processes_is_bitwise_exact(corpus, tmp_path):
+    """Every rank's generators are in the checkpoint: rank 1's t and masks (masked family) continue as if the run
+    had never stopped, so 3 steps + a resume to 6 end with the weights of 6 uninterrupted steps, bit for bit."""
+    args = ["--devices", "2", "--strategy", "ddp", f"train.batch_size={PER_DEVICE}", "train.min_lr_ratio=1.0"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    _train(corpus, whole, *args, family="masked")
+    _train(corpus, split, *args, steps=3, family="masked")
+    state = torch.load(split / "checkpoints" / "last.ckpt", weights_only=True)
+    assert len(state["rng_ranks"]) == 2 and not torch.equal(state["rng_ranks"][0]["torch"], state["rng_ranks"][1]["torch"])
+    _train(corpus, split, "--resume", str(split), *args, family="masked")
+    a = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(split / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["step"] == b["step"] == STEPS
+    for key in ("model", "ema"):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), f"{key} {name}"

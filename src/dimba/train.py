@@ -298,7 +298,11 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
         if fabric.is_global_zero:
             remove_partial_saves(run_dir / CKPT_DIR)
     if fabric.global_rank > 0:  # its own t, noise and masks (same initial weights everywhere); rank 0 keeps its stream
-        fabric.seed_everything(tc.seed + 1_000_003 * fabric.global_rank + step, verbose=False)
+        saved_rngs = state.get("rng_ranks", []) if state is not None else []
+        if len(saved_rngs) == fabric.world_size:  # resumed on as many ranks: each continues its own streams
+            set_rng_state(saved_rngs[fabric.global_rank])
+        else:
+            fabric.seed_everything(tc.seed + 1_000_003 * fabric.global_rank + step, verbose=False)
 
     log = MetricsLog(run_dir / "metrics.csv", resume_step=step if resume else None, enabled=fabric.is_global_zero,
                      logger=tc.logger)
@@ -319,9 +323,13 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
         saved_step = step
         weights = {key: full_state(obj.state_dict(), keep=fabric.is_global_zero)  # FSDP: gathered onto rank 0
                    for key, obj in (("model", model), ("ema", ema), ("optimizer", optimizer))}
+        rngs = [rng_state()]
+        if fabric.world_size > 1:  # every rank's generators, so that a resume on as many ranks is exact
+            rngs = [None] * fabric.world_size
+            torch.distributed.all_gather_object(rngs, rng_state())
         if not fabric.is_global_zero:
             return
-        blob = {**weights, "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state(),
+        blob = {**weights, "scheduler": scheduler.state_dict(), "step": step, "rng": rngs[0], "rng_ranks": rngs,
                 "elapsed_s": used_time(), "bad_steps": bad_total, "bad_streak": bad_streak}
         if data_cfg.streaming:
             blob["data_position"] = list(batches.position)  # [epoch, document, offset]
