@@ -150,6 +150,18 @@ def test_half_precision_is_computed_in_float32():
     assert torch.equal(y, y_fp32.bfloat16())
 
 
+def test_bf16_autocast_keeps_the_scan_in_float32():
+    """Under `train.precision=bf16-mixed` (CPU autocast) the scan's products stay float32: the same output and
+    gradients as without autocast (it used to fail on mixed bf16/float32 operands)."""
+    inputs = scan_inputs(length=50, groups=2, dtype=torch.float32)
+    plain = run_with_grads(selective_scan, inputs, chunk_size=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = run_with_grads(selective_scan, inputs, chunk_size=16)
+    pairs = [(auto[0], plain[0]), (auto[1], plain[1])] + [(auto[2][k], plain[2][k]) for k in plain[2]]
+    for a, b in pairs:
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
 def test_rejects_groups_not_dividing_heads():
     inputs = scan_inputs(heads=4, groups=3)
     with pytest.raises(ValueError, match="must divide"):

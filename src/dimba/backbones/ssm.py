@@ -77,15 +77,16 @@ def selective_scan(
     if pad:  # steps with dt = 0 neither decay nor write the state: an exact no-op, cropped below
         x_, dt_, B_, C_ = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x_, dt_, B_, C_))
     n_chunks = (length + pad) // Q
-    y, h_last = _ChunkedScan.apply(
-        x_.reshape(batch, n_chunks, Q, G, R, P),
-        dt_.reshape(batch, n_chunks, Q, G, R),
-        A_.reshape(G, R),
-        B_.reshape(batch, n_chunks, Q, G, N),
-        C_.reshape(batch, n_chunks, Q, G, N),
-        None if D_ is None else D_.reshape(G, R),
-        None if h0 is None else h0.reshape(batch, G, R, P, N),
-    )
+    with torch.autocast(x.device.type, enabled=False):  # under bf16/fp16 autocast too, the products stay float32
+        y, h_last = _ChunkedScan.apply(
+            x_.reshape(batch, n_chunks, Q, G, R, P),
+            dt_.reshape(batch, n_chunks, Q, G, R),
+            A_.reshape(G, R),
+            B_.reshape(batch, n_chunks, Q, G, N),
+            C_.reshape(batch, n_chunks, Q, G, N),
+            None if D_ is None else D_.reshape(G, R),
+            None if h0 is None else h0.reshape(batch, G, R, P, N),
+        )
     y = y.view(batch, n_chunks * Q, H, P)[:, :length].to(x.dtype)  # (b, L, H, P)
     return (y, h_last.view(batch, H, P, N)) if return_final_state else y
 
@@ -174,6 +175,11 @@ class _ChunkedScan(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, dh_last):
+        with torch.autocast(dy.device.type, enabled=False):  # float32 like the forward, whatever the autocast state
+            return _ChunkedScan._backward(ctx, dy, dh_last)
+
+    @staticmethod
+    def _backward(ctx, dy, dh_last):
         x, dt, A, B, C, D, h0, h, CB = ctx.saved_tensors
         Bg, Cg = B.transpose(2, 3), C.transpose(2, 3)  # (b, c, G, Q, N)
         dt_h = dt.permute(0, 1, 3, 4, 2)  # (b, c, G, R, Q)
