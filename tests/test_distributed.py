@@ -5,6 +5,7 @@ import csv
 import itertools
 import math
 import os
+import pickle
 import subprocess
 import sys
 
@@ -74,9 +75,27 @@ def _assert_close(a: dict, b: dict, what: str) -> None:
         torch.testing.assert_close(value, b[name], atol=1e-5, rtol=1e-4, msg=f"{what} {name}")
 
 
+def _sharded(run, tmp_path) -> tuple[dict, dict]:
+    """The latest sharded checkpoint of ``run``: its per-run state, and its shards assembled into one state dict
+    (the optimizer's keyed by parameter name) by torch's own converter (a test trusts its files)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from dimba.checkpoint import latest_checkpoint, load_training_state
+
+    folder = run / "checkpoints"
+    ckpt = latest_checkpoint(folder)
+    assert ckpt.is_dir() and ckpt.suffix == ".dcp" and not (folder / "last.ckpt").exists()  # nothing gathered
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "run.pt"} <= {p.name for p in ckpt.iterdir()}  # per rank
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporaries left
+    whole = tmp_path / f"{run.name}-{ckpt.name}.pt"
+    dcp_to_torch_save(ckpt, whole)
+    return load_training_state(ckpt), torch.load(whole, weights_only=False)
+
+
 def test_fsdp_on_two_processes_matches_one_process_resumes_and_generates(corpus, tmp_path, capsys):
-    """Sharded weights, gradients, AdamW moments and EMA: the same training as one process, a checkpoint in the
-    usual single-file format (gathered on rank 0), a resume that continues it, and `dimba generate` reading it."""
+    """Sharded weights, gradients, AdamW moments and EMA: the same training as one process, a sharded checkpoint
+    (each rank writes its shards), a resume that reads them back into the shards and continues, and
+    `dimba generate` assembling the EMA weights in one process."""
     from dimba.checkpoint import load_for_inference
     from dimba.cli import main
 
@@ -84,8 +103,8 @@ def test_fsdp_on_two_processes_matches_one_process_resumes_and_generates(corpus,
     flat_lr = "train.min_lr_ratio=1.0"  # after warmup the LR is constant: the schedule does not depend on --max-steps
     _train(corpus, fsdp, "--devices", "2", "--strategy", "fsdp", f"train.batch_size={PER_DEVICE}", flat_lr,
            steps=STEPS // 2)
-    half = torch.load(fsdp / "checkpoints" / "last.ckpt", weights_only=True)
-    assert half["step"] == STEPS // 2 and int(half["ema"]["n_averaged"]) == STEPS // 2
+    meta, half = _sharded(fsdp, tmp_path)
+    assert meta["step"] == STEPS // 2 and int(half["ema"]["n_averaged"]) == STEPS // 2 and len(meta["rng_ranks"]) == 2
     _train(corpus, fsdp, "--resume", str(fsdp), steps=STEPS)  # the run's config.yaml: 2 devices, fsdp
     _train(corpus, single, f"train.batch_size={2 * PER_DEVICE}", flat_lr)
 
@@ -94,15 +113,18 @@ def test_fsdp_on_two_processes_matches_one_process_resumes_and_generates(corpus,
     for step in fsdp_loss:  # before and after the resume
         assert fsdp_loss[step] == pytest.approx(single_loss[step], abs=1e-4)
 
-    a = torch.load(fsdp / "checkpoints" / "last.ckpt", weights_only=True)
+    meta, a = _sharded(fsdp, tmp_path)
+    assert [p.name for p in (fsdp / "checkpoints").glob("last-*.dcp")] == [meta["sharded"].name]  # older removed
     b = torch.load(single / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["step"] == b["step"] == STEPS
+    assert meta["step"] == b["step"] == STEPS
     _assert_close(a["model"], b["model"], "model")
     _assert_close(a["ema"], b["ema"], "ema")  # the EMA of the shards is the shards of the EMA
     opt_a, opt_b = a["optimizer"], b["optimizer"]
-    assert opt_a["param_groups"] == opt_b["param_groups"] and opt_a["state"].keys() == opt_b["state"].keys()
-    for index, moments in opt_a["state"].items():
-        _assert_close(moments, opt_b["state"][index], f"optimizer state {index}")
+    names = [name for group in opt_a["param_groups"] for name in group["params"]]  # in the order of b's ids
+    ids = [index for group in opt_b["param_groups"] for index in group["params"]]
+    assert len(names) == len(ids) == len(opt_a["state"]) == len(opt_b["state"])
+    for name, index in zip(names, ids):
+        _assert_close(opt_a["state"][name], opt_b["state"][index], f"optimizer state {name}")
 
     model, _ = load_for_inference(fsdp)
     reference, _ = load_for_inference(single)
@@ -110,6 +132,42 @@ def test_fsdp_on_two_processes_matches_one_process_resumes_and_generates(corpus,
     capsys.readouterr()
     assert main(["generate", str(fsdp), "--prompt", "ROMEO:", "--length", "8"]) == 0
     assert capsys.readouterr().out.startswith("ROMEO:")
+
+
+def test_a_damaged_sharded_checkpoint_is_refused_and_kept(corpus, tmp_path, capsys):
+    """A truncated shard file: `dimba train --resume` and `dimba generate` stop with one line (exit 2), and
+    nothing on disk changes."""
+    from dimba.checkpoint import latest_checkpoint
+    from dimba.cli import main
+
+    run = tmp_path / "run"
+    _train(corpus, run, "--devices", "2", "--strategy", "fsdp", f"train.batch_size={PER_DEVICE}", steps=2)
+    shard = latest_checkpoint(run / "checkpoints") / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    cmd = [sys.executable, "-m", "dimba", "train", "--quiet", "--resume", str(run), "--max-steps", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "__1_0.distcp is missing or truncated" in proc.stderr, proc.stderr
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "ROMEO:", "--length", "8"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "is damaged" in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+    # DCP's .metadata is a pickle: one that would run code when unpickled is refused without running it
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (latest_checkpoint(run / "checkpoints") / ".metadata").write_bytes(pickle.dumps(Payload()))
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "ROMEO:", "--length", "8"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and not marker.exists()
 
 
 def test_fsdp_ranks_take_the_random_self_conditioning_pass_together(corpus, tmp_path):

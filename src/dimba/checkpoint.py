@@ -1,7 +1,8 @@
 """Training state (atomic, resumable) and export folders (config.json + model.safetensors + tokenizer.json).
 
 Nothing here unpickles arbitrary objects: weights are safetensors, configs JSON/YAML, and the
-training state is read with ``torch.load(weights_only=True)``.
+training state is read with ``torch.load(weights_only=True)``. The sharded checkpoints of FSDP runs
+(`dimba.sharded`) hold a pickled DCP ``.metadata``, read with an unpickler restricted to DCP's own classes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dimba.errors import CheckpointError, first_line
 FORMAT_VERSION = 1
 CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME = "config.json", "model.safetensors", "tokenizer.json"
 LAST_CKPT = "last.ckpt"
+LAST_POINTER = "last.json"  # of FSDP runs: names the latest sharded checkpoint directory
 CKPT_SUBDIR = "checkpoints"
 
 
@@ -44,9 +46,20 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def remove_partial_saves(folder: Path) -> None:
-    """Delete the temporaries of checkpoint saves that a crash interrupted (``.NAME.ckpt.*`` in ``folder``)."""
-    for tmp in folder.glob(".*.ckpt.*"):
+    """Delete the temporaries of checkpoint saves that a crash interrupted in ``folder``: ``.NAME.ckpt.*`` files,
+    ``.NAME.dcp.*`` directories of sharded checkpoints and ``.last.json.*`` pointers."""
+    for tmp in [*folder.glob(".*.ckpt.*"), *folder.glob(f".{LAST_POINTER}.*")]:
         tmp.unlink(missing_ok=True)
+    for tmp in folder.glob(".*.dcp.*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def latest_checkpoint(folder: Path) -> Path:
+    """The latest training checkpoint in ``folder`` (a run's checkpoints/): the sharded checkpoint directory that
+    last.json points to (FSDP runs), otherwise last.ckpt (which may not exist)."""
+    from dimba.sharded import latest
+
+    return latest(folder) or folder / LAST_CKPT
 
 
 _STATE_KEYS = ("model", "ema", "optimizer", "scheduler", "step", "rng")
@@ -54,7 +67,12 @@ _STATE_KEYS = ("model", "ema", "optimizer", "scheduler", "step", "rng")
 
 def load_training_state(path: Path) -> dict[str, Any]:
     """Read a training checkpoint written by `atomic_save` (tensors and plain containers only: a file
-    that would run code when unpickled is refused without running it)."""
+    that would run code when unpickled is refused without running it). For a sharded checkpoint (a directory)
+    it reads the per-run state only, with ``"sharded"``: its path; the shards are loaded by `dimba.sharded.load`."""
+    if path.is_dir() and path.suffix == ".dcp":
+        from dimba.sharded import read_run_state
+
+        return read_run_state(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} not found: pass a run directory that holds checkpoints/{LAST_CKPT}")
     try:
@@ -192,10 +210,10 @@ def load_weights(model, weights: Path) -> None:
                               "family or size?): use the config.json exported with them")
 
 
-def check_state_fits(model, weights: dict[str, torch.Tensor], run: str | Path) -> None:
-    """Raise a one-line `CheckpointError` unless the state dict ``weights`` of run ``run`` loads strictly into
-    ``model`` (built from the run's config.yaml)."""
-    problem = _mismatch(model, {name: tuple(t.shape) for name, t in weights.items()}, complete=True)
+def check_state_fits(model, shapes: dict[str, tuple[int, ...]], run: str | Path) -> None:
+    """Raise a one-line `CheckpointError` unless a state dict with ``shapes`` (name -> shape) of run ``run`` loads
+    strictly into ``model`` (built from the run's config.yaml)."""
+    problem = _mismatch(model, shapes, complete=True)
     if problem:
         raise CheckpointError(f"the checkpoint of {str(run)!r} does not fit its config.yaml ({problem}; was "
                               "config.yaml edited, e.g. model.family?): restore the run's config.yaml or retrain")
@@ -214,18 +232,25 @@ def load_for_inference(path: str | Path, map_location: str = "cpu"):
         raise CheckpointError(f"model directory {str(path)!r} not found: pass a run directory (runs/NAME) or an export folder")
     if (path / CONFIG_NAME).is_file():
         model = load_pretrained(path, map_location)
-    elif (path / CKPT_SUBDIR / LAST_CKPT).is_file():
+    elif (path / CKPT_SUBDIR / LAST_CKPT).is_file() or (path / CKPT_SUBDIR / LAST_POINTER).is_file():
         cfg = load_run_config(path / "config.yaml")
         model = build_model(cfg.model)
-        ema = load_training_state(path / CKPT_SUBDIR / LAST_CKPT)["ema"]
-        weights = {k.removeprefix("module."): v for k, v in (ema if isinstance(ema, dict) else {}).items()
-                   if isinstance(k, str) and k.startswith("module.") and isinstance(v, torch.Tensor)}
-        check_state_fits(model, weights, path)
-        model.load_state_dict(weights, strict=True)
+        ckpt = latest_checkpoint(path / CKPT_SUBDIR)
+        if ckpt.is_dir():  # sharded (FSDP run): the EMA's shards assembled into whole tensors here
+            from dimba.sharded import load_ema_weights, stored_shapes
+
+            check_state_fits(model, stored_shapes(ckpt, "ema.module."), path)
+            load_ema_weights(ckpt, model)
+        else:
+            ema = load_training_state(ckpt)["ema"]
+            weights = {k.removeprefix("module."): v for k, v in (ema if isinstance(ema, dict) else {}).items()
+                       if isinstance(k, str) and k.startswith("module.") and isinstance(v, torch.Tensor)}
+            check_state_fits(model, {name: tuple(t.shape) for name, t in weights.items()}, path)
+            model.load_state_dict(weights, strict=True)
         model.to(map_location)
     else:
         raise CheckpointError(f"{str(path)!r} holds no model: expected {CONFIG_NAME} (export folder) or "
-                              f"{CKPT_SUBDIR}/{LAST_CKPT} (training run)")
+                              f"{CKPT_SUBDIR}/{LAST_CKPT} or {CKPT_SUBDIR}/{LAST_POINTER} (training run)")
     tok_path = path / TOKENIZER_NAME
     if not tok_path.is_file():
         raise CheckpointError(f"{str(tok_path)!r} not found: the model folder must hold its tokenizer.json")

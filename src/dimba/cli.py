@@ -69,7 +69,7 @@ def _check_devices(cfg: Config, run_named: bool = True) -> None:
 
 def _fit_new_run(cfg: Config, run_dir: Path, progress: bool) -> None:
     """`fit` a new run; if a user error stops it before its first checkpoint, remove what it wrote."""
-    from dimba.checkpoint import CKPT_SUBDIR, LAST_CKPT
+    from dimba.checkpoint import CKPT_SUBDIR, LAST_CKPT, LAST_POINTER
     from dimba.train import fit
 
     created = None if run_dir.exists() else run_dir  # the top-most folder that fit will create
@@ -78,7 +78,7 @@ def _fit_new_run(cfg: Config, run_dir: Path, progress: bool) -> None:
     try:
         fit(cfg, run_dir, resume=False, progress=progress)
     except DimbaError:
-        if not (run_dir / CKPT_SUBDIR / LAST_CKPT).exists():
+        if not any((run_dir / CKPT_SUBDIR / name).exists() for name in (LAST_CKPT, LAST_POINTER)):  # no checkpoint yet
             if created is not None:
                 shutil.rmtree(created, ignore_errors=True)
             else:  # the folder was there, empty: empty it again

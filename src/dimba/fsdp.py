@@ -4,9 +4,9 @@ Lightning Fabric's ``ModelParallelStrategy``, on GPUs (NCCL) and on CPU processe
 Each backbone block is one FSDP unit and the root holds the rest (embeddings, tied head, conditioning): every
 rank stores 1/world of each weight, gradient and AdamW moment, and of each EMA weight too, since the EMA is a copy
 of the model sharded the same way. The EMA update is elementwise, so averaging the local shards gives exactly the
-EMA of a DDP run. Checkpoints keep the single-file format of every other run (so `dimba generate / export / eval`
-and a resume on any number of devices read them unchanged): `full_state` gathers the shards into whole tensors on
-rank 0 at each save, and `shard_optimizer_state` cuts a whole optimizer state back into this rank's shards.
+EMA of a DDP run. Checkpoints are sharded: each rank writes and reads only its shards (`dimba.sharded`). A run
+that switches to FSDP on resume reads the single-file checkpoint of its earlier sessions: the weights load before
+sharding, and `shard_optimizer_state` cuts the whole optimizer state into this rank's shards.
 
 Lightning's ``FSDPStrategy`` (FSDP1) is not used: Fabric refuses it off CUDA, and torch's FSDP1 needs an
 accelerator device.
@@ -42,21 +42,6 @@ def shard_model(model: torch.nn.Module, mesh: DeviceMesh, reshard_root: bool | N
     for name in FORWARD_METHODS:
         register_fsdp_forward_method(model, name)
     return model
-
-
-def full_state(state: Any, keep: bool) -> Any:
-    """``state`` (a state dict, nested for an optimizer) with each sharded tensor gathered whole onto the CPU.
-
-    A collective when anything is sharded: every rank calls it on the same structure; those with ``keep=False``
-    only contribute their shards and get None for the gathered tensors. Without shards it returns ``state``."""
-    if isinstance(state, DTensor):
-        whole = state.full_tensor()
-        return whole.cpu() if keep else None
-    if isinstance(state, dict):
-        return {key: full_state(value, keep) for key, value in state.items()}
-    if isinstance(state, list):
-        return [full_state(value, keep) for value in state]
-    return state
 
 
 def shard_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Checkpoints are atomic and hold all that a bitwise-identical continuation needs: weights, optimizer,
 scheduler, EMA, step (the data position is ``step * grad_accum`` micro-batches, or with ``data.streaming``
-the stream position) and every RNG state.
+the stream position) and every RNG state. FSDP runs write them sharded (`dimba.sharded`).
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from lightning_fabric import Fabric
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from dimba.checkpoint import (CKPT_SUBDIR as CKPT_DIR, LAST_CKPT, atomic_save, check_state_fits, load_training_state,
-                              remove_partial_saves)
+from dimba import sharded as sharded_ckpt
+from dimba.checkpoint import (CKPT_SUBDIR as CKPT_DIR, LAST_CKPT, atomic_save, check_state_fits, latest_checkpoint,
+                              load_training_state, remove_partial_saves)
 from dimba.config import Config, dump_yaml
 from dimba.data import prepare_data
 from dimba.errors import DimbaError, UsageError
-from dimba.fsdp import FORWARD_METHODS, PRECISIONS, full_state, shard_model, shard_optimizer_state
+from dimba.fsdp import FORWARD_METHODS, PRECISIONS, shard_model, shard_optimizer_state
 from dimba.fsdp import strategy as fsdp_strategy
 from dimba.losses import compute_losses, random_prompt_mask
 from dimba.metrics_log import MetricsLog
@@ -175,10 +176,12 @@ def _apply_speed_options(model, cfg: Config) -> None:
 
 
 def _restore(state: dict[str, Any], optimizer, scheduler, lr: float) -> None:
-    """Load a checkpoint's optimizer (into this rank's shards under FSDP), scheduler and RNG states (the weights
-    and EMA are loaded before sharding). ``lr`` (this run's ``train.lr``) replaces the stored base learning rate,
-    so that a resumed run can lower it."""
-    optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], optimizer))
+    """Load a checkpoint's optimizer (a single-file one's: into this rank's shards under FSDP; a sharded one's
+    is loaded already), scheduler and RNG states (the weights and EMA of a single file are loaded before
+    sharding). ``lr`` (this run's ``train.lr``) replaces the stored base learning rate, so that a resumed run
+    can lower it."""
+    if "optimizer" in state:
+        optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], optimizer))
     scheduler.load_state_dict(state["scheduler"])
     scheduler.base_lrs = [lr] * len(optimizer.param_groups)
     for group, f in zip(optimizer.param_groups, scheduler.lr_lambdas):
@@ -211,7 +214,8 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
     """Train a model in ``run_dir`` (created, or continued with ``resume``); returns the run dir.
 
     The run dir receives config.yaml, tokenizer.json, metrics.csv and checkpoints/ (last.ckpt
-    plus periodic step-N.ckpt, each written atomically). Generation and export use the EMA weights.
+    plus periodic step-N.ckpt, each written atomically; under FSDP sharded directories and last.json, their
+    pointer). Generation and export use the EMA weights.
     On resume, the checkpoint's state continues bitwise exactly (on CPU), with ``train.lr`` of ``cfg``.
 
     A step whose loss or gradient norm is NaN/inf (on any rank) is skipped: the weights, optimizer
@@ -226,7 +230,9 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
     ranks; validation, logging and checkpoints happen on rank 0. Exact resume needs the same world size.
     ``train.strategy=fsdp`` trains the same way with weights, gradients, optimizer moments and EMA sharded
     over the ranks (see `dimba.fsdp`): every rank runs the validation (the EMA gathers its weights), and
-    each save gathers the whole state onto rank 0, which writes the checkpoint format of any other run.
+    each save is sharded: every rank writes its own shards (see `dimba.sharded`; a resume reads them back into
+    the shards, nothing is gathered). An FSDP run resumes from an unsharded checkpoint too; a sharded one
+    resumes under FSDP only.
     Fabric starts the extra processes by re-running the command line (``dimba train ...``), or joins
     those that ``torchrun`` / SLURM started, so call ``fit`` from a script, not an interactive session.
     """
@@ -255,7 +261,11 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
         data = prepare_data(data_cfg.corpus, data_cfg.seq_len, data_cfg.val_fraction, tokenizer, data_cfg.vocab_size)
     cfg.model.vocab_size = data.tokenizer.vocab_size
     cfg.model.context_length = cfg.data.seq_len
-    state = load_training_state(run_dir / CKPT_DIR / LAST_CKPT) if resume else None
+    state = load_training_state(latest_checkpoint(run_dir / CKPT_DIR)) if resume else None
+    shards = state.get("sharded") if state is not None else None  # the directory of a sharded checkpoint
+    if shards is not None and not sharded:
+        raise UsageError(f"the checkpoint of {run_dir} is sharded (written by train.strategy=fsdp): resume it with "
+                         "train.strategy=fsdp")
     if fabric.is_global_zero and not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
         data.tokenizer.save(run_dir / "tokenizer.json")
@@ -265,11 +275,13 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
     _apply_speed_options(model, cfg)
     if state is None:
         model.calibrate_latent_scale(data.train_head(tc.batch_size * fabric.world_size))  # on the global batch
+    elif shards is not None:  # loaded once sharded, below
+        check_state_fits(model, sharded_ckpt.stored_shapes(shards, "model."), run_dir)
     else:
-        check_state_fits(model, state["model"], run_dir)
+        check_state_fits(model, {name: tuple(t.shape) for name, t in state["model"].items()}, run_dir)
         model.load_state_dict(state["model"])
     ema = AveragedModel(model, avg_fn=_ema_avg(tc.ema_decay), use_buffers=True)
-    if state is not None:
+    if state is not None and shards is None:
         ema.load_state_dict(state["ema"])
     ema.to(fabric.device)
     exempt = _no_weight_decay(model)
@@ -294,6 +306,8 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
     if state is not None:
         step, bad_total, bad_streak = int(state["step"]), int(state.get("bad_steps", 0)), int(state.get("bad_streak", 0))
         clock["before"] = clock["now"] = float(state.get("elapsed_s", 0.0))
+        if shards is not None:  # each rank reads its shards into the sharded model, EMA and optimizer
+            sharded_ckpt.load(shards, model, ema, optimizer.optimizer)
         _restore(state, optimizer, scheduler, tc.lr)
         if fabric.is_global_zero:
             remove_partial_saves(run_dir / CKPT_DIR)
@@ -321,19 +335,22 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
     def save(final: bool = False) -> None:
         nonlocal saved_step
         saved_step = step
-        weights = {key: full_state(obj.state_dict(), keep=fabric.is_global_zero)  # FSDP: gathered onto rank 0
-                   for key, obj in (("model", model), ("ema", ema), ("optimizer", optimizer))}
         rngs = [rng_state()]
         if fabric.world_size > 1:  # every rank's generators, so that a resume on as many ranks is exact
             rngs = [None] * fabric.world_size
             torch.distributed.all_gather_object(rngs, rng_state())
+        run_state = {"scheduler": scheduler.state_dict(), "step": step, "rng": rngs[0], "rng_ranks": rngs,
+                     "elapsed_s": used_time(), "bad_steps": bad_total, "bad_streak": bad_streak}
+        if data_cfg.streaming:
+            run_state["data_position"] = list(batches.position)  # [epoch, document, offset]
+        periodic = not final and step % tc.save_every == 0
+        if sharded:  # every rank writes its shards
+            sharded_ckpt.save(fabric, run_dir / CKPT_DIR, periodic, step, model, ema, optimizer.optimizer, run_state)
+            return
         if not fabric.is_global_zero:
             return
-        blob = {**weights, "scheduler": scheduler.state_dict(), "step": step, "rng": rngs[0], "rng_ranks": rngs,
-                "elapsed_s": used_time(), "bad_steps": bad_total, "bad_streak": bad_streak}
-        if data_cfg.streaming:
-            blob["data_position"] = list(batches.position)  # [epoch, document, offset]
-        if not final and step % tc.save_every == 0:  # before last.ckpt: a crash in between replays this step
+        blob = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), **run_state}
+        if periodic:  # before last.ckpt: a crash in between replays this step
             atomic_save(blob, run_dir / CKPT_DIR / f"step-{step:07d}.ckpt")
         atomic_save(blob, run_dir / CKPT_DIR / LAST_CKPT)
 
