@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from dimba.backbones.ssm import selective_scan, selective_scan_sequential
+from dimba.bench_train import matmul_peak_gflops
 
 SHAPE = dict(batch=8, length=512, heads=8, headdim=64, d_state=64, groups=1, chunk=64)
 
@@ -82,19 +83,6 @@ def fwd_bwd(fn, inputs, dy) -> float:
     return time.perf_counter() - t0
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """Median fp32 GFLOP/s of an n x n matmul at the current thread count."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times) / 1e9
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--png", default="bench/scan.png")
@@ -109,7 +97,7 @@ def main() -> None:
         ref = selective_scan(*inputs, chunk_size=SHAPE["chunk"])  # (b, L, H, P)
         max_diff = {k: (fn(*inputs, chunk_size=SHAPE["chunk"]) - ref).abs().max().item() for k, fn in impls.items()}
 
-    peak = matmul_gflops()
+    peak = matmul_peak_gflops(torch.device("cpu"))
     times: dict[str, list[float]] = {k: [] for k in impls}
     for fn in impls.values():  # warm-up
         fwd_bwd(fn, inputs, dy)
@@ -117,7 +105,7 @@ def main() -> None:
         for k, fn in impls.items():
             if k != "sequential" or i < args.seq_repeats:
                 times[k].append(fwd_bwd(fn, inputs, dy))
-    peak_after = matmul_gflops()
+    peak_after = matmul_peak_gflops(torch.device("cpu"))
     med = {k: statistics.median(v) for k, v in times.items()}
 
     s = SHAPE

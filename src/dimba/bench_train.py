@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dimba.config import Config
 from dimba.data import prepare_data
+from dimba.fsdp import FORWARD_METHODS
 from dimba.model import build_model
 from dimba.train import _accumulate, _apply_speed_options, _precision, micro_batches
 
@@ -72,7 +73,7 @@ def measure_training(cfg: Config, steps: int = 20, warmup: int = 3) -> dict:
     model.calibrate_latent_scale(data.train_head(tc.batch_size))
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr)
     fmodel, optimizer = fabric.setup(model, optimizer)
-    for name in ("token_logits", "decode"):
+    for name in FORWARD_METHODS:
         fmodel.mark_forward_method(name)
     batches = micro_batches(data.train, tc.batch_size, tc.seed)
     device = fabric.device

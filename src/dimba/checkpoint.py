@@ -54,6 +54,11 @@ def remove_partial_saves(folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def has_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` (a run's checkpoints/) holds a training checkpoint: last.ckpt, or last.json (FSDP runs)."""
+    return (folder / LAST_CKPT).is_file() or (folder / LAST_POINTER).is_file()
+
+
 def latest_checkpoint(folder: Path) -> Path:
     """The latest training checkpoint in ``folder`` (a run's checkpoints/): the sharded checkpoint directory that
     last.json points to (FSDP runs), otherwise last.ckpt (which may not exist)."""
@@ -232,7 +237,7 @@ def load_for_inference(path: str | Path, map_location: str = "cpu"):
         raise CheckpointError(f"model directory {str(path)!r} not found: pass a run directory (runs/NAME) or an export folder")
     if (path / CONFIG_NAME).is_file():
         model = load_pretrained(path, map_location)
-    elif (path / CKPT_SUBDIR / LAST_CKPT).is_file() or (path / CKPT_SUBDIR / LAST_POINTER).is_file():
+    elif has_checkpoint(path / CKPT_SUBDIR):
         cfg = load_run_config(path / "config.yaml")
         model = build_model(cfg.model)
         ckpt = latest_checkpoint(path / CKPT_SUBDIR)

@@ -69,7 +69,7 @@ def _check_devices(cfg: Config, run_named: bool = True) -> None:
 
 def _fit_new_run(cfg: Config, run_dir: Path, progress: bool) -> None:
     """`fit` a new run; if a user error stops it before its first checkpoint, remove what it wrote."""
-    from dimba.checkpoint import CKPT_SUBDIR, LAST_CKPT, LAST_POINTER
+    from dimba.checkpoint import CKPT_SUBDIR, has_checkpoint
     from dimba.train import fit
 
     created = None if run_dir.exists() else run_dir  # the top-most folder that fit will create
@@ -78,7 +78,7 @@ def _fit_new_run(cfg: Config, run_dir: Path, progress: bool) -> None:
     try:
         fit(cfg, run_dir, resume=False, progress=progress)
     except DimbaError:
-        if not any((run_dir / CKPT_SUBDIR / name).exists() for name in (LAST_CKPT, LAST_POINTER)):  # no checkpoint yet
+        if not has_checkpoint(run_dir / CKPT_SUBDIR):
             if created is not None:
                 shutil.rmtree(created, ignore_errors=True)
             else:  # the folder was there, empty: empty it again
@@ -142,15 +142,15 @@ def _sample_settings(args: argparse.Namespace) -> SampleConfig:
 
 def _prompt_and_length(args: argparse.Namespace, model, tokenizer) -> tuple[list[int], int]:
     """The ids of ``--prompt`` and ``--length`` (default: fill the context); one line if they do not fit the context."""
+    from dimba.sample_quality import check_fits
+
     context = model.config.context_length or 256
     prompt = tokenizer.encode(args.prompt) if getattr(args, "prompt", None) else []
     if len(prompt) >= context:
         raise UsageError(f"the prompt is {len(prompt)} tokens, not shorter than the model context of {context} tokens: "
                          "shorten --prompt")
     length = args.length if args.length is not None else context - len(prompt)
-    if len(prompt) + length > context:
-        raise UsageError(f"prompt ({len(prompt)} tokens) + --length {length} exceeds the model context of {context} "
-                         f"tokens: use --length {context - len(prompt)} or less")
+    check_fits(context, len(prompt), length, "the prompt")
     return prompt, length
 
 

@@ -24,16 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 from dimba import likelihood_gaussian as gaussian
+from dimba.likelihood_gaussian import model_device
 from dimba.diffusion.masked import subs_log_probs
 from dimba.errors import UsageError
 
 FAMILIES = ("ar", "masked", "continuous", "hybrid")
-
-
-def _device(model) -> torch.device:
-    params = model.parameters() if hasattr(model, "parameters") else iter(())
-    first = next(iter(params), None)
-    return first.device if first is not None else torch.device("cpu")
 
 
 def _text_bytes(blocks: torch.Tensor, tokenizer) -> int:
@@ -48,7 +43,7 @@ def _ar_block_nll(model, blocks: torch.Tensor, batch_size: int, progress: bool) 
     """
     out = []
     for start in tqdm(range(0, len(blocks), batch_size), desc="eval ar", disable=not progress, leave=False):
-        x = blocks[start:start + batch_size].to(_device(model))  # (B, L)
+        x = blocks[start:start + batch_size].to(model_device(model))  # (B, L)
         logp = model.token_logits(x)[:, :-1].double().log_softmax(-1)  # (B, L-1, V)
         nll = -logp.gather(-1, x[:, 1:, None])[..., 0]  # (B, L-1)
         out.append(nll.sum(-1).cpu().numpy())
@@ -73,7 +68,7 @@ def _masked_block_terms(model, blocks: torch.Tensor, mc_samples: int, batch_size
     so m is uniform on {1..L} in each stratum average. Sums accumulate in float64.
     """
     n, length = blocks.shape
-    dev = _device(model)
+    dev = model_device(model)
     u = torch.rand(n, 1, generator=generator, dtype=torch.float64)  # (N, 1)
     s = (torch.arange(mc_samples, dtype=torch.float64)[None] + u) / mc_samples  # (N, K)
     m = (s * length).ceil().clamp(1, length).long().flatten()  # (N*K,)

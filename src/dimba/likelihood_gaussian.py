@@ -79,8 +79,11 @@ def proposal(u: torch.Tensor, t0: float) -> tuple[torch.Tensor, torch.Tensor]:
     return t, q
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
+def model_device(model) -> torch.device:
+    """The device of ``model``'s parameters (the CPU for a model without any)."""
+    params = model.parameters() if hasattr(model, "parameters") else iter(())
+    first = next(iter(params), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def _dtype(model) -> torch.dtype:
@@ -136,7 +139,7 @@ def prior_nats(model, blocks: torch.Tensor) -> np.ndarray:
     ab1 = float(model.schedule.alpha_bar64(torch.ones((), dtype=torch.float64)))
     if model.family == "hybrid" or ab1 == 0.0:
         return np.zeros(len(blocks))
-    z0 = model.encode(blocks.to(_device(model))).double()  # (N, L, d)
+    z0 = model.encode(blocks.to(model_device(model))).double()  # (N, L, d)
     kl = 0.5 * (ab1 * z0.pow(2) - ab1 - math.log(1 - ab1))  # (N, L, d)
     return kl.sum((1, 2)).cpu().numpy()
 
@@ -147,7 +150,7 @@ def reconstruction_nats(model, blocks: torch.Tensor, batch_size: int, generator:
     out = []
     for start in tqdm(range(0, len(blocks), batch_size), desc="eval reconstruction", disable=not progress,
                       leave=False):
-        ids = blocks[start:start + batch_size].to(_device(model))  # (B, L)
+        ids = blocks[start:start + batch_size].to(model_device(model))  # (B, L)
         t = torch.full((len(ids),), t0, dtype=torch.float64)  # (B,)
         nll = _integrand(model, ids, t, generator, clamps=())[2]  # (B, L)
         out.append(nll.sum(-1).cpu().numpy())
@@ -169,7 +172,7 @@ def diffusion_terms(model, blocks: torch.Tensor, mc_samples: int, batch_size: in
     for start in tqdm(range(0, n * mc_samples, batch_size), desc=f"eval {model.family}", disable=not progress,
                       leave=False):
         sl = slice(start, start + batch_size)
-        ids = blocks[rows[sl]].to(_device(model))  # (B, L)
+        ids = blocks[rows[sl]].to(model_device(model))  # (B, L)
         t, q = t_all[sl], q_all[sl]  # (B,)
         g, a, _ = _integrand(model, ids, t, generator, (clamp,))  # (B, L) each
         gauss.append((g[clamp].sum(-1).cpu() / q).numpy())
@@ -194,7 +197,7 @@ def choose_reverse(model, blocks: torch.Tensor, clamp: str | None = None, t0: fl
     r = np.zeros(len(times))
     for j, t in enumerate(times):
         for start in range(0, len(blocks), batch_size):
-            ids = blocks[start:start + batch_size].to(_device(model))  # (B, L)
+            ids = blocks[start:start + batch_size].to(model_device(model))  # (B, L)
             g, a, nll = _integrand(model, ids, t.expand(len(ids)), generator, clamps)  # (B, L) each
             for c in clamps:
                 f[c][j] += (g[c] + a).sum().item() / blocks.numel()

@@ -132,7 +132,8 @@ def load_references(path: str | Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def _check_fits(context: int, prompt_len: int, length: int, what: str) -> None:
+def check_fits(context: int, prompt_len: int, length: int, what: str) -> None:
+    """A one-line `UsageError` unless ``what`` (``prompt_len`` tokens) + ``length`` new tokens fit ``context``."""
     if prompt_len + length > context:
         raise UsageError(f"{what} ({prompt_len} tokens) + --length {length} exceeds the model context of {context} "
                          f"tokens: use --length {max(context - prompt_len, 1)} or less, or a shorter prompt")
@@ -169,10 +170,10 @@ def sample_quality(model, tokenizer, judge, judge_tokenizer, num_samples: int, s
     if num_samples < 1 or length < 1:
         raise UsageError(f"--samples and --length must be at least 1, got {num_samples} and {length}")
     context = model.config.context_length or 256
-    _check_fits(context, len(prompt_ids), length, "the prompt")
+    check_fits(context, len(prompt_ids), length, "the prompt")
     prompts = [tokenizer.encode(p) if p else [] for p, _ in references or ()]
     for number, ids in enumerate(prompts, 1):
-        _check_fits(context, len(ids), length, f"the prompt of references line {number}")
+        check_fits(context, len(ids), length, f"the prompt of references line {number}")
     if references:
         _eval_extras()  # fail before generating, not after
 
