@@ -24,6 +24,7 @@ import torch
 from dimba.backbones import Block
 from dimba.backbones.mamba import BiMamba2
 from dimba.backbones.transformer import Attention
+from dimba.malloc import keep_freed_memory
 
 D_MODEL, BATCH, COND = 256, 8, 256
 LENGTHS = (128, 512, 2048, 8192)
@@ -65,6 +66,7 @@ def run_point(kind: str, length: int, repeats: int) -> dict:
         "rss_before_mib": round(rss_before, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "threads": torch.get_num_threads(),
+        "malloc_keeps_freed_memory": keep_freed_memory(),
     }
 
 
@@ -74,6 +76,7 @@ def main() -> None:
     ap.add_argument("--point", nargs=2, metavar=("KIND", "L"), help=argparse.SUPPRESS)
     ap.add_argument("--skip", nargs="*", default=[], metavar="KIND:L", help="points not to run, e.g. transformer:8192")
     args = ap.parse_args()
+    keep_freed_memory()  # as the dimba command does (DIMBA_SYSTEM_MALLOC=1: glibc defaults)
     if args.point:
         kind, length = args.point[0], int(args.point[1])
         print(json.dumps(run_point(kind, length, REPEATS[length])))

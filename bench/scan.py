@@ -24,6 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from dimba.malloc import keep_freed_memory
 from dimba.backbones.ssm import selective_scan, selective_scan_sequential
 from dimba.bench_train import matmul_peak_gflops
 
@@ -89,6 +90,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--seq-repeats", type=int, default=3, help="repeats of the slow sequential loop")
     args = ap.parse_args()
+    keep_freed_memory()  # as the dimba command does (DIMBA_SYSTEM_MALLOC=1: glibc defaults)
 
     impls = {"selective_scan": selective_scan, "sequential": selective_scan_sequential, "minimal_ssd": minimal_ssd}
     inputs = make_inputs()
@@ -115,6 +117,7 @@ def main() -> None:
     out = {
         "shape": SHAPE,
         "threads": torch.get_num_threads(),
+        "malloc_keeps_freed_memory": keep_freed_memory(),
         "torch": torch.__version__,
         "repeats": {k: len(v) for k, v in times.items()},
         "median_ms": {k: round(v * 1e3, 2) for k, v in med.items()},

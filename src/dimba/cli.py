@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dimba.config import Config, ModelConfig, SampleConfig
 from dimba.errors import DimbaError, UsageError
+from dimba.malloc import keep_freed_memory
 
 
 def _train_overrides(args: argparse.Namespace) -> list[str]:
@@ -488,6 +489,7 @@ def _check_ranges(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dimba`` console script; user errors exit with status 2."""
+    keep_freed_memory()
     try:
         args = build_parser().parse_args(argv)
         _check_ranges(args)

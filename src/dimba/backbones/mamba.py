@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dimba.backbones.mixer_ops import causal_conv1d_silu, gated_rms_norm
 from dimba.backbones.ssm import selective_scan
 
 try:
@@ -34,9 +35,8 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        g = (y.float() * F.silu(z.float())).unflatten(-1, (-1, self.group_size))  # (..., G, dim/G)
-        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., G, dim/G)
-        return (g.flatten(-2) * self.weight.float()).to(y.dtype)  # (..., dim)
+        """y, z: (..., dim) -> (..., dim) in the dtype of y."""
+        return gated_rms_norm(y, z, self.weight, self.group_size, self.eps)
 
 
 class Mamba2Mixer(nn.Module):
@@ -136,12 +136,11 @@ class Mamba2Mixer(nn.Module):
 
     def _causal_conv(self, xBC: torch.Tensor) -> torch.Tensor:
         """Depthwise causal convolution over time followed by SiLU: (B, L, C) -> (B, L, C)."""
+        weight = self.conv1d.weight.squeeze(1)  # (C, d_conv)
         if causal_conv1d_fn is not None and xBC.is_cuda:
-            weight = self.conv1d.weight.squeeze(1)  # (C, d_conv)
             out = causal_conv1d_fn(xBC.transpose(1, 2), weight, self.conv1d.bias, activation="silu")  # (B, C, L)
             return out.transpose(1, 2)
-        out = self.conv1d(xBC.transpose(1, 2))[..., : xBC.shape[1]]  # (B, C, L): crop the right padding
-        return F.silu(out).transpose(1, 2)  # (B, L, C)
+        return causal_conv1d_silu(xBC, weight, self.conv1d.bias)  # (B, L, C)
 
 
 class BiMamba2(nn.Module):

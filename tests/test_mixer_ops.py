@@ -1,0 +1,94 @@
+"""The hand-written causal conv + SiLU and gated RMSNorm equal the plain compositions they replace."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dimba.backbones.mixer_ops import causal_conv1d_silu, gated_rms_norm
+
+
+def _conv_reference(x, weight, bias):
+    """silu(nn.Conv1d with left padding K-1) in the (B, C, L) layout it wants, back to (B, L, C)."""
+    K, L = weight.shape[1], x.shape[1]
+    out = F.conv1d(x.transpose(1, 2), weight[:, None], bias, padding=K - 1, groups=x.shape[2])[..., :L]
+    return F.silu(out).transpose(1, 2)
+
+
+def _grads(fn, inputs, dout):
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    return out, torch.autograd.grad(out, inputs, dout)
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 4, 37])
+def test_causal_conv_equals_conv1d(length):
+    torch.manual_seed(length)
+    wide = torch.randn(2, length, 20, dtype=torch.float64)  # (B, L, 20): the conv reads a slice of it,
+    x = wide[..., 3:15]  # (B, L, 12), non-contiguous like the slice of in_proj's output in the mixer
+    weight, bias = torch.randn(12, 4, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
+    dout = torch.randn(2, length, 12, dtype=torch.float64)
+    ref, ref_grads = _grads(_conv_reference, (x, weight, bias), dout)
+    out, grads = _grads(causal_conv1d_silu, (x, weight, bias), dout)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
+def test_causal_conv_is_causal():
+    x = torch.randn(1, 10, 4, requires_grad=True)
+    out = causal_conv1d_silu(x, torch.randn(4, 4), None)
+    out[0, 5].sum().backward()
+    assert x.grad[0, 6:].abs().sum() == 0 and x.grad[0, 2:6].abs().sum() > 0 and x.grad[0, :2].abs().sum() == 0
+
+
+def _norm_reference(y, z, weight, group_size=8, eps=1e-5):
+    g = (y * F.silu(z)).unflatten(-1, (-1, group_size))  # (..., G, D/G)
+    return (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2) * weight
+
+
+def test_gated_norm_equals_composition_with_gradients():
+    torch.manual_seed(0)
+    y, z = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(2, 5, 16, dtype=torch.float64)
+    weight, dout = torch.randn(16, dtype=torch.float64), torch.randn(2, 5, 16, dtype=torch.float64)
+    ref, ref_grads = _grads(_norm_reference, (y, z, weight), dout)
+    out, grads = _grads(lambda a, b, w: gated_rms_norm(a, b, w, 8, 1e-5), (y, z, weight), dout)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
+def test_gated_norm_keeps_half_dtypes_and_computes_in_float32():
+    torch.manual_seed(0)
+    y, z, weight = torch.randn(3, 16), torch.randn(3, 16), torch.randn(16)
+    out = gated_rms_norm(y.bfloat16(), z.bfloat16(), weight, 8, 1e-5)
+    assert out.dtype == torch.bfloat16
+    ref = _norm_reference(y.bfloat16().float(), z.bfloat16().float(), weight)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+_FAULTS = """
+import resource, sys, torch
+from dimba.malloc import keep_freed_memory
+applied = keep_freed_memory()
+def faults_per_page():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.empty(2**24); x.fill_(1.0); del x  # 64 MiB: above glibc's largest mmap threshold
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (2**26 / 4096)
+faults_per_page()
+print(applied, faults_per_page())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+@pytest.mark.parametrize("system_malloc", ["", "1"])
+def test_keep_freed_memory_stops_refaulting_large_blocks(system_malloc, monkeypatch):
+    monkeypatch.setenv("DIMBA_SYSTEM_MALLOC", system_malloc)
+    out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True).stdout.split()
+    applied, faults = out[0] == "True", float(out[1])
+    if system_malloc:  # glibc's defaults: a 64 MiB block is a fresh mapping each time, every page faults again
+        assert not applied and faults > 0.9
+    else:  # the block comes back from the heap, already mapped
+        assert applied and faults < 0.1
