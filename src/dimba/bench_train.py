@@ -2,8 +2,12 @@
 matmul peak (MFU) and peak memory, for a preset, through the training step of `dimba.train`.
 
 The FLOPs of a training step (forward + backward of the family's objective) are counted by
-`torch.utils.flop_counter.FlopCounterMode` on one step: matrix products, attention and
-convolutions, not elementwise work, which is how MFU is usually defined. The peak is the median
+`torch.utils.flop_counter.FlopCounterMode` on one step: matrix products (the pure-PyTorch Mamba-2
+scan's included) and attention, not elementwise work, which is how MFU is usually defined. The
+Mamba-2 mixer's depthwise convolution is elementwise work (4 taps) and is not counted; note that
+FlopCounterMode counts an ``nn.Conv1d`` with ``groups=C`` as a dense convolution, C times its work.
+On CUDA, the fused ``mamba_ssm`` / ``causal_conv1d`` kernels are invisible to it, so the scan's
+FLOPs are missing there and MFU is understated. The peak is the median
 rate of a large square matmul in the run's precision (fp32 on CPU, bf16 under bf16-mixed),
 measured in the same process at the same thread count, before and after the timed steps.
 """
