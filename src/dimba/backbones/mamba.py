@@ -25,7 +25,8 @@ except ImportError:
 class GatedRMSNorm(nn.Module):
     """RMSNorm of the gated input ``y * silu(z)``, normalised over groups of ``group_size`` channels.
 
-    Matches ``mamba_ssm``'s ``RMSNormGated(norm_before_gate=False)``; computed in float32.
+    Matches ``mamba_ssm``'s ``RMSNormGated(norm_before_gate=False)``; computed in float32 (float64 for
+    float64 inputs) by :func:`dimba.backbones.mixer_ops.gated_rms_norm`.
     """
 
     def __init__(self, dim: int, group_size: int, eps: float = 1e-5):
