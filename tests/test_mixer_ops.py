@@ -77,8 +77,7 @@ def faults_per_page():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     x = torch.empty(2**24); x.fill_(1.0); del x  # 64 MiB: above glibc's largest mmap threshold
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (2**26 / 4096)
-faults_per_page()
-print(applied, faults_per_page())
+print(applied, min(faults_per_page() for _ in range(6)))  # the first call maps the block in any case
 """
 
 
@@ -88,7 +87,7 @@ def test_keep_freed_memory_stops_refaulting_large_blocks(system_malloc, monkeypa
     monkeypatch.setenv("DIMBA_SYSTEM_MALLOC", system_malloc)
     out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True).stdout.split()
     applied, faults = out[0] == "True", float(out[1])
-    if system_malloc:  # glibc's defaults: a 64 MiB block is a fresh mapping each time, every page faults again
+    if system_malloc:  # glibc's defaults: a 64 MiB block is a fresh mapping every time, all its pages fault again
         assert not applied and faults > 0.9
-    else:  # the block comes back from the heap, already mapped
+    else:  # the block comes back from the heap, already mapped (on most calls; glibc may move the heap top once)
         assert applied and faults < 0.1
