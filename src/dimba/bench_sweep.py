@@ -8,14 +8,13 @@ cache (its own `sample` settings) and scored by itself.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from dimba.bench_io import save_figure
 from dimba.errors import UsageError
 from dimba.sample_quality import check_judge, sample_quality, warm_up
 from dimba.tokenizer import atomic_write_text
@@ -65,20 +64,6 @@ def sweep(model, tokenizer, judge, judge_tokenizer, steps: Sequence[int], sample
             "points": points, "ar": ar}
 
 
-def check_out(prefix: str | Path) -> tuple[Path, Path]:
-    """PREFIX.json and PREFIX.png, after checking (before any work) that they can be written and that
-    matplotlib is installed; one-line `UsageError`s otherwise."""
-    if importlib.util.find_spec("matplotlib") is None:
-        raise UsageError("--out draws a plot, which needs matplotlib: pip install 'dimba[plot]'")
-    paths = Path(f"{prefix}.json"), Path(f"{prefix}.png")
-    for path in paths:
-        if path.is_dir():
-            raise UsageError(f"--out {str(prefix)!r}: {str(path)!r} is a folder: choose another prefix")
-        if path.parent.exists() and not path.parent.is_dir():
-            raise UsageError(f"--out {str(prefix)!r}: {str(path.parent)!r} is a file, not a folder: choose another prefix")
-    return paths
-
-
 def plot_sweep(result: dict, path: Path) -> None:
     """gen-PPL against seconds per sample, one point per step count (labelled), the ar judge's point marked."""
     import matplotlib
@@ -103,17 +88,10 @@ def plot_sweep(result: dict, path: Path) -> None:
     ax.set_title(f"{result['samples']} samples x {result['length']} tokens")
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # drawn beside the target, then renamed over it
-    try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    save_figure(fig, path)
 
 
 def write_sweep(result: dict, paths: tuple[Path, Path]) -> None:
-    """Write a `sweep` result to the JSON and PNG paths of `check_out` (each atomically)."""
+    """Write a `sweep` result to the JSON and PNG paths of `dimba.bench_io.check_out` (each atomically)."""
     atomic_write_text(paths[0], json.dumps(result, indent=2) + "\n")
     plot_sweep(result, paths[1])

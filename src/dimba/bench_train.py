@@ -17,11 +17,13 @@ from __future__ import annotations
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from lightning_fabric import Fabric
 from torch.utils.flop_counter import FlopCounterMode
 
+from dimba.bench_io import save_figure
 from dimba.config import Config
 from dimba.data import prepare_data
 from dimba.fsdp import FORWARD_METHODS
@@ -121,8 +123,8 @@ def measure_training(cfg: Config, steps: int = 20, warmup: int = 3) -> dict:
     }
 
 
-def draw(result: dict, path: str) -> None:
-    """PNG: step times, and achieved GFLOP/s against the matmul peak."""
+def draw(result: dict, path: Path) -> None:
+    """PNG (written atomically): step times, and achieved GFLOP/s against the matmul peak."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,5 +139,4 @@ def draw(result: dict, path: str) -> None:
     right.bar(["training step", "matmul peak"], [result["achieved_gflops"], peak], color=["tab:blue", "tab:gray"])
     right.set(ylabel="GFLOP/s", title=f"MFU {100 * result['mfu']:.1f}% ({result['threads']} threads, {result['device']})")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -119,12 +119,18 @@ _SAMPLE_FLAGS = {"steps": "num_steps", "temperature": "temperature", "top_k": "t
                  "block_length": "block_length"}
 
 
-def _run_sample_config(model_path: str) -> SampleConfig:
-    """The `sample` config of a run (defaults for an export folder)."""
+def _run_config(model_path: str) -> Config | None:
+    """The config.yaml of a run directory; None for an export folder (which has none)."""
     from dimba.config import load_run_config
 
     run_cfg = Path(model_path) / "config.yaml"
-    return load_run_config(run_cfg).sample if run_cfg.is_file() else SampleConfig()
+    return load_run_config(run_cfg) if run_cfg.is_file() else None
+
+
+def _run_sample_config(model_path: str) -> SampleConfig:
+    """The `sample` config of a run (defaults for an export folder)."""
+    cfg = _run_config(model_path)
+    return cfg.sample if cfg is not None else SampleConfig()
 
 
 def _sample_settings(args: argparse.Namespace) -> SampleConfig:
@@ -179,11 +185,10 @@ def _eval_blocks(args: argparse.Namespace, tokenizer, context: int):
     and 8 training blocks to calibrate on."""
     import math
 
-    from dimba.config import load_run_config
     from dimba.data import prepare_data
 
-    run_cfg = Path(args.model) / "config.yaml"
-    data_cfg = load_run_config(run_cfg).data if run_cfg.is_file() else None
+    run_cfg = _run_config(args.model)
+    data_cfg = run_cfg.data if run_cfg is not None else None
     seq_len = data_cfg.seq_len if data_cfg else context
     val_fraction = data_cfg.val_fraction if data_cfg else 0.05
     prepared = prepare_data(args.data, seq_len, val_fraction, tokenizer, tokenizer.vocab_size)
@@ -214,14 +219,13 @@ def _load_judge(path: str):
 def _vocabulary(model_path: str, corpus: str | None = None) -> set[str] | None:
     """The training words of a run's corpus, or of ``corpus`` for an export folder; None for a streamed
     corpus or an export folder without ``corpus``."""
-    from dimba.config import load_run_config
     from dimba.data import DataError
     from dimba.evaluate import training_vocabulary
 
-    run_cfg = Path(model_path) / "config.yaml"
+    run_cfg = _run_config(model_path)
     val_fraction = 0.05
-    if run_cfg.is_file():
-        data = load_run_config(run_cfg).data
+    if run_cfg is not None:
+        data = run_cfg.data
         corpus, val_fraction = (None, None) if data.streaming else (data.corpus, data.val_fraction)
     if corpus is None:
         return None
@@ -301,7 +305,8 @@ def cmd_bench_sweep(args: argparse.Namespace) -> int:
 
     import torch
 
-    from dimba.bench_sweep import check_out, check_sweepable, parse_steps, sweep, write_sweep
+    from dimba.bench_io import check_out
+    from dimba.bench_sweep import check_sweepable, parse_steps, sweep, write_sweep
     from dimba.checkpoint import load_for_inference
 
     steps = parse_steps(args.steps)
@@ -324,7 +329,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     """`dimba bench train --preset P`: one JSON object; with --out, PREFIX.json and PREFIX.png."""
     import json
 
-    from dimba.bench_sweep import check_out
+    from dimba.bench_io import check_out
     from dimba.bench_train import draw, measure_training
     from dimba.config import load_config
     from dimba.tokenizer import atomic_write_text
@@ -338,7 +343,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     print(json.dumps(result))
     if paths is not None:
         atomic_write_text(paths[0], json.dumps(result, indent=1) + "\n")
-        draw(result, str(paths[1]))
+        draw(result, paths[1])
     return 0
 
 

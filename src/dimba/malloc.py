@@ -15,9 +15,9 @@ The ``dimba`` command calls it at start; ``DIMBA_SYSTEM_MALLOC=1`` leaves glibc'
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import os
+import sys
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -31,13 +31,10 @@ def keep_freed_memory() -> bool:
     Returns True when the setting was applied, False where it does not apply: not glibc (macOS,
     Windows, musl), or ``DIMBA_SYSTEM_MALLOC=1`` in the environment.
     """
-    if os.environ.get("DIMBA_SYSTEM_MALLOC", "") not in ("", "0"):
+    if os.environ.get("DIMBA_SYSTEM_MALLOC", "") not in ("", "0") or not sys.platform.startswith("linux"):
         return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    libc = ctypes.CDLL(name)
-    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
+    libc = ctypes.CDLL(None)  # the symbols already loaded into this process, the C library's among them
+    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):  # not glibc (musl)
         return False
     libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     # No mmap-served blocks: glibc still maps memory itself if the heap cannot grow.
