@@ -61,18 +61,18 @@ def minimal_ssd(x, dt, A, B, C, D, *, chunk_size: int = 64) -> torch.Tensor:
     return (y_diag + y_off).reshape(b, length, H, P) + x * D[:, None]  # (b, L, H, P)
 
 
-def make_inputs(seed: int = 0) -> list[torch.Tensor]:
-    """Random fp32 leaf tensors x, dt, A, B, C, D at the benchmark shape."""
+def make_inputs(seed: int = 0, length: int = SHAPE["length"], device: str = "cpu") -> list[torch.Tensor]:
+    """Random fp32 leaf tensors x, dt, A, B, C, D at the benchmark shape (with sequence length ``length``)."""
     g = torch.Generator().manual_seed(seed)
     s = SHAPE
-    b, L, H, P, N, G = s["batch"], s["length"], s["heads"], s["headdim"], s["d_state"], s["groups"]
+    b, L, H, P, N, G = s["batch"], length, s["heads"], s["headdim"], s["d_state"], s["groups"]
     x = torch.randn(b, L, H, P, generator=g)  # (b, L, H, P)
     dt = F.softplus(torch.randn(b, L, H, generator=g) - 2.0)  # (b, L, H)
     A = -torch.rand(H, generator=g).mul(15.0).add(1.0)  # (H,)
     B = torch.randn(b, L, G, N, generator=g) / N**0.5  # (b, L, G, N)
     C = torch.randn(b, L, G, N, generator=g) / N**0.5  # (b, L, G, N)
     D = torch.ones(H)  # (H,)
-    return [t.requires_grad_() for t in (x, dt, A, B, C, D)]
+    return [t.to(device).requires_grad_() for t in (x, dt, A, B, C, D)]
 
 
 def fwd_bwd(fn, inputs, dy) -> float:

@@ -57,18 +57,42 @@ def selective_scan(
         y (batch, L, H, P) in the dtype of ``x``, and with ``return_final_state`` the final state
         (batch, H, P, N) in the compute dtype (float32, or float64 for float64 inputs).
 
-    Time and memory are linear in L (quadratic in ``chunk_size`` only); fp16/bf16 inputs are
-    computed in float32. The backward pass is hand-derived: it keeps only the inputs, the state
-    entering each chunk and C_t . B_s within chunks, and does not support double backward.
+    On CUDA, float32/fp16/bf16 inputs go to ``mamba_ssm``'s fused Triton kernel
+    (``mamba_chunk_scan_combined``) when it is installed; without it a warning is given once and
+    :func:`chunked_selective_scan` runs instead. float64 and CPU inputs always take
+    :func:`chunked_selective_scan`, whose notes on time, memory and precision apply.
     """
     _check_inputs(x, dt, A, B, C, D, initial_state)
-    if x.is_cuda:
+    if x.is_cuda and x.dtype != torch.float64:
         if mamba_chunk_scan_combined is not None:
             return mamba_chunk_scan_combined(
                 x, dt, A, B, C, chunk_size, D=D,
                 initial_states=initial_state, return_final_states=return_final_state,
             )
         _warn_pure_pytorch_on_cuda()
+    return chunked_selective_scan(x, dt, A, B, C, D, chunk_size=chunk_size, initial_state=initial_state,
+                                  return_final_state=return_final_state)
+
+
+def chunked_selective_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    *,
+    chunk_size: int = 64,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The pure-PyTorch chunked SSD scan on any device; same arguments and returns as :func:`selective_scan`.
+
+    Time and memory are linear in L (quadratic in ``chunk_size`` only); fp16/bf16 inputs are
+    computed in float32. The backward pass is hand-derived: it keeps only the inputs, the state
+    entering each chunk and C_t . B_s within chunks, and does not support double backward.
+    """
+    _check_inputs(x, dt, A, B, C, D, initial_state)
     batch, length, H, P = x.shape
     G, N = B.shape[2:]
     R, Q = H // G, chunk_size
