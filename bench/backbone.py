@@ -44,10 +44,11 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def run_point(kind: str, length: int, repeats: int) -> dict:
+def run_point(kind: str, length: int, repeats: int, compile_layer: bool = False) -> dict:
     """Times forward+backward of one layer at one length (run inside a fresh subprocess)."""
     torch.manual_seed(0)
     layer = make_layer(kind)
+    run = torch.compile(layer, dynamic=False) if compile_layer else layer
     h = torch.randn(BATCH, length, D_MODEL, requires_grad=True)  # (B, L, D)
     c = torch.randn(BATCH, COND)  # (B, C)
     rss_before = _rss_mib()
@@ -56,7 +57,7 @@ def run_point(kind: str, length: int, repeats: int) -> dict:
         layer.zero_grad(set_to_none=True)
         h.grad = None
         t0 = time.perf_counter()
-        layer(h, c).square().mean().backward()
+        run(h, c).square().mean().backward()
         if i:
             times.append(time.perf_counter() - t0)
     return {
@@ -67,6 +68,7 @@ def run_point(kind: str, length: int, repeats: int) -> dict:
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "threads": torch.get_num_threads(),
         "malloc_keeps_freed_memory": keep_freed_memory(),
+        "compiled": compile_layer,
     }
 
 
@@ -75,11 +77,12 @@ def main() -> None:
     ap.add_argument("--png", default="bench/backbone.png")
     ap.add_argument("--point", nargs=2, metavar=("KIND", "L"), help=argparse.SUPPRESS)
     ap.add_argument("--skip", nargs="*", default=[], metavar="KIND:L", help="points not to run, e.g. transformer:8192")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each layer (the first, untimed pass compiles)")
     args = ap.parse_args()
     keep_freed_memory()  # as the dimba command does (DIMBA_SYSTEM_MALLOC=1: glibc defaults)
     if args.point:
         kind, length = args.point[0], int(args.point[1])
-        print(json.dumps(run_point(kind, length, REPEATS[length])))
+        print(json.dumps(run_point(kind, length, REPEATS[length], args.compile)))
         return
 
     params = {k: sum(p.numel() for p in make_layer(k).parameters()) for k in ("mamba", "transformer")}
@@ -88,7 +91,7 @@ def main() -> None:
         for kind in points:
             if f"{kind}:{length}" in args.skip:
                 continue
-            proc = subprocess.run([sys.executable, __file__, "--point", kind, str(length)],
+            proc = subprocess.run([sys.executable, __file__, "--point", kind, str(length)] + ["--compile"] * args.compile,
                                   capture_output=True, text=True, check=True)
             points[kind][length] = json.loads(proc.stdout)
             print(kind, length, points[kind][length], file=sys.stderr, flush=True)

@@ -11,7 +11,10 @@ matmul rate at the same thread count and reports the scan's achieved GFLOP/s aga
 FLOPs of the chunked algorithm are counted analytically, matmul work only (multiply + add = 2):
 forward F = 2 b L (G Q N + H Q P + 2 H P N) -- C B^T per group, (CB o Lmat) u, the written state
 u^T diag(w) B and the read-out C h_in^T per head -- and the backward pass does twice those
-products, so forward+backward = 3 F. Prints one JSON object.
+products, so forward+backward = 3 F. All of them are batched products of Q x Q or Q x N by Q x P
+matrices, so the rate of one such batched product (``chunk_bmm_gflops``) gives the time the products
+alone would take (``products_alone_ms``): a floor for any implementation built on them. Prints one
+JSON object.
 """
 
 from __future__ import annotations
@@ -75,6 +78,21 @@ def make_inputs(seed: int = 0, length: int = SHAPE["length"], device: str = "cpu
     return [t.to(device).requires_grad_() for t in (x, dt, A, B, C, D)]
 
 
+def chunk_bmm_gflops(repeats: int = 10) -> float:
+    """Median GFLOP/s of one batched product of the scan's size: b*c*H matrices (Q x Q) @ (Q x P)."""
+    s = SHAPE
+    batch = s["batch"] * s["length"] // s["chunk"] * s["heads"]
+    a = torch.randn(batch, s["chunk"], s["chunk"])  # (b*c*H, Q, Q)
+    b = torch.randn(batch, s["chunk"], s["headdim"])  # (b*c*H, Q, P)
+    times = []
+    for i in range(repeats + 2):
+        t0 = time.perf_counter()
+        torch.bmm(a, b)
+        if i >= 2:  # two warm-up products
+            times.append(time.perf_counter() - t0)
+    return 2 * batch * s["chunk"] ** 2 * s["headdim"] / statistics.median(times) / 1e9
+
+
 def fwd_bwd(fn, inputs, dy) -> float:
     """Seconds for one forward + backward (gradients cleared first)."""
     for t in inputs:
@@ -100,6 +118,7 @@ def main() -> None:
         max_diff = {k: (fn(*inputs, chunk_size=SHAPE["chunk"]) - ref).abs().max().item() for k, fn in impls.items()}
 
     peak = matmul_peak_gflops(torch.device("cpu"))
+    bmm_rate = chunk_bmm_gflops()
     times: dict[str, list[float]] = {k: [] for k in impls}
     for fn in impls.values():  # warm-up
         fwd_bwd(fn, inputs, dy)
@@ -129,6 +148,9 @@ def main() -> None:
         "ours_gflops": round(gflops, 2),
         "matmul_gflops_before_after": [round(peak, 2), round(peak_after, 2)],
         "fraction_of_matmul_peak": round(gflops / max(peak, peak_after), 3),
+        "chunk_bmm_gflops": round(bmm_rate, 2),
+        "products_alone_ms": round(flops / bmm_rate / 1e6, 2),
+        "sequential_over_products_alone": round(med["sequential"] / (flops / bmm_rate / 1e9), 2),
         "forward_max_abs_diff_vs_ours": max_diff,
     }
     print(json.dumps(out, indent=2))
