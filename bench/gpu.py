@@ -26,7 +26,7 @@ import torch
 from backbone import BATCH, COND, D_MODEL, make_layer
 from scan import SHAPE, make_inputs
 
-from dimba.backbones import mamba, ssm
+from dimba.backbones import ssm
 from dimba.backbones.ssm import chunked_selective_scan, selective_scan
 
 LENGTHS = (512, 2048, 8192, 32768)
@@ -112,7 +112,7 @@ def main() -> None:
     out = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "causal_conv1d": mamba.causal_conv1d_fn is not None,
+        "causal_conv1d": ssm.causal_conv1d_fn is not None,
         "scan_shape": {k: v for k, v in SHAPE.items() if k != "length"},
         "scan": scan,
         "layer": {"batch": BATCH, "d_model": D_MODEL, "precision": "bf16 autocast", "points": layers,

@@ -14,13 +14,13 @@ import pytest
 import torch
 from test_ssm import assert_rel_close, run_with_grads, scan_inputs
 
-from dimba.backbones import Block, mamba, ssm
+from dimba.backbones import Block, ssm
 from dimba.backbones.mamba import BiMamba2, Mamba2Mixer
 from dimba.backbones.ssm import selective_scan
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 needs_mamba_ssm = pytest.mark.skipif(ssm.mamba_chunk_scan_combined is None, reason="needs mamba_ssm")
-needs_causal_conv1d = pytest.mark.skipif(mamba.causal_conv1d_fn is None, reason="needs causal_conv1d")
+needs_causal_conv1d = pytest.mark.skipif(ssm.causal_conv1d_fn is None, reason="needs causal_conv1d")
 TF32 = 1e-2  # relative tolerance (of the tensor's max) for results computed with TF32 products
 
 
@@ -115,7 +115,7 @@ def test_mamba_ssm_checkpoint_loads_and_agrees_on_cpu(tmp_path, ngroups, mem_eff
 
 @needs_causal_conv1d
 def test_mixer_conv_uses_causal_conv1d_and_matches_cpu(monkeypatch):
-    calls = count_calls(monkeypatch, mamba, "causal_conv1d_fn")
+    calls = count_calls(monkeypatch, ssm, "causal_conv1d_fn")
     torch.manual_seed(0)
     mixer = Mamba2Mixer(32, d_state=8, headdim=16)
     xBC = torch.randn(2, 37, mixer.conv_dim)  # (B, L, C)
@@ -129,6 +129,23 @@ def test_mixer_conv_uses_causal_conv1d_and_matches_cpu(monkeypatch):
     assert calls, "the mixer did not use causal_conv1d on CUDA"
     for name, got, ref in zip(("output", "dx", "dweight", "dbias"), results[1], results[0]):
         assert_rel_close(got, ref, 1e-5, name)
+
+
+def test_without_causal_conv1d_the_mixer_warns_once_and_matches_cpu(monkeypatch):
+    monkeypatch.setattr(ssm, "causal_conv1d_fn", None)
+    ssm._warn_pure_pytorch_on_cuda.cache_clear()
+    torch.manual_seed(0)
+    mixer = Mamba2Mixer(32, **mixer_kwargs(1))
+    u = torch.randn(2, 40, 32)  # (B, L, D)
+    with torch.no_grad():
+        y_cpu = mixer(u)  # (B, L, D)
+        mixer.cuda()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y_cuda = [mixer(u.cuda()).cpu() for _ in range(2)]
+    assert len([w for w in caught if "causal_conv1d is not installed" in str(w.message)]) == 1
+    for y in y_cuda:
+        assert_rel_close(y, y_cpu, TF32, "y")
 
 
 @pytest.mark.parametrize("tie_reverse", [False, True])

@@ -13,13 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dimba.backbones.mixer_ops import causal_conv1d_silu, gated_rms_norm
-from dimba.backbones.ssm import selective_scan
-
-try:
-    from causal_conv1d import causal_conv1d_fn
-except ImportError:
-    causal_conv1d_fn = None
+from dimba.backbones.mixer_ops import gated_rms_norm
+from dimba.backbones.ssm import conv_silu, selective_scan
 
 
 class GatedRMSNorm(nn.Module):
@@ -137,11 +132,7 @@ class Mamba2Mixer(nn.Module):
 
     def _causal_conv(self, xBC: torch.Tensor) -> torch.Tensor:
         """Depthwise causal convolution over time followed by SiLU: (B, L, C) -> (B, L, C)."""
-        weight = self.conv1d.weight.squeeze(1)  # (C, d_conv)
-        if causal_conv1d_fn is not None and xBC.is_cuda:
-            out = causal_conv1d_fn(xBC.transpose(1, 2), weight, self.conv1d.bias, activation="silu")  # (B, C, L)
-            return out.transpose(1, 2)
-        return causal_conv1d_silu(xBC, weight, self.conv1d.bias)  # (B, L, C)
+        return conv_silu(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias)  # (B, L, C)
 
 
 class BiMamba2(nn.Module):

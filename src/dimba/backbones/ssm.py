@@ -10,7 +10,9 @@ Shapes: x (batch, L, H, P); dt (batch, L, H); A (H,); B, C (batch, L, G, N) wher
 divide the H heads and head ``h`` reads group ``h // (H // G)`` (the ``mamba_ssm`` convention);
 D (H,) or None; states (batch, H, P, N).
 
-On CUDA with ``mamba_ssm`` installed, :func:`selective_scan` dispatches to its fused Triton kernel.
+On CUDA with ``mamba_ssm`` installed, :func:`selective_scan` dispatches to its fused Triton kernel,
+and :func:`conv_silu` (the mixer's causal convolution) to ``causal_conv1d``'s. This module alone
+imports those optional packages; without them a warning is given once per package on CUDA.
 """
 
 from __future__ import annotations
@@ -23,10 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from dimba.backbones.mixer_ops import causal_conv1d_silu
+
 try:
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 except ImportError:
     mamba_chunk_scan_combined = None
+try:
+    from causal_conv1d import causal_conv1d_fn
+except ImportError:
+    causal_conv1d_fn = None
 
 
 def selective_scan(
@@ -69,7 +77,7 @@ def selective_scan(
                 x, dt, A, B, C, chunk_size, D=D,
                 initial_states=initial_state, return_final_states=return_final_state,
             )
-        _warn_pure_pytorch_on_cuda()
+        _warn_pure_pytorch_on_cuda("mamba_ssm", "selective_scan runs the pure-PyTorch chunked scan")
     return chunked_selective_scan(x, dt, A, B, C, D, chunk_size=chunk_size, initial_state=initial_state,
                                   return_final_state=return_final_state)
 
@@ -113,6 +121,19 @@ def chunked_selective_scan(
         )
     y = y.view(batch, n_chunks * Q, H, P)[:, :length].to(x.dtype)  # (b, L, H, P)
     return (y, h_last.view(batch, H, P, N)) if return_final_state else y
+
+
+def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """SiLU of the causal depthwise convolution over time: (B, L, C) -> (B, L, C).
+
+    ``weight`` (C, K), ``bias`` (C,) or None. On CUDA with ``causal_conv1d`` installed, its fused
+    kernel; otherwise :func:`dimba.backbones.mixer_ops.causal_conv1d_silu` (same result).
+    """
+    if x.is_cuda:
+        if causal_conv1d_fn is not None:
+            return causal_conv1d_fn(x.transpose(1, 2), weight, bias, activation="silu").transpose(1, 2)  # (B, L, C)
+        _warn_pure_pytorch_on_cuda("causal_conv1d", "the causal convolution runs in plain PyTorch")
+    return causal_conv1d_silu(x, weight, bias)  # (B, L, C)
 
 
 def selective_scan_sequential(
@@ -354,9 +375,9 @@ def _check_inputs(x, dt, A, B, C, D, initial_state) -> None:
 
 
 @functools.cache
-def _warn_pure_pytorch_on_cuda() -> None:
+def _warn_pure_pytorch_on_cuda(package: str, consequence: str) -> None:
     warnings.warn(
-        "mamba_ssm is not installed: selective_scan runs the pure-PyTorch chunked scan on CUDA, "
-        "which is much slower than the fused kernel (pip install 'dimba[gpu]').",
+        f"{package} is not installed: {consequence} on CUDA, which is slower than its fused kernel "
+        "(pip install 'dimba[gpu]').",
         stacklevel=3,
     )
