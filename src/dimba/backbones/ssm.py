@@ -70,9 +70,9 @@ def selective_scan(
     :func:`chunked_selective_scan` runs instead. float64 and CPU inputs always take
     :func:`chunked_selective_scan`, whose notes on time, memory and precision apply.
     """
-    _check_inputs(x, dt, A, B, C, D, initial_state)
     if x.is_cuda and x.dtype != torch.float64:
         if mamba_chunk_scan_combined is not None:
+            _check_inputs(x, dt, A, B, C, D, initial_state)
             return mamba_chunk_scan_combined(
                 x, dt, A, B, C, chunk_size, D=D,
                 initial_states=initial_state, return_final_states=return_final_state,
