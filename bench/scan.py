@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from dimba.backbones.ssm import selective_scan, selective_scan_sequential
-from dimba.bench_train import matmul_peak_gflops
+from dimba.bench_train import matmul_peak_gflops, product_gflops
 from dimba.malloc import keep_freed_memory
 
 SHAPE = dict(batch=8, length=512, heads=8, headdim=64, d_state=64, groups=1, chunk=64)
@@ -78,19 +78,12 @@ def make_inputs(seed: int = 0, length: int = SHAPE["length"], device: str = "cpu
     return [t.to(device).requires_grad_() for t in (x, dt, A, B, C, D)]
 
 
-def chunk_bmm_gflops(repeats: int = 10) -> float:
+def chunk_bmm_gflops() -> float:
     """Median GFLOP/s of one batched product of the scan's size: b*c*H matrices (Q x Q) @ (Q x P)."""
     s = SHAPE
     batch = s["batch"] * s["length"] // s["chunk"] * s["heads"]
-    a = torch.randn(batch, s["chunk"], s["chunk"])  # (b*c*H, Q, Q)
-    b = torch.randn(batch, s["chunk"], s["headdim"])  # (b*c*H, Q, P)
-    times = []
-    for i in range(repeats + 2):
-        t0 = time.perf_counter()
-        torch.bmm(a, b)
-        if i >= 2:  # two warm-up products
-            times.append(time.perf_counter() - t0)
-    return 2 * batch * s["chunk"] ** 2 * s["headdim"] / statistics.median(times) / 1e9
+    return product_gflops(torch.randn(batch, s["chunk"], s["chunk"]),  # (b*c*H, Q, Q)
+                          torch.randn(batch, s["chunk"], s["headdim"]))  # (b*c*H, Q, P)
 
 
 def fwd_bwd(fn, inputs, dy) -> float:

@@ -36,20 +36,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def product_gflops(a: torch.Tensor, b: torch.Tensor, repeats: int = 10) -> float:
+    """Median GFLOP/s of ``a @ b``: (..., m, k) @ (..., k, n), 2 m k n FLOPs per matrix, after two warm-up products."""
+    times = []
+    for i in range(repeats + 2):
+        _sync(a.device)
+        start = time.perf_counter()
+        a @ b
+        _sync(a.device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return 2 * a.numel() * b.shape[-1] / statistics.median(times) / 1e9
+
+
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048,
                        repeats: int = 10) -> float:
     """Median GFLOP/s of an n x n matmul (2 n^3 FLOPs) on ``device`` in ``dtype``."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for i in range(repeats + 2):
-        _sync(device)
-        start = time.perf_counter()
-        a @ b
-        _sync(device)
-        if i >= 2:  # two warm-up products
-            times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e9
+    return product_gflops(a, b, repeats)
 
 
 def _peak_memory_mib(device: torch.device) -> dict:
