@@ -132,15 +132,20 @@ def draw(out: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for impl in ("mamba_ssm", "chunked_pytorch"):
-        ax1.plot([int(L) for L in out["scan"]], [p["median_ms"][impl] for p in out["scan"].values()], "o-", label=impl)
-    ax1.set(title="SSD scan fwd+bwd, fp32, b 8, H 8, P 64, N 64")
-    for kind, pts in out["layer"]["points"].items():
-        ax2.plot([int(L) for L in pts], [p["median_ms"] for p in pts.values()], "o-", label=kind)
-    ax2.set(title="one bidirectional layer fwd+bwd, bf16, b 8, d 256")
-    for ax in (ax1, ax2):
-        ax.set(xscale="log", yscale="log", xlabel="L", ylabel="median ms")
+    series = {}  # panel title -> {label: (lengths, median ms)}, only for the parts that were run
+    if out["scan"]:
+        series["SSD scan fwd+bwd, fp32, b 8, H 8, P 64, N 64"] = {
+            impl: ([int(L) for L in out["scan"]], [p["median_ms"][impl] for p in out["scan"].values()])
+            for impl in ("mamba_ssm", "chunked_pytorch")}
+    if out["layer"]["points"]["mamba"]:
+        series["one bidirectional layer fwd+bwd, bf16, b 8, d 256"] = {
+            kind: ([int(L) for L in pts], [p["median_ms"] for p in pts.values()])
+            for kind, pts in out["layer"]["points"].items()}
+    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.5), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], series.items()):
+        for label, (lengths, ms) in lines.items():
+            ax.plot(lengths, ms, "o-", label=label)
+        ax.set(title=title, xscale="log", yscale="log", xlabel="L", ylabel="median ms")
         ax.title.set_fontsize(9)
         ax.legend(fontsize=8)
     fig.suptitle(out["device"], fontsize=9)

@@ -114,18 +114,21 @@ def test_mamba_ssm_checkpoint_loads_and_agrees_on_cpu(tmp_path, ngroups, mem_eff
 
 
 @needs_causal_conv1d
-def test_mixer_conv_uses_causal_conv1d_and_matches_cpu(monkeypatch):
+@pytest.mark.parametrize("d_state,extra", [(8, 0), (8, 4), (6, 0)])
+def test_mixer_conv_uses_causal_conv1d_and_matches_cpu(monkeypatch, d_state, extra):
+    """Also for inputs whose strides the kernel's channel-last layout refuses: a slice of a row of
+    ``conv_dim + 4`` columns (like the mixer's split of its input projection), or an odd ``conv_dim``."""
     calls = count_calls(monkeypatch, ssm, "causal_conv1d_fn")
     torch.manual_seed(0)
-    mixer = Mamba2Mixer(32, d_state=8, headdim=16)
-    xBC = torch.randn(2, 37, mixer.conv_dim)  # (B, L, C)
+    mixer = Mamba2Mixer(32, d_state=d_state, headdim=16)
+    rows = torch.randn(2, 37, mixer.conv_dim + extra)  # (B, L, C + extra)
     results = []
     for device in ("cpu", "cuda"):
         mixer.to(device).zero_grad(set_to_none=True)
-        x = xBC.to(device).requires_grad_()
-        out = mixer._causal_conv(x)  # (B, L, C)
+        leaf = rows.to(device, copy=True).requires_grad_()
+        out = mixer._causal_conv(leaf[..., : mixer.conv_dim])  # (B, L, C)
         out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out))
-        results.append([t.detach().cpu() for t in (out, x.grad, mixer.conv1d.weight.grad, mixer.conv1d.bias.grad)])
+        results.append([t.detach().cpu() for t in (out, leaf.grad, mixer.conv1d.weight.grad, mixer.conv1d.bias.grad)])
     assert calls, "the mixer did not use causal_conv1d on CUDA"
     for name, got, ref in zip(("output", "dx", "dweight", "dbias"), results[1], results[0]):
         assert_rel_close(got, ref, 1e-5, name)

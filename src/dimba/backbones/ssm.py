@@ -131,7 +131,12 @@ def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     """
     if x.is_cuda:
         if causal_conv1d_fn is not None:
-            return causal_conv1d_fn(x.transpose(1, 2), weight, bias, activation="silu").transpose(1, 2)  # (B, L, C)
+            xt = x.transpose(1, 2)  # (B, C, L), channel-last in memory
+            if xt.stride(0) % 8 or xt.stride(2) % 8 or xt.shape[1] % 8:
+                # the kernel's channel-last layout needs these strides (and those of the gradient,
+                # made contiguous as (B, L, C)) to be multiples of 8; else give it channel-first
+                xt = xt.contiguous()  # (B, C, L)
+            return causal_conv1d_fn(xt, weight, bias, activation="silu").transpose(1, 2)  # (B, L, C)
         _warn_pure_pytorch_on_cuda("causal_conv1d", "the causal convolution runs in plain PyTorch")
     return causal_conv1d_silu(x, weight, bias)  # (B, L, C)
 
