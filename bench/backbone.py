@@ -6,7 +6,10 @@ Layers are ``dimba.backbones.Block``s at d_model 256: BiMamba2 with the default 
 (d_state 64, headdim 64, expand 2, untied directions), and Attention (4 heads) + SwiGLU MLP.
 Batch 8; L = 128, 512, 2048, 8192. Every (layer, L) point runs in its own subprocess, which
 reports its median time and its peak RSS (``ru_maxrss``) together with the RSS just before the
-first forward pass, so that one point's allocations cannot inflate another's. Prints one JSON object.
+first forward pass, so that one point's allocations cannot inflate another's. Each point also
+gets its FLOPs (products only: matmuls, the scan's batched products, attention), counted by
+``torch.utils.flop_counter`` on one untimed pass, so the two layers' rates can be compared.
+Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import sys
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from dimba.backbones import Block
 from dimba.backbones.mamba import BiMamba2
@@ -36,6 +40,26 @@ def make_layer(kind: str) -> Block:
     if kind == "mamba":
         return Block(BiMamba2(D_MODEL), D_MODEL, COND, "film", mlp=False)
     return Block(Attention(D_MODEL, num_heads=4), D_MODEL, COND, "film", mlp=True)
+
+
+# PyTorch's counter knows the CUDA attention kernels only; CPU SDPA uses the same formulas
+# (its backward counts the recomputed scores, 2.5x the forward). The counter passes shapes.
+_CPU_SDPA_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *args, **kwargs: sdpa_flop_count(q, k, v),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad, q, k, v, *args, **kwargs: sdpa_backward_flop_count(grad, q, k, v),
+}
+
+
+def layer_flops(kind: str, length: int) -> int:
+    """FLOPs of one forward+backward pass of the layer at batch ``BATCH`` (counted at batch 1, times BATCH)."""
+    torch.manual_seed(0)
+    layer = make_layer(kind)
+    h = torch.randn(1, length, D_MODEL, requires_grad=True)  # (1, L, D)
+    with FlopCounterMode(display=False, custom_mapping=_CPU_SDPA_FLOPS) as counter:
+        layer(h, torch.randn(1, COND)).square().mean().backward()
+    return counter.get_total_flops() * BATCH
 
 
 def _rss_mib() -> float:
@@ -60,12 +84,16 @@ def run_point(kind: str, length: int, repeats: int, compile_layer: bool = False)
         run(h, c).square().mean().backward()
         if i:
             times.append(time.perf_counter() - t0)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the counting pass
+    flops = layer_flops(kind, length)
     return {
         "median_s": statistics.median(times),
+        "gflop": round(flops / 1e9, 3),
+        "gflop_per_s": round(flops / 1e9 / statistics.median(times), 1),
         "min_s": min(times),
         "repeats": repeats,
         "rss_before_mib": round(rss_before, 1),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": round(peak_rss, 1),
         "threads": torch.get_num_threads(),
         "malloc_keeps_freed_memory": keep_freed_memory(),
         "compiled": compile_layer,
@@ -97,10 +125,12 @@ def main() -> None:
             print(kind, length, points[kind][length], file=sys.stderr, flush=True)
     ratio = {L: round(points["transformer"][L]["median_s"] / points["mamba"][L]["median_s"], 2)
              for L in LENGTHS if L in points["transformer"] and L in points["mamba"]}
+    flop_ratio = {L: round(points["transformer"][L]["gflop"] / points["mamba"][L]["gflop"], 2) for L in ratio}
     out = {
         "batch": BATCH, "d_model": D_MODEL, "params": params,
         "median_s": {k: {L: round(v["median_s"], 4) for L, v in pts.items()} for k, pts in points.items()},
         "transformer_over_mamba_time": ratio,
+        "transformer_over_mamba_flops": flop_ratio,
         "points": points,
         "skipped": args.skip,
     }
@@ -110,13 +140,13 @@ def main() -> None:
 
 
 def draw(out: dict, path: str) -> None:
-    """Log-log plot of forward+backward time and of the mamba layer's peak RSS against L."""
+    """Forward+backward time, peak RSS and FLOP rate of both layers against L."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 3.5))
     for kind, med in out["median_s"].items():
         ax1.plot(list(med), list(med.values()), "o-", label=f"{kind} ({out['params'][kind] / 1e6:.2f}M params)")
     ax1.set(xscale="log", yscale="log", xlabel="L", ylabel="forward+backward, median s",
@@ -126,7 +156,12 @@ def draw(out: dict, path: str) -> None:
         ax2.plot(list(pts), [p["peak_rss_mib"] for p in pts.values()], "o-", label=kind)
     ax2.set(xscale="log", yscale="log", xlabel="L", ylabel="peak RSS, MiB", title="peak RSS of the subprocess")
     ax2.legend(fontsize=8)
-    for ax in (ax1, ax2):
+    for kind, pts in out["points"].items():
+        ax3.plot(list(pts), [p["gflop_per_s"] for p in pts.values()], "o-", label=kind)
+    ax3.set(xscale="log", xlabel="L", ylabel="GFLOP/s (counted products)", ylim=(0, None),
+            title="rate of each layer's matmul, scan and attention FLOPs")
+    ax3.legend(fontsize=8)
+    for ax in (ax1, ax2, ax3):
         ax.title.set_fontsize(9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
