@@ -64,10 +64,11 @@ def minimal_ssd(x, dt, A, B, C, D, *, chunk_size: int = 64) -> torch.Tensor:
     return (y_diag + y_off).reshape(b, length, H, P) + x * D[:, None]  # (b, L, H, P)
 
 
-def make_inputs(seed: int = 0, length: int = SHAPE["length"], device: str = "cpu") -> list[torch.Tensor]:
-    """Random fp32 leaf tensors x, dt, A, B, C, D at the benchmark shape (with sequence length ``length``)."""
+def make_inputs(seed: int = 0, length: int = SHAPE["length"], device: str = "cpu", **shape: int) -> list[torch.Tensor]:
+    """Random fp32 leaf tensors x, dt, A, B, C, D at the benchmark shape (with sequence length ``length``;
+    ``shape`` overrides other entries of ``SHAPE``, e.g. ``groups=2``)."""
     g = torch.Generator().manual_seed(seed)
-    s = SHAPE
+    s = {**SHAPE, **shape}
     b, L, H, P, N, G = s["batch"], length, s["heads"], s["headdim"], s["d_state"], s["groups"]
     x = torch.randn(b, L, H, P, generator=g)  # (b, L, H, P)
     dt = F.softplus(torch.randn(b, L, H, generator=g) - 2.0)  # (b, L, H)

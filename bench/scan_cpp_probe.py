@@ -5,7 +5,7 @@
 The C++ file steps the recurrence one position at a time in a fused loop per (batch, head),
 with a hand-written backward pass that recomputes the states from ones saved every 16 positions.
 It is not used by the library: it measures what that design gives against ``selective_scan``
-and ``selective_scan_sequential`` at the shape of bench/scan.py, one thread (interleaved
+and ``selective_scan_sequential`` at the shape and inputs of bench/scan.py, one thread (interleaved
 rounds, medians). Its gradients are first checked against the float64 chunked scan. Needs a C++
 compiler and ninja (it is built with ``torch.utils.cpp_extension.load``). Prints one JSON object.
 """
@@ -20,11 +20,11 @@ import statistics
 import time
 
 import torch
+from scan import SHAPE, fwd_bwd, make_inputs
 
 from dimba.backbones.ssm import selective_scan, selective_scan_sequential
 from dimba.malloc import keep_freed_memory
 
-SHAPE = dict(batch=8, length=512, heads=8, headdim=64, d_state=64, groups=1)
 NAMES = ("x", "dt", "A", "B", "C", "D")
 
 
@@ -39,7 +39,7 @@ def build():
 
 
 def make_scan(ext):
-    """The probe as an autograd function with selective_scan's (x, dt, A, B, C, D) arguments."""
+    """The probe with selective_scan's (x, dt, A, B, C, D, *, chunk_size) arguments; chunk_size is ignored."""
 
     class FusedScan(torch.autograd.Function):
         @staticmethod
@@ -52,19 +52,10 @@ def make_scan(ext):
         def backward(ctx, dy):
             return tuple(ext.backward(dy.contiguous(), *ctx.saved_tensors))
 
-    return FusedScan.apply
+    def fused_scan(x, dt, A, B, C, D, *, chunk_size: int = 64):
+        return FusedScan.apply(x, dt, A, B, C, D)
 
-
-def inputs(batch, length, heads, headdim, d_state, groups, dtype=torch.float32, seed=0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [t.to(dtype).requires_grad_() for t in (
-        torch.randn(batch, length, heads, headdim, generator=g),  # x (b, L, H, P)
-        torch.rand(batch, length, heads, generator=g) * 0.099 + 1e-3,  # dt (b, L, H)
-        -torch.linspace(1.0, 16.0, heads),  # A (H,)
-        torch.randn(batch, length, groups, d_state, generator=g),  # B (b, L, G, N)
-        torch.randn(batch, length, groups, d_state, generator=g),  # C (b, L, G, N)
-        torch.randn(heads, generator=g),  # D (H,)
-    )]
+    return fused_scan
 
 
 def output_and_grads(scan, args: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -73,10 +64,10 @@ def output_and_grads(scan, args: list[torch.Tensor]) -> list[torch.Tensor]:
     return [y.detach()] + [a.grad for a in args]
 
 
-def max_rel_errors(scan, shape: dict) -> dict:
+def max_rel_errors(scan, **shape: int) -> dict:
     """Largest error of the probe's output and gradients, relative to each float64 tensor's largest entry."""
-    got = output_and_grads(scan, inputs(**shape))
-    ref = output_and_grads(selective_scan, inputs(**shape, dtype=torch.float64))
+    got = output_and_grads(scan, make_inputs(**shape))
+    ref = output_and_grads(selective_scan, [t.detach().double().requires_grad_() for t in make_inputs(**shape)])
     return {n: float("%.2e" % ((a.double() - r).abs().max() / r.abs().max())) for n, a, r in zip(("y",) + NAMES, got, ref)}
 
 
@@ -88,34 +79,27 @@ def main() -> None:
     scan = make_scan(build())
     out = {"shape": SHAPE, "threads": torch.get_num_threads(),
            "max_rel_error_vs_float64": {
-               "bench_shape": max_rel_errors(scan, SHAPE),
-               "small_G2": max_rel_errors(scan, dict(batch=2, length=64, heads=4, headdim=64, d_state=16, groups=2))}}
-    args_ = inputs(**SHAPE)
-    dy = torch.randn(args_[0].shape)  # (b, L, H, P)
-
-    def fwd_bwd(f):
-        for a in args_:
-            a.grad = None
-        t0 = time.perf_counter()
-        f(*args_).backward(dy)
-        return time.perf_counter() - t0
+               "bench_shape": max_rel_errors(scan),
+               "small_G2": max_rel_errors(scan, batch=2, length=64, heads=4, d_state=16, groups=2)}}
+    inputs = make_inputs()
+    dy = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1))  # (b, L, H, P)
 
     def fwd(f):
         with torch.no_grad():
             t0 = time.perf_counter()
-            f(*args_)
+            f(*inputs, chunk_size=SHAPE["chunk"])
             return time.perf_counter() - t0
 
     impls = {"fused_cpp": scan, "selective_scan": selective_scan, "sequential": selective_scan_sequential}
     times = {f"{k}_{p}": [] for k in impls for p in ("fwd", "fwd_bwd")}
     for _ in range(2):  # warm-up
-        fwd_bwd(scan), fwd_bwd(selective_scan)
+        fwd_bwd(scan, inputs, dy), fwd_bwd(selective_scan, inputs, dy)
     for r in range(args.repeats):
         for name, f in impls.items():
             if name == "sequential" and r >= 3:
                 continue
             times[f"{name}_fwd"].append(fwd(f))
-            times[f"{name}_fwd_bwd"].append(fwd_bwd(f))
+            times[f"{name}_fwd_bwd"].append(fwd_bwd(f, inputs, dy))
     med = {k: round(statistics.median(v) * 1e3, 2) for k, v in times.items()}
     out["median_ms"] = med
     out["sequential_over_fused_cpp"] = round(med["sequential_fwd_bwd"] / med["fused_cpp_fwd_bwd"], 1)
