@@ -1,5 +1,7 @@
 """Fixtures shared by the end-to-end tests."""
 
+import csv
+
 import pytest
 
 
@@ -11,3 +13,23 @@ def corpus(tmp_path_factory):
              f"of my heart number {i % 7}.\n" for i in range(400)]
     path.write_text("\n".join(lines))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny() -> tuple[str, ...]:
+    """KEY=VALUE overrides of a tiny model and run that train in seconds on one thread (later overrides win)."""
+    return ("model.d_model=32", "model.num_denoiser_layers=2", "model.d_state=8", "model.headdim=16",
+            "model.chunk_size=16", "data.seq_len=32", "data.vocab_size=300", "train.batch_size=4",
+            "train.eval_every=10", "train.save_every=10", "train.warmup_steps=2", "train.eval_batches=2",
+            "train.log_every=5", "train.num_threads=1")
+
+
+@pytest.fixture(scope="session")
+def metrics():
+    """``metrics(run)``: the rows of a run's metrics.csv as dicts, and ``metrics(run, "val_loss")`` the non-empty
+    values of one column as floats."""
+    def read(run, column=None):
+        with open(run / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        return rows if column is None else [float(r[column]) for r in rows if r.get(column)]
+    return read

@@ -7,28 +7,25 @@ import sys
 import pytest
 import torch
 
+from dimba import sample_from_model
 from dimba.cli import main
-
-TINY = ["model.d_model=32", "model.num_denoiser_layers=2", "model.d_state=8", "model.headdim=16", "model.chunk_size=16",
-        "data.seq_len=32", "data.vocab_size=300", "train.batch_size=4", "train.eval_every=10", "train.save_every=10",
-        "train.warmup_steps=2", "train.eval_batches=2", "train.log_every=5", "train.num_threads=1"]
-
+from dimba.loading import load_for_inference
+from dimba.special_tokens import MASK_ID
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, corpus):
+def run(tmp_path_factory, corpus, tiny):
     out = tmp_path_factory.mktemp("runs") / "r"
-    assert main(["train", "--data", str(corpus), "--max-steps", "20", "--out", str(out), "--quiet", *TINY]) == 0
+    assert main(["train", "--data", str(corpus), "--max-steps", "20", "--out", str(out), "--quiet", *tiny]) == 0
     return out
 
 
-def test_train_writes_a_complete_run(run):
+def test_train_writes_a_complete_run(run, metrics):
     names = {p.name for p in run.iterdir()}
     assert {"config.yaml", "tokenizer.json", "metrics.csv", "checkpoints"} <= names
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "checkpoints" / "step-0000010.ckpt").is_file()
-    rows = (run / "metrics.csv").read_text().splitlines()
-    val = [r.split(",") for r in rows[1:] if r.split(",")[10]]
+    val = metrics(run, "val_loss")
     assert len(val) >= 3  # step 0, 10, 20
-    assert float(val[-1][10]) < float(val[0][10])  # validation loss falls
+    assert val[-1] < val[0]  # validation loss falls
 
 
 def test_generate_from_run_and_export_agree(run, tmp_path, capsys):
@@ -45,7 +42,7 @@ def test_generate_from_run_and_export_agree(run, tmp_path, capsys):
     assert capsys.readouterr().out != from_run
 
 
-def test_resume_continues_from_last_checkpoint(run, tmp_path):
+def test_resume_continues_from_last_checkpoint(run, tmp_path, metrics):
     import shutil
 
     copy = tmp_path / "copy"
@@ -53,7 +50,7 @@ def test_resume_continues_from_last_checkpoint(run, tmp_path):
     assert main(["train", "--resume", str(copy), "--max-steps", "25", "--quiet"]) == 0
     state = torch.load(copy / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["step"] == 25
-    steps = [int(r.split(",")[0]) for r in (copy / "metrics.csv").read_text().splitlines()[1:]]
+    steps = metrics(copy, "step")
     assert steps == sorted(steps) and steps[-1] == 25
 
 
@@ -116,7 +113,7 @@ def test_print_config_shows_resolved_values(capsys):
 
 
 def test_tokenizer_train_verb_writes_and_refuses_overwrite(corpus, tmp_path, capsys):
-    from dimba.tokenizer import Tokenizer
+    from dimba.data.tokenizer import Tokenizer
 
     out = tmp_path / "tok"
     assert main(["tokenizer", "train", "--data", str(corpus), "--vocab-size", "300", "--out", str(out)]) == 0
@@ -129,19 +126,23 @@ def test_tokenizer_train_verb_writes_and_refuses_overwrite(corpus, tmp_path, cap
 
 @pytest.mark.parametrize("family, flags", [("masked", ["--block-length", "4", "--remasking", "random"]),
                                            ("ar", []), ("hybrid", [])])
-def test_every_family_trains_and_generates(family, flags, corpus, tmp_path, capsys):
+def test_every_family_trains_and_generates(family, flags, corpus, tmp_path, capsys, tiny, metrics):
     out = tmp_path / family
     assert main(["train", "--family", family, "--data", str(corpus), "--max-steps", "10", "--out", str(out), "--quiet",
-                 *TINY]) == 0
-    rows = [r.split(",") for r in (out / "metrics.csv").read_text().splitlines()[1:]]
-    val = [float(r[10]) for r in rows if r[10]]
+                 *tiny]) == 0
+    val = metrics(out, "val_loss")
     assert val[-1] < val[0]  # the family's own validation objective falls
     assert "family: " + family in (out / "config.yaml").read_text()
     capsys.readouterr()
     args = ["--prompt", "ROMEO:", "--length", "12", "--steps", "8", "--seed", "1", *flags]
     assert main(["generate", str(out), *args]) == 0
     text = capsys.readouterr().out
-    assert text.startswith("ROMEO:") and "[MASK]" not in text
+    assert text.startswith("ROMEO:")
+    model, tokenizer = load_for_inference(out)  # the same generation: every position is filled, none left masked
+    prompt = tokenizer.encode("ROMEO:")
+    ids = sample_from_model(model, prompt, seq_len=32 - len(prompt), num_steps=8, remasking="random",
+                            block_length=4 if flags else None, generator=torch.Generator().manual_seed(1))
+    assert ids.shape == (1, 32) and not (ids == MASK_ID).any()
     assert main(["export", str(out), "--out", str(tmp_path / "exp")]) == 0
     capsys.readouterr()
     card = (tmp_path / "exp" / "README.md").read_text()

@@ -7,18 +7,11 @@ import os
 import pytest
 import torch
 
-from dimba.data import (
-    DOC_SEPARATOR,
-    DataError,
-    convert_play,
-    load_corpus,
-    prepare_data,
-    shakespeare_cache_path,
-    split_text,
-    tokenize_and_pack,
-)
+from dimba.data.corpora import DOC_SEPARATOR, convert_play, load_corpus, shakespeare_cache_path, split_text
+from dimba.data.packing import prepare_data, tokenize_and_pack
+from dimba.errors import DataError
 from dimba.errors import DimbaError
-from dimba.tokenizer import Tokenizer
+from dimba.data.tokenizer import Tokenizer
 
 TEXT = "".join(f"Line {i}: to be, or not to be, that is the question.\n" for i in range(400))
 

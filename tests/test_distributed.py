@@ -13,20 +13,21 @@ import pytest
 import torch
 
 from dimba.errors import UsageError
-from dimba.train import micro_batches
+from dimba.data.packing import micro_batches
 
-TINY = ["model.d_model=32", "model.num_denoiser_layers=2", "model.d_state=8", "model.headdim=16", "model.chunk_size=16",
-        "data.seq_len=32", "data.vocab_size=300", "train.warmup_steps=2", "train.eval_every=100", "train.save_every=100",
-        "train.eval_batches=2", "train.log_every=1", "train.num_threads=1", "train.max_time=null",
-        "train.precision=32-true", "train.accelerator=cpu"]
+DISTRIBUTED = ("train.eval_every=100", "train.save_every=100", "train.log_every=1", "train.max_time=null",
+               "train.precision=32-true", "train.accelerator=cpu")
 STEPS, PER_DEVICE = 6, 4
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-def _train(corpus, out, *args: str, steps: int = STEPS, family: str = "ar") -> None:
-    """`dimba train` (by default the ar family: its loss draws no random numbers) in a fresh interpreter."""
+def _train(corpus, out, tiny, *args: str, steps: int = STEPS, family: str = "ar") -> None:
+    """`dimba train` (by default the ar family: its loss draws no random numbers) in a fresh interpreter; the
+    KEY=VALUE overrides in ``args`` come after the tiny ones, so they win."""
+    flags = [a for a in args if a.startswith("-") or "=" not in a]
     cmd = [sys.executable, "-m", "dimba", "train", "--quiet", "--family", family, "--data", str(corpus),
-           "--max-steps", str(steps), "--out", str(out), *args, *TINY]
+           "--max-steps", str(steps), "--out", str(out), *flags, *tiny, *DISTRIBUTED,
+           *(a for a in args if a not in flags)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -51,10 +52,10 @@ def test_ranks_take_disjoint_slices_of_the_single_process_batch():
         next(micro_batches(data, 16, seed=5, rank=0, world_size=2))
 
 
-def test_ddp_on_two_processes_matches_one_process_with_the_global_batch(corpus, tmp_path):
+def test_ddp_on_two_processes_matches_one_process_with_the_global_batch(corpus, tmp_path, tiny):
     ddp, single = tmp_path / "ddp", tmp_path / "single"
-    _train(corpus, ddp, "--devices", "2", "--strategy", "ddp", f"train.batch_size={PER_DEVICE}")
-    _train(corpus, single, f"train.batch_size={2 * PER_DEVICE}")
+    _train(corpus, ddp, tiny, "--devices", "2", "--strategy", "ddp", f"train.batch_size={PER_DEVICE}")
+    _train(corpus, single, tiny, f"train.batch_size={2 * PER_DEVICE}")
 
     assert [p.name for p in ddp.rglob("metrics.csv")] == ["metrics.csv"]
     ddp_loss, single_loss = _losses(ddp), _losses(single)
@@ -80,7 +81,7 @@ def _sharded(run, tmp_path) -> tuple[dict, dict]:
     (the optimizer's keyed by parameter name) by torch's own converter (a test trusts its files)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from dimba.checkpoint import latest_checkpoint, load_training_state
+    from dimba.training.checkpoint import latest_checkpoint, load_training_state
 
     folder = run / "checkpoints"
     ckpt = latest_checkpoint(folder)
@@ -92,21 +93,21 @@ def _sharded(run, tmp_path) -> tuple[dict, dict]:
     return load_training_state(ckpt), torch.load(whole, weights_only=False)
 
 
-def test_fsdp_on_two_processes_matches_one_process_resumes_and_generates(corpus, tmp_path, capsys):
+def test_fsdp_on_two_processes_matches_one_process_resumes_and_generates(corpus, tmp_path, tiny, capsys):
     """Sharded weights, gradients, AdamW moments and EMA: the same training as one process, a sharded checkpoint
     (each rank writes its shards), a resume that reads them back into the shards and continues, and
     `dimba generate` assembling the EMA weights in one process."""
-    from dimba.checkpoint import load_for_inference
+    from dimba.loading import load_for_inference
     from dimba.cli import main
 
     fsdp, single = tmp_path / "fsdp", tmp_path / "single"
     flat_lr = "train.min_lr_ratio=1.0"  # after warmup the LR is constant: the schedule does not depend on --max-steps
-    _train(corpus, fsdp, "--devices", "2", "--strategy", "fsdp", f"train.batch_size={PER_DEVICE}", flat_lr,
+    _train(corpus, fsdp, tiny, "--devices", "2", "--strategy", "fsdp", f"train.batch_size={PER_DEVICE}", flat_lr,
            steps=STEPS // 2)
     meta, half = _sharded(fsdp, tmp_path)
     assert meta["step"] == STEPS // 2 and int(half["ema"]["n_averaged"]) == STEPS // 2 and len(meta["rng_ranks"]) == 2
-    _train(corpus, fsdp, "--resume", str(fsdp), steps=STEPS)  # the run's config.yaml: 2 devices, fsdp
-    _train(corpus, single, f"train.batch_size={2 * PER_DEVICE}", flat_lr)
+    _train(corpus, fsdp, tiny, "--resume", str(fsdp), steps=STEPS)  # the run's config.yaml: 2 devices, fsdp
+    _train(corpus, single, tiny, f"train.batch_size={2 * PER_DEVICE}", flat_lr)
 
     assert [p.name for p in fsdp.rglob("metrics.csv")] == ["metrics.csv"]
     fsdp_loss, single_loss = _losses(fsdp), _losses(single)
@@ -134,14 +135,14 @@ def test_fsdp_on_two_processes_matches_one_process_resumes_and_generates(corpus,
     assert capsys.readouterr().out.startswith("ROMEO:")
 
 
-def test_a_damaged_sharded_checkpoint_is_refused_and_kept(corpus, tmp_path, capsys):
+def test_a_damaged_sharded_checkpoint_is_refused_and_kept(corpus, tmp_path, tiny, capsys):
     """A truncated shard file: `dimba train --resume` and `dimba generate` stop with one line (exit 2), and
     nothing on disk changes."""
-    from dimba.checkpoint import latest_checkpoint
+    from dimba.training.checkpoint import latest_checkpoint
     from dimba.cli import main
 
     run = tmp_path / "run"
-    _train(corpus, run, "--devices", "2", "--strategy", "fsdp", f"train.batch_size={PER_DEVICE}", steps=2)
+    _train(corpus, run, tiny, "--devices", "2", "--strategy", "fsdp", f"train.batch_size={PER_DEVICE}", steps=2)
     shard = latest_checkpoint(run / "checkpoints") / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
@@ -170,12 +171,12 @@ def test_a_damaged_sharded_checkpoint_is_refused_and_kept(corpus, tmp_path, caps
     assert len(err.strip().splitlines()) == 1 and not marker.exists()
 
 
-def test_fsdp_ranks_take_the_random_self_conditioning_pass_together(corpus, tmp_path):
+def test_fsdp_ranks_take_the_random_self_conditioning_pass_together(corpus, tmp_path, tiny):
     """Every FSDP forward gathers weights from all ranks: a rank taking the optional no-grad self-conditioning
     pass alone would wait forever. With self-conditioning, accumulation and recomputed activations (more forward
     passes), the run completes."""
     run = tmp_path / "run"
-    _train(corpus, run, "--devices", "2", "--strategy", "fsdp", f"train.batch_size={PER_DEVICE}", "train.grad_accum=3",
+    _train(corpus, run, tiny, "--devices", "2", "--strategy", "fsdp", f"train.batch_size={PER_DEVICE}", "train.grad_accum=3",
            "model.self_conditioning=true", "train.gradient_checkpointing=true", steps=3, family="continuous")
     assert all(math.isfinite(loss) for loss in _losses(run, steps=3).values())
 
@@ -191,16 +192,16 @@ def test_multi_device_runs_need_a_named_folder_and_fsdp_needs_a_scaler_free_prec
     assert not run.exists()
 
 
-def test_ddp_resume_on_two_processes_is_bitwise_exact(corpus, tmp_path):
+def test_ddp_resume_on_two_processes_is_bitwise_exact(corpus, tmp_path, tiny):
     """Every rank's generators are in the checkpoint: rank 1's t and masks (masked family) continue as if the run
     had never stopped, so 3 steps + a resume to 6 end with the weights of 6 uninterrupted steps, bit for bit."""
     args = ["--devices", "2", "--strategy", "ddp", f"train.batch_size={PER_DEVICE}", "train.min_lr_ratio=1.0"]
     whole, split = tmp_path / "whole", tmp_path / "split"
-    _train(corpus, whole, *args, family="masked")
-    _train(corpus, split, *args, steps=3, family="masked")
+    _train(corpus, whole, tiny, *args, family="masked")
+    _train(corpus, split, tiny, *args, steps=3, family="masked")
     state = torch.load(split / "checkpoints" / "last.ckpt", weights_only=True)
     assert len(state["rng_ranks"]) == 2 and not torch.equal(state["rng_ranks"][0]["torch"], state["rng_ranks"][1]["torch"])
-    _train(corpus, split, "--resume", str(split), *args, family="masked")
+    _train(corpus, split, tiny, "--resume", str(split), *args, family="masked")
     a = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(split / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["step"] == b["step"] == STEPS

@@ -1,4 +1,4 @@
-from dimba.evaluate import normalize_words, word_overlap
+from dimba.evaluation.words import normalize_words, word_overlap
 
 
 def test_word_overlap_strips_case_and_punctuation():

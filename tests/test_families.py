@@ -11,9 +11,11 @@ from dimba import DIMBA
 from dimba.config import DiffusionConfig
 from dimba.diffusion.masked import MaskSchedule, mask_tokens, subs_log_probs
 from dimba.diffusion.schedules import NoiseSchedule
-from dimba.generate import sample_from_model
-from dimba.losses import compute_losses, compute_masked_losses
+from dimba.generation import sample_from_model
+from dimba.families import compute_losses, get_family
+from dimba.families.masked import compute_masked_losses
 from dimba.samplers.hybrid import HybridSampler
+from dimba.samplers.state import ModelOutput, SamplerState
 
 SMALL = dict(d_model=32, num_denoiser_layers=2, d_state=8, headdim=16, chunk_size=8, num_heads=2, context_length=24)
 V = 40
@@ -64,7 +66,7 @@ def test_subs_never_predicts_mask_and_carries_clean_tokens():
 class _Uniform(torch.nn.Module):
     """A masked 'model' with constant logits: its NELBO per token is exactly log(V - 1)."""
 
-    family, mask_id = "masked", 2
+    family, mask_id = get_family("masked"), 2
 
     def __init__(self, kind):
         super().__init__()
@@ -189,19 +191,22 @@ def test_hybrid_ignores_absorbed_latents_and_never_absorbs_the_prompt():
 
 
 def test_hybrid_sampler_reveals_by_the_absorbing_posterior():
-    sampler = HybridSampler(NoiseSchedule(), MaskSchedule("loglinear"))
-    sampler.set_timesteps(4)
-    n = 4000
-    masked = torch.ones(n, 8, dtype=torch.bool)
-    z = torch.randn(n, 8, 3)
+    n, book = 4000, torch.arange(V, dtype=torch.float32)[:, None].expand(V, 3)  # token v has the latent (v, v, v)
+    sampler = HybridSampler(NoiseSchedule(), MaskSchedule("loglinear"), book)
+    state = SamplerState(torch.randn(n, 8, 3), masked=torch.ones(n, 8, dtype=torch.bool))
+    sampler.set_timesteps(4, state)
+    logits = torch.full((n, 8, V), -1e4)
+    logits[..., 7] = 0.0  # the model is sure of token 7
     gen = torch.Generator().manual_seed(0)
     fractions = []
     for i in range(4):
-        before = masked.float().mean()
-        z, masked = sampler.step(torch.zeros_like(z), torch.ones_like(z), i, z, masked, gen)
-        fractions.append(float(1 - masked.float().mean() / before) if before > 0 else 1.0)
+        before = state.masked
+        state = sampler.step(state, ModelOutput(x0=torch.zeros(n, 8, 3), logits=logits), i, gen)
+        fractions.append(float(1 - state.masked.float().mean() / before.float().mean()))
     # log-linear: from t to s a masked token is revealed with probability (t - s) / t = 1/4, 1/3, 1/2, 1
-    assert fractions == pytest.approx([1 / 4, 1 / 3, 1 / 2, 1.0], abs=0.02) and not masked.any()
+    assert fractions == pytest.approx([1 / 4, 1 / 3, 1 / 2, 1.0], abs=0.02) and not state.masked.any()
+    # the last step reveals at s = 0, where q(z_0 | x_0 = 7) is exactly the drawn token's latent
+    assert torch.equal(state.x[before], torch.full((int(before.sum()), 3), 7.0))
 
 
 def test_hybrid_generation_runs_end_to_end():

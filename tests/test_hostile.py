@@ -20,10 +20,6 @@ from dimba.cli import main
 from dimba.config import Config, apply_overrides, load_config, validate
 from dimba.errors import ConfigError
 
-TINY = ["model.d_model=32", "model.num_denoiser_layers=2", "model.d_state=8", "model.headdim=16", "model.chunk_size=16",
-        "data.seq_len=32", "data.vocab_size=300", "train.batch_size=4", "train.eval_every=10", "train.save_every=10",
-        "train.warmup_steps=2", "train.eval_batches=2", "train.log_every=5", "train.num_threads=1"]
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
@@ -36,10 +32,10 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, corpus):
+def run(tmp_path_factory, corpus, tiny):
     """A tiny continuous run trained for 3 steps."""
     out = tmp_path_factory.mktemp("runs") / "r"
-    assert main(["train", "--data", str(corpus), "--max-steps", "3", "--out", str(out), "--quiet", *TINY]) == 0
+    assert main(["train", "--data", str(corpus), "--max-steps", "3", "--out", str(out), "--quiet", *tiny]) == 0
     return out
 
 
@@ -64,8 +60,8 @@ class Evil:
 class Case:
     """What a builder gets: the test's own folder, and the shared run, export and corpus."""
 
-    def __init__(self, tmp: Path, run: Path, export: Path, corpus: Path):
-        self.tmp, self.run, self.export, self.corpus = tmp, run, export, corpus
+    def __init__(self, tmp: Path, run: Path, export: Path, corpus: Path, tiny: tuple[str, ...]):
+        self.tmp, self.run, self.export, self.corpus, self.tiny = tmp, run, export, corpus, tiny
         self.out = str(tmp / "new")  # an --out that must not come into being
 
     def write(self, name: str, content: str | bytes) -> str:
@@ -78,7 +74,7 @@ class Case:
         return str(path)
 
     def train(self, *args: str) -> list[str]:
-        return ["train", "--data", str(self.corpus), "--out", self.out, "--quiet", *TINY, *args]
+        return ["train", "--data", str(self.corpus), "--out", self.out, "--quiet", *self.tiny, *args]
 
     def copy(self, which: str) -> Path:
         """A private copy of the run or the export folder, to damage."""
@@ -106,7 +102,7 @@ def _foreign_tokenizer(c: Case) -> str:
 
 
 def _other_vocab_tokenizer(c: Case) -> list[str]:
-    from dimba.tokenizer import Tokenizer
+    from dimba.data.tokenizer import Tokenizer
 
     exp = c.copy("export")
     Tokenizer.train([c.corpus.read_text()], vocab_size=280).save(exp / "tokenizer.json")
@@ -224,7 +220,7 @@ CASES = {
     "tokenizer train: --out is a file": (
         lambda c: ["tokenizer", "train", "--data", str(c.corpus), "--out", c.write("f", "x")], "is a file"),
     # ---- output folders
-    "train --out is a file": (lambda c: ["train", "--out", c.write("f", "keep me"), *TINY], "is a file"),
+    "train --out is a file": (lambda c: ["train", "--out", c.write("f", "keep me"), *c.tiny], "is a file"),
     "train --out holds other files": (lambda c: ["train", "--out", str(Path(c.write("o/notes.txt", "keep")).parent)],
                                       "already holds other files"),
     "export --out is a file": (lambda c: ["export", str(c.run), "--out", c.write("f", "keep me")], "already exists"),
@@ -282,8 +278,8 @@ def _snapshot(*roots: Path) -> dict[str, bytes | None]:
 
 
 @pytest.mark.parametrize("build, needle", list(CASES.values()), ids=list(CASES))
-def test_hostile_input_is_one_line_exit_2_and_harmless(build, needle, tmp_path, run, export, corpus, capsys):
-    case = Case(tmp_path, run, export, corpus)
+def test_hostile_input_is_one_line_exit_2_and_harmless(build, needle, tmp_path, run, export, corpus, tiny, capsys):
+    case = Case(tmp_path, run, export, corpus, tiny)
     argv = build(case)
     watched = (tmp_path, run, export, corpus.parent)
     before = _snapshot(*watched)
@@ -297,7 +293,8 @@ def test_hostile_input_is_one_line_exit_2_and_harmless(build, needle, tmp_path, 
 
 
 def test_an_empty_corpus_name_never_reads_the_working_directory():
-    from dimba.data import DataError, load_corpus
+    from dimba.data.corpora import load_corpus
+    from dimba.errors import DataError
 
     with pytest.raises(DataError, match="corpus name is empty"):
         load_corpus("")

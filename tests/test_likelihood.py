@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dimba.cli import main
-from dimba.likelihood import evaluate_likelihood
+from dimba.families import get_family
+from dimba.evaluation.likelihood import evaluate_likelihood
 
 V = 7  # ids 0..2 are special ([PAD], [EOS], [MASK]); the chain lives on STATES
 MASK = 2
@@ -27,7 +28,7 @@ class FakeModel(torch.nn.Module):
 
     def __init__(self, family, fn):
         super().__init__()
-        self.family, self.mask_id, self.fn = family, MASK, fn
+        self.family, self.mask_id, self.fn = get_family(family), MASK, fn
 
     def token_logits(self, ids, prompt_mask=None):
         return self.fn(ids)
@@ -135,7 +136,7 @@ class AnalyticGaussian(torch.nn.Module):
         from dimba.diffusion.masked import MaskSchedule
         from dimba.diffusion.schedules import NoiseSchedule
 
-        self.family, self.mask_id = family, MASK
+        self.family, self.mask_id = get_family(family), MASK
         book = torch.zeros(V, len(STATES), dtype=torch.float64)
         book[STATES] = 3 * torch.eye(len(STATES), dtype=torch.float64)
         self.book = torch.nn.Parameter(book, requires_grad=False)  # (V, d)
@@ -163,7 +164,7 @@ class AnalyticGaussian(torch.nn.Module):
 
 @pytest.mark.parametrize("schedule,ztsnr,shift", [("cosine", True, 1.0), ("cosine", True, 4.0), ("linear", False, 1.0)])
 def test_gaussian_bound_is_tight_for_the_exact_denoiser(schedule, ztsnr, shift):
-    from dimba.likelihood_gaussian import T_MIN
+    from dimba.families.gaussian_bound import T_MIN
 
     blocks = torch.as_tensor(np.random.default_rng(0).integers(0, len(STATES), (512, 16)) + STATES[0])
     r = evaluate_likelihood(AnalyticGaussian("continuous", schedule, ztsnr, shift), blocks, CharTokenizer(),
@@ -183,7 +184,7 @@ def test_gaussian_stderr_shrinks_like_one_over_sqrt_k():
 
 
 def test_hybrid_bound_charges_log_v_per_reveal():
-    from dimba.likelihood_gaussian import T_MIN
+    from dimba.families.gaussian_bound import T_MIN
 
     blocks = torch.as_tensor(np.random.default_rng(1).integers(0, len(STATES), (128, 16)) + STATES[0])
     r = evaluate_likelihood(AnalyticGaussian("hybrid"), blocks, CharTokenizer(), mc_samples=16, batch_size=512,
@@ -198,7 +199,7 @@ def test_hybrid_bound_charges_log_v_per_reveal():
 def _train_on_chain(family, steps=400):
     """A 2-layer transformer DIMBA of ``family`` trained on 2000 fresh blocks of the module's chain."""
     from dimba.config import DiffusionConfig
-    from dimba.losses import compute_losses
+    from dimba.families import compute_losses
     from dimba.model import DIMBA
 
     rng = np.random.default_rng(0)
@@ -237,7 +238,7 @@ def test_trained_models_bound_the_exact_nll(family, chain):
     assert r["nll_nats_per_token"] >= exact - 3 * r["stderr_nats_per_token"]
     assert r["nll_nats_per_token"] < math.log(len(STATES))  # trained: better than a uniform guess over the states
     if family == "continuous":
-        from dimba.likelihood_gaussian import T_MIN
+        from dimba.families.gaussian_bound import T_MIN
 
         # the x0 error floor makes the unclamped bound explode near t = 0: the chosen t0 / clamp avoid it
         floor = evaluate_likelihood(model, _blocks(chain[2]), CharTokenizer(), mc_samples=4, batch_size=256,
@@ -250,21 +251,16 @@ def test_trained_models_bound_the_exact_nll(family, chain):
             assert other["clamp"] == clamp and other["nll_nats_per_token"] >= exact - 3 * other["stderr_nats_per_token"]
 
 
-TINY = ["model.d_model=32", "model.num_denoiser_layers=2", "model.d_state=8", "model.headdim=16", "model.chunk_size=16",
-        "data.seq_len=32", "data.vocab_size=300", "train.batch_size=4", "train.eval_every=10", "train.save_every=10",
-        "train.warmup_steps=2", "train.eval_batches=2", "train.log_every=5", "train.num_threads=1"]
-
-
-def _train(tmp_path_factory, corpus, family):
+def _train(tmp_path_factory, corpus, family, tiny):
     out = tmp_path_factory.mktemp("runs") / family
     assert main(["train", "--family", family, "--data", str(corpus), "--max-steps", "3", "--out", str(out),
-                 "--quiet", *TINY]) == 0
+                 "--quiet", *tiny]) == 0
     return out
 
 
 @pytest.mark.parametrize("family", ["ar", "masked", "continuous", "hybrid"])
-def test_cli_eval_json(family, tmp_path_factory, corpus, capsys):
-    run = _train(tmp_path_factory, corpus, family)
+def test_cli_eval_json(family, tmp_path_factory, corpus, capsys, tiny):
+    run = _train(tmp_path_factory, corpus, family, tiny)
     capsys.readouterr()
     assert main(["eval", str(run), "--data", str(corpus), "--json", "--mc-samples", "2", "--max-tokens", "200"]) == 0
     r = json.loads(capsys.readouterr().out)
@@ -280,9 +276,9 @@ def test_cli_eval_json(family, tmp_path_factory, corpus, capsys):
     assert "bits/byte" in capsys.readouterr().out
 
 
-def test_cli_eval_reverse_process_flags(tmp_path_factory, corpus, capsys):
-    ar, cont = _train(tmp_path_factory, corpus, "ar"), _train(tmp_path_factory, corpus, "continuous")
-    for run, flags, words in ((ar, ["--t0", "0.5"], "ar model has none"), (cont, ["--t0", "1.5"], "(0, 1)"),
+def test_cli_eval_reverse_process_flags(tmp_path_factory, corpus, capsys, tiny):
+    ar, cont = _train(tmp_path_factory, corpus, "ar", tiny), _train(tmp_path_factory, corpus, "continuous", tiny)
+    for run, flags, words in ((ar, ["--t0", "0.5"], "--t0 does not apply to the ar family"), (cont, ["--t0", "1.5"], "(0, 1)"),
                               (cont, ["--clamp", "hard"], "invalid choice")):
         capsys.readouterr()
         assert main(["eval", str(run), "--data", str(corpus), "--max-tokens", "64", *flags]) == 2

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dimba.samplers.masked import MaskedSampler
+from dimba.samplers.state import ModelOutput, SamplerState
 
 MASK = 5  # vocabulary: tokens 0..4 plus [MASK] = 5
 V = 6
@@ -21,13 +22,22 @@ def _random_logits(seed):
     return lambda x: torch.randn(*x.shape, V, generator=gen)
 
 
+def _step(sampler, logits, x, i, gen, gen_start=0):
+    """One step on canvas x (N, L): the next canvas."""
+    return sampler.step(SamplerState(x, gen_start), ModelOutput(logits=logits), i, gen).x
+
+
+def _plan(sampler, steps, length, gen_start=0):
+    sampler.set_timesteps(steps, SamplerState(torch.empty(1, length, dtype=torch.long), gen_start))
+
+
 def _run(sampler, x, logits_fn, steps, gen_start=0, seed=0):
     """Run the loop; returns the canvases before the first and after every step."""
-    sampler.set_timesteps(steps, x.shape[1], gen_start)
+    sampler.set_timesteps(steps, SamplerState(x, gen_start))
     gen = torch.Generator().manual_seed(seed)
     hist = [x]
     for i in range(sampler.num_steps):
-        hist.append(sampler.step(logits_fn(hist[-1]), hist[-1], i, gen))
+        hist.append(_step(sampler, logits_fn(hist[-1]), hist[-1], i, gen, gen_start))
     return hist
 
 
@@ -89,7 +99,7 @@ def test_blocks_are_filled_left_to_right(remasking):
         if i + 1 == len(block_of_step) or block_of_step[i + 1] != b:
             assert not (cur[:, blocks[b][0] : blocks[b][1]] == MASK).any()  # block done at its last step
     with pytest.raises(ValueError, match="blocks"):
-        sampler.set_timesteps(3, 12, 2)
+        _plan(sampler, 3, 12, 2)
 
 
 @pytest.mark.parametrize("remasking", ["ancestral", "low_confidence", "random"])
@@ -108,8 +118,8 @@ def test_prompt_and_committed_tokens_never_change_and_mask_never_sampled(remaski
     before_logits = logits_fn(x)
     x_copy = x.clone()
     sampler = MaskedSampler(MASK, remasking, eos_id=3)
-    sampler.set_timesteps(3, 10, gen_start=3)
-    out = sampler.step(before_logits, x, 0, torch.Generator().manual_seed(0))
+    _plan(sampler, 3, 10, gen_start=3)
+    out = _step(sampler, before_logits, x, 0, torch.Generator().manual_seed(0), gen_start=3)
     assert torch.equal(x, x_copy) and torch.equal(before_logits, logits_fn(x))  # inputs not modified
     hist = _run(sampler, x, logits_fn, 3, gen_start=3)
     for c in [out, *hist]:
@@ -168,4 +178,17 @@ def test_invalid_arguments():
     with pytest.raises(ValueError, match="block_length"):
         MaskedSampler(MASK, block_length=0)
     with pytest.raises(ValueError, match="num_steps"):
-        MaskedSampler(MASK).set_timesteps(0, 10)
+        _plan(MaskedSampler(MASK), 0, 10)
+
+
+def test_state_is_done_when_no_mask_is_left():
+    sampler = MaskedSampler(MASK, "low_confidence")
+    state = sampler.initial_state(torch.tensor([[0, 1]]), 4)
+    assert state.x.tolist() == [[0, 1, MASK, MASK, MASK, MASK]] and state.gen_start == 2 and not state.done
+    sampler.set_timesteps(2, state)
+    logits = _fixed_logits(state.x)
+    gen = torch.Generator().manual_seed(0)
+    state = sampler.step(state, ModelOutput(logits=logits), 0, gen)
+    assert not state.done and (state.x == MASK).sum() == 2
+    state = sampler.step(state, ModelOutput(logits=logits), 1, gen)
+    assert state.done and not (state.x == MASK).any()

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dimba import DIMBA, compute_dimba_losses, sample_from_model
-from dimba.checkpoint import load_pretrained
+from dimba.model import DIMBA
 from dimba.errors import CheckpointError
 
 V = 64
@@ -101,10 +101,10 @@ def test_save_load_gives_identical_logits_and_is_strict(tmp_path):
     other = tiny("mamba2", self_conditioning=False, latent_diffusion=True, d_latent=8).save_pretrained(tmp_path / "other")
     (out / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointError):
-        load_pretrained(out)
+        DIMBA.from_pretrained(out)
     (out / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="corrupted"):
-        load_pretrained(out)
+        DIMBA.from_pretrained(out)
 
 
 def test_sampling_is_deterministic_and_keeps_the_prompt():
@@ -120,7 +120,7 @@ def test_sampling_is_deterministic_and_keeps_the_prompt():
 @pytest.mark.parametrize("backbone", ["mamba2", "transformer"])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(backbone):
     from dimba.config import DiffusionConfig
-    from dimba.losses import compute_losses
+    from dimba.families import compute_losses
 
     torch.manual_seed(0)
     m = DIMBA(40, family="ar", backbone=backbone, d_model=32, num_denoiser_layers=2, d_state=8, headdim=16,

@@ -13,18 +13,22 @@ import time
 import pytest
 import torch
 
-import dimba.train
-from dimba.checkpoint import load_training_state
+import dimba.training
+import dimba.training.step
+from dimba.training.checkpoint import load_training_state
 from dimba.cli import main
 from dimba.config import load_config
 
-TINY = ["model.d_model=32", "model.num_denoiser_layers=2", "model.d_state=8", "model.headdim=16", "model.chunk_size=16",
-        "model.self_conditioning=true", "data.seq_len=32", "data.vocab_size=300", "train.batch_size=4",
-        "train.grad_accum=2", "train.warmup_steps=2", "train.eval_every=4", "train.eval_batches=2", "train.save_every=3",
-        "train.log_every=1", "train.num_threads=1", "train.max_time=null"]  # no time budget: a step-based LR schedule
 MAX_STEPS, KILL_AFTER = 24, 7  # kill once metrics.csv shows step >= KILL_AFTER: last.ckpt is then at step 6 or later
 TIMEOUT = 120
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def overrides(tiny) -> tuple[str, ...]:
+    """A self-conditioned tiny run with accumulation, frequent checkpoints and a step-based LR schedule."""
+    return (*tiny, "model.self_conditioning=true", "train.grad_accum=2", "train.eval_every=4", "train.save_every=3",
+            "train.log_every=1", "train.max_time=null")
 
 
 def _start(args: list[str], log) -> subprocess.Popen:
@@ -60,9 +64,9 @@ def _assert_bitwise_equal(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-def test_sigkill_then_resume_is_bitwise_identical_to_an_uninterrupted_run(corpus, tmp_path):
+def test_sigkill_then_resume_is_bitwise_identical_to_an_uninterrupted_run(corpus, tmp_path, overrides):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    args = ["--data", str(corpus), "--max-steps", str(MAX_STEPS), *TINY]
+    args = ["--data", str(corpus), "--max-steps", str(MAX_STEPS), *overrides]
     with open(tmp_path / "full.log", "w") as full_log, open(tmp_path / "killed.log", "w") as killed_log:
         reference = _start([*args, "--out", str(full)], full_log)  # runs alongside the one that gets killed
         victim = _start([*args, "--out", str(killed)], killed_log)
@@ -109,7 +113,7 @@ def _poison(monkeypatch, bad_steps: set[int], snapshots: list | None = None) -> 
     """Make the training loss NaN (and with it every gradient) at the given steps (grad_accum=1);
     validation, which runs without gradients, is left alone. ``snapshots`` receives the weights
     at the start of every step."""
-    real, calls = dimba.train.compute_losses, [0]
+    real, calls = dimba.training.step.compute_losses, [0]
 
     def compute_losses(model, ids, dc, *args, **kwargs):
         loss, parts = real(model, ids, dc, *args, **kwargs)
@@ -123,19 +127,19 @@ def _poison(monkeypatch, bad_steps: set[int], snapshots: list | None = None) -> 
             parts = {**parts, "loss": loss.detach()}
         return loss, parts
 
-    monkeypatch.setattr(dimba.train, "compute_losses", compute_losses)
+    monkeypatch.setattr(dimba.training.step, "compute_losses", compute_losses)
 
 
 def _finite(weights: dict) -> bool:
     return all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
 
-def test_a_non_finite_step_is_skipped_and_counted(corpus, tmp_path, monkeypatch):
+def test_a_non_finite_step_is_skipped_and_counted(corpus, tmp_path, monkeypatch, overrides):
     snapshots = []
     _poison(monkeypatch, {3}, snapshots)
-    overrides = [o for o in TINY if not o.startswith("train.grad_accum")]
-    cfg = load_config("tiny", None, [*overrides, f"data.corpus={corpus}", "train.max_steps=6"])
-    run = dimba.train.fit(cfg, tmp_path / "run", progress=False)
+    kept = [o for o in overrides if not o.startswith("train.grad_accum")]
+    cfg = load_config("tiny", None, [*kept, f"data.corpus={corpus}", "train.max_steps=6"])
+    run = dimba.training.fit(cfg, tmp_path / "run", progress=False)
 
     same = [all(torch.equal(p, q) for p, q in zip(before, after)) for before, after in zip(snapshots, snapshots[1:])]
     assert same == [False, False, True, False, False]  # only the NaN step 3 left the weights as they were
@@ -149,11 +153,12 @@ def test_a_non_finite_step_is_skipped_and_counted(corpus, tmp_path, monkeypatch)
     assert _finite(state["model"]) and _finite(state["ema"])
 
 
-def test_consecutive_bad_steps_stop_the_run_with_the_last_good_checkpoint(corpus, tmp_path, monkeypatch, capsys):
+def test_consecutive_bad_steps_stop_the_run_with_the_last_good_checkpoint(corpus, tmp_path, monkeypatch, capsys,
+                                                                         overrides):
     _poison(monkeypatch, set(range(5, 100)))
-    overrides = [o for o in TINY if not o.startswith(("train.grad_accum", "train.save_every"))]
+    kept = [o for o in overrides if not o.startswith(("train.grad_accum", "train.save_every"))]
     run = tmp_path / "run"
-    code = main(["train", "--data", str(corpus), "--max-steps", "20", "--out", str(run), "--quiet", *overrides,
+    code = main(["train", "--data", str(corpus), "--max-steps", "20", "--out", str(run), "--quiet", *kept,
                  "train.save_every=2", "train.max_bad_steps=3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2

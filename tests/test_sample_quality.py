@@ -12,8 +12,8 @@ from dimba.cli import main
 from dimba.config import SampleConfig
 from dimba.errors import UsageError
 from dimba.model import DIMBA
-from dimba.sample_quality import distinct_n, judge_nll, reference_scores, sample_quality, unigram_entropy
-from dimba.tokenizer import Tokenizer
+from dimba.evaluation.sample_quality import distinct_n, judge_nll, reference_scores, sample_quality, unigram_entropy
+from dimba.data.tokenizer import Tokenizer
 
 
 def test_unigram_entropy_of_a_known_list():
@@ -110,36 +110,38 @@ def test_missing_eval_extra_is_one_usage_error(monkeypatch):
         reference_scores(["a"], ["a"])
 
 
-TINY = ["model.d_model=32", "model.num_denoiser_layers=2", "model.d_state=8", "model.headdim=16", "model.chunk_size=16",
-        "data.seq_len=32", "data.vocab_size=300", "train.batch_size=4", "train.eval_every=10", "train.save_every=10",
-        "train.warmup_steps=2", "train.eval_batches=2", "train.log_every=5", "train.num_threads=1"]
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, corpus):
+def runs(tmp_path_factory, corpus, tiny):
     out = tmp_path_factory.mktemp("runs")
     for family in ("masked", "ar"):
         assert main(["train", "--family", family, "--data", str(corpus), "--max-steps", "3", "--out",
-                     str(out / family), "--quiet", *TINY]) == 0
+                     str(out / family), "--quiet", *tiny]) == 0
     return out
 
 
-def test_cli_eval_samples_json_and_table(runs, tmp_path, capsys):
+def test_cli_sample_quality_json_and_table(runs, tmp_path, capsys):
     pytest.importorskip("sacrebleu")
     pytest.importorskip("rouge_score")
     refs = tmp_path / "refs.jsonl"
     refs.write_text('{"prompt": "ROMEO:", "reference": "O gentle night"}\n\n{"prompt": "", "reference": "thou art"}\n')
     capsys.readouterr()
-    assert main(["eval", str(runs / "masked"), "--samples", "2", "--judge", str(runs / "ar"), "--json", "--length", "8",
-                 "--steps", "3", "--prompt", "ROMEO:", "--references", str(refs)]) == 0
+    args = [str(runs / "masked"), "--samples", "2", "--judge", str(runs / "ar"), "--json", "--length", "8", "--steps",
+            "3", "--prompt", "ROMEO:", "--references", str(refs)]
+    assert main(["sample-quality", *args]) == 0
     r = json.loads(capsys.readouterr().out)
+    assert main(["eval", *args]) == 0  # the spelling of the previous release, kept for one release with a note
+    old = capsys.readouterr()
+    timing = {"seconds": 0, "seconds_per_sample": 0, "tokens_per_second": 0}
+    assert {**json.loads(old.out), **timing} == {**r, **timing} and "now `dimba sample-quality" in old.err
     assert {"gen_ppl", "judge_nats_per_token", "entropy", "distinct_1", "distinct_2", "distinct_3", "train_word_fraction",
             "bleu", "rouge1", "rouge2", "rougeL", "samples", "length", "steps", "seconds", "tokens_per_second",
             "family"} <= set(r)
     assert r["family"] == "masked" and r["samples"] == 2 and r["length"] == 8 and r["steps"] == 3
     assert r["prompt_tokens"] > 0 and r["references"] == 2 and 0 <= r["rouge1"] <= 1 and 0 <= r["bleu"] <= 100
-    assert r["gen_ppl"] > 1 and 0 <= r["entropy"] <= math.log(8) + 1e-12 and 0 <= r["train_word_fraction"] <= 1
-    assert main(["eval", str(runs / "masked"), "--samples", "2", "--judge", str(runs / "ar"), "--length", "8"]) == 0
+    assert r["judge_tokens"] > 0 and math.isfinite(r["gen_ppl"])
+    assert 0 <= r["entropy"] <= math.log(8) + 1e-12 and 0 <= r["train_word_fraction"] <= 1
+    assert main(["sample-quality", str(runs / "masked"), "--samples", "2", "--judge", str(runs / "ar"), "--length",
+                 "8"]) == 0
     table = capsys.readouterr().out
     assert "gen-PPL" in table and "distinct-1/2/3" in table and "BLEU" not in table
 
@@ -151,23 +153,29 @@ def test_cli_bench_sweep_writes_json_and_png(runs, tmp_path, capsys):
                  "--length", "8", "--out", str(prefix)]) == 0
     r = json.loads(capsys.readouterr().out)
     assert [p["steps"] for p in r["points"]] == [2, 4] and r["ar"]["family"] == "ar" and r["ar"]["steps"] is None
-    assert all(p["gen_ppl"] > 1 and p["seconds_per_sample"] > 0 and "texts" not in p for p in r["points"])
+    assert all(p["judge_tokens"] > 0 and math.isfinite(p["gen_ppl"]) and p["seconds_per_sample"] > 0
+               and "texts" not in p for p in r["points"])
     assert json.loads((tmp_path / "plots" / "sweep.json").read_text()) == r
     assert (tmp_path / "plots" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["eval", "{ar}", "--samples", "2", "--judge", "{masked}"], "ar-family"),
-    (["eval", "{masked}", "--samples", "2", "--judge", "{tmp}/nope"], "--judge"),
+    (["sample-quality", "{ar}", "--samples", "2", "--judge", "{masked}"], "ar-family"),
+    (["sample-quality", "{masked}", "--samples", "2", "--judge", "{tmp}/nope"], "--judge"),
+    (["sample-quality", "{masked}", "--samples", "2"], "--judge"),
     (["eval", "{masked}", "--samples", "2"], "--judge"),
-    (["eval", "{masked}", "--judge", "{ar}"], "--samples"),
-    (["eval", "{masked}", "--references", "{tmp}/refs.jsonl"], "--samples"),
-    (["eval", "{masked}", "--samples", "0", "--judge", "{ar}"], "--samples"),
-    (["eval", "{masked}", "--samples", "2", "--judge", "{ar}", "--references", "{tmp}/nope.jsonl"], "not found"),
-    (["eval", "{masked}", "--samples", "2", "--judge", "{ar}", "--references", "{tmp}/notjson.jsonl"], "not JSON"),
-    (["eval", "{masked}", "--samples", "2", "--judge", "{ar}", "--references", "{tmp}/nokey.jsonl"], "'reference'"),
-    (["eval", "{masked}", "--samples", "2", "--judge", "{ar}", "--references", "{tmp}/empty.jsonl"], "empty"),
-    (["eval", "{masked}", "--samples", "2", "--judge", "{ar}", "--length", "40"], "context"),
+    (["eval", "{masked}", "--judge", "{ar}"], "sample-quality"),
+    (["eval", "{masked}", "--references", "{tmp}/refs.jsonl"], "sample-quality"),
+    (["sample-quality", "{masked}", "--samples", "0", "--judge", "{ar}"], "--samples"),
+    (["sample-quality", "{masked}", "--samples", "2", "--judge", "{ar}", "--references", "{tmp}/nope.jsonl"],
+     "not found"),
+    (["sample-quality", "{masked}", "--samples", "2", "--judge", "{ar}", "--references", "{tmp}/notjson.jsonl"],
+     "not JSON"),
+    (["sample-quality", "{masked}", "--samples", "2", "--judge", "{ar}", "--references", "{tmp}/nokey.jsonl"],
+     "'reference'"),
+    (["sample-quality", "{masked}", "--samples", "2", "--judge", "{ar}", "--references", "{tmp}/empty.jsonl"],
+     "empty"),
+    (["sample-quality", "{masked}", "--samples", "2", "--judge", "{ar}", "--length", "40"], "context"),
     (["bench", "sweep", "{ar}", "--judge", "{ar}", "--out", "{tmp}/sw"], "no denoising steps"),
     (["bench", "sweep", "{masked}", "--judge", "{masked}", "--out", "{tmp}/sw"], "ar-family"),
     (["bench", "sweep", "{masked}", "--judge", "{ar}", "--steps", "2,x", "--out", "{tmp}/sw"], "--steps"),

@@ -6,12 +6,15 @@ from dimba.diffusion.gaussian import q_sample
 from dimba.diffusion.schedules import NoiseSchedule
 from dimba.samplers.categorical import filter_logits, sample_tokens
 from dimba.samplers.ddim import DDIMSampler
+from dimba.samplers.state import ModelOutput, SamplerState
 
 
-def _run(sampler, x0_fn, z, steps, gen=None):
-    for i, t in enumerate(sampler.set_timesteps(steps)):
-        z = sampler.step(x0_fn(z, t), i, z, gen)
-    return z
+def _run(sampler, x0_fn, z, steps, gen=None, gen_start=0):
+    state = SamplerState(z, gen_start)
+    sampler.set_timesteps(steps, state)
+    for i, t in enumerate(sampler.timesteps):
+        state = sampler.step(state, ModelOutput(x0=x0_fn(state.x, t)), i, gen)
+    return state.x
 
 
 def test_ddim_with_oracle_x0_recovers_data_exactly():
@@ -43,6 +46,13 @@ def test_ddim_with_bayes_denoiser_reproduces_a_two_point_distribution():
         frac = (out > 0).float().mean().item()
         assert abs(frac - p_plus) < 0.02, (eta, frac)
         assert (out.abs() - 1).abs().max() < 0.05
+
+
+def test_ddim_never_moves_the_prompt():
+    x0, z = torch.randn(2, 7, 4), torch.randn(2, 7, 4, generator=torch.Generator().manual_seed(2))
+    out = _run(DDIMSampler(NoiseSchedule("cosine"), eta=1.0), lambda z, t: x0, z.clone(), 5,
+               torch.Generator().manual_seed(1), gen_start=3)
+    assert torch.equal(out[:, :3], z[:, :3]) and torch.allclose(out[:, 3:], x0[:, 3:], atol=1e-5)
 
 
 def test_q_sample_matches_schedule_variance():

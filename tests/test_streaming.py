@@ -13,12 +13,13 @@ import torch
 
 pytest.importorskip("datasets")
 
-from dimba.checkpoint import load_training_state  # noqa: E402
+from dimba.training.checkpoint import load_training_state  # noqa: E402
 from dimba.config import load_config  # noqa: E402
-from dimba.data import DataError, tokenize_and_pack  # noqa: E402
-from dimba.streaming import StreamedData, document_stream, stream_blocks  # noqa: E402
-from dimba.tokenizer import Tokenizer  # noqa: E402
-from dimba.train import fit  # noqa: E402
+from dimba.data.packing import tokenize_and_pack
+from dimba.errors import DataError  # noqa: E402
+from dimba.data.streaming import StreamedData, document_stream, stream_blocks  # noqa: E402
+from dimba.data.tokenizer import Tokenizer  # noqa: E402
+from dimba.training import fit  # noqa: E402
 
 DOCS = [f"{['ROMEO', 'JULIET', 'NURSE'][i % 3]}:\nO gentle night, thou art the {['moon', 'sun', 'star'][i % 3]} "
         f"of my heart number {i % 7}.\n" * (1 + i % 4) for i in range(120)]
@@ -92,22 +93,24 @@ def test_unusable_streamed_corpora_are_refused_in_one_line(tmp_path, corpus, tok
         StreamedData(str(tmp_path / "bad.jsonl"), 16, 2, tokenizer, 300, 1.0)
 
 
-TINY = ["model.family=ar", "model.d_model=32", "model.num_denoiser_layers=2", "model.d_state=8", "model.headdim=16",
-        "model.chunk_size=16", "data.seq_len=32", "data.vocab_size=300", "data.streaming=true", "data.val_blocks=4",
-        "train.batch_size=4", "train.grad_accum=2", "train.warmup_steps=2", "train.eval_every=5", "train.eval_batches=1",
-        "train.save_every=5", "train.log_every=1", "train.num_threads=1", "train.max_time=null", "train.max_steps=10"]
+@pytest.fixture(scope="module")
+def streamed(tiny) -> tuple[str, ...]:
+    """Overrides of a tiny streamed ar run of 10 steps."""
+    return (*tiny, "model.family=ar", "data.streaming=true", "data.val_blocks=4", "train.grad_accum=2",
+            "train.eval_every=5", "train.eval_batches=1", "train.save_every=5", "train.log_every=1",
+            "train.max_time=null", "train.max_steps=10")
 
 
-def test_fit_on_a_stream_resumed_halfway_is_bitwise_identical(tmp_path):
+def test_fit_on_a_stream_resumed_halfway_is_bitwise_identical(tmp_path, streamed):
     corpus, full, resumed = tmp_path / "small.jsonl", tmp_path / "full", tmp_path / "resumed"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:40]))  # about 40 blocks: 10 steps use 80
-    fit(load_config("tiny", None, [f"data.corpus={corpus}", *TINY]), full, progress=False)
+    fit(load_config("tiny", None, [f"data.corpus={corpus}", *streamed]), full, progress=False)
     halfway = load_training_state(full / "checkpoints" / "step-0000005.ckpt")
     assert halfway["step"] == 5 and halfway["data_position"][1:] != [0, 0]
     shutil.copytree(full, resumed)  # then roll the copy back to step 5, as if it had stopped there
     shutil.copy(resumed / "checkpoints" / "step-0000005.ckpt", resumed / "checkpoints" / "last.ckpt")
     (resumed / "checkpoints" / "step-0000010.ckpt").unlink()
-    fit(load_config("tiny", None, [f"data.corpus={corpus}", *TINY]), resumed, resume=True, progress=False)
+    fit(load_config("tiny", None, [f"data.corpus={corpus}", *streamed]), resumed, resume=True, progress=False)
 
     a, b = (load_training_state(run / "checkpoints" / "last.ckpt") for run in (full, resumed))
     assert a["step"] == b["step"] == 10 and a["data_position"] == b["data_position"]
@@ -117,10 +120,10 @@ def test_fit_on_a_stream_resumed_halfway_is_bitwise_identical(tmp_path):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
 
 
-def test_cli_streams_offline(corpus, tmp_path):
+def test_cli_streams_offline(corpus, tmp_path, streamed):
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     args = [sys.executable, "-m", "dimba", "train", "--quiet", "--data", str(corpus), "--out", str(tmp_path / "run"),
-            *TINY, "train.max_steps=2"]
+            *streamed, "train.max_steps=2"]
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert load_training_state(tmp_path / "run" / "checkpoints" / "last.ckpt")["data_position"][0] == 0

@@ -6,17 +6,11 @@ import random
 import pytest
 import torch
 
+from dimba.data.packing import train_tokenizer_on
+from dimba.data.tokenizer import Tokenizer, TokenizerError
 from dimba.errors import DimbaError
-from dimba.tokenizer import (
-    EOS,
-    MASK,
-    PAD,
-    SPECIAL_TOKENS,
-    Tokenizer,
-    TokenizerError,
-    atomic_write_text,
-    train_tokenizer_cli,
-)
+from dimba.io import atomic_write_text
+from dimba.special_tokens import EOS, MASK, PAD, SPECIAL_TOKENS
 
 CORPUS = [
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
@@ -160,13 +154,13 @@ def test_train_tokenizer_cli_writes_and_refuses_to_overwrite(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(CORPUS))
     out = tmp_path / "tok"
-    path = train_tokenizer_cli(str(corpus), 300, str(out))
+    path = train_tokenizer_on(str(corpus), 300, str(out))
     assert path == out / "tokenizer.json"
     tok = Tokenizer.from_file(path)
     assert tok.vocab_size == 300 and tok.decode(tok.encode("All:\nSpeak")) == "All:\nSpeak"
     before = path.read_bytes()
     with pytest.raises(TokenizerError, match="already exists.*--out"):
-        train_tokenizer_cli(str(corpus), 400, str(out))
+        train_tokenizer_on(str(corpus), 400, str(out))
     assert path.read_bytes() == before
     with pytest.raises(TokenizerError, match="is a file"):
-        train_tokenizer_cli(str(corpus), 300, str(corpus))
+        train_tokenizer_on(str(corpus), 300, str(corpus))

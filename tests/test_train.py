@@ -5,7 +5,8 @@ import torch
 
 from dimba.config import load_config
 from dimba.errors import UsageError
-from dimba.train import lr_lambda, micro_batches
+from dimba.data.packing import micro_batches
+from dimba.training.schedule import lr_lambda
 
 
 def test_micro_batches_cover_each_epoch_and_resume_exactly():

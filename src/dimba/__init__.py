@@ -4,15 +4,17 @@
 """
 
 from dimba.config import Config, load_config
-from dimba.generate import sample_from_model
-from dimba.losses import compute_dimba_losses, compute_losses
+from dimba.data.tokenizer import Tokenizer
+from dimba.families import Family, compute_dimba_losses, compute_losses, get_family, register_family
+from dimba.generation import sample_from_model
 from dimba.model import DIMBA, build_model
+from dimba.samplers.ar import ARSampler
 from dimba.samplers.ddim import DDIMSampler
 from dimba.samplers.hybrid import HybridSampler
 from dimba.samplers.masked import MaskedSampler
-from dimba.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["DIMBA", "Config", "DDIMSampler", "HybridSampler", "MaskedSampler", "Tokenizer", "build_model",
-           "compute_dimba_losses", "compute_losses", "load_config", "sample_from_model", "__version__"]
+__all__ = ["ARSampler", "DIMBA", "Config", "DDIMSampler", "Family", "HybridSampler", "MaskedSampler", "Tokenizer",
+           "build_model", "compute_dimba_losses", "compute_losses", "get_family", "load_config", "register_family",
+           "sample_from_model", "__version__"]

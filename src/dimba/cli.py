@@ -1,16 +1,22 @@
-"""`dimba train | generate | eval | bench | export | tokenizer`: a thin map from verbs to library functions."""
+"""`dimba train | generate | eval | sample-quality | bench | export | tokenizer`: a thin map from verbs to library
+functions. Choices and help of the config-backed flags come from the config (`dimba.config.choices`)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from dimba.config import Config, ModelConfig, SampleConfig
-from dimba.errors import DimbaError, UsageError
+import torch
+
+from dimba.config import (Config, ModelConfig, SampleConfig, TrainConfig, apply_overrides, choices, describe,
+                          dump_yaml, load_config, load_run_config)
+from dimba.errors import CheckpointError, DataError, DimbaError, UsageError
+from dimba.loading import load_for_inference
 from dimba.malloc import keep_freed_memory
 
 
@@ -27,8 +33,7 @@ def _resolve_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
         if not given or not (Path(given) / "config.yaml").is_file():
             raise UsageError(f"--resume: {given or '(no run given)'!r} is not a dimba run directory: "
                              "pass --resume runs/NAME (a folder with config.yaml and checkpoints/)")
-        run = Path(given)
-        return run, True
+        return Path(given), True
     run = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if run.exists() and not run.is_dir():
         raise UsageError(f"--out {str(run)!r} is a file: choose a folder path for the run")
@@ -50,8 +55,6 @@ def _check_same_model(saved: ModelConfig, new: ModelConfig) -> None:
 def _check_devices(cfg: Config, run_named: bool = True) -> None:
     """Refuse a device request this machine cannot serve, before Fabric starts one process per device; with
     several processes the run needs a named folder (each process re-runs the command, a default name would differ)."""
-    import torch
-
     tc = cfg.train
     mps = torch.backends.mps.is_available()
     kind = tc.accelerator
@@ -70,8 +73,8 @@ def _check_devices(cfg: Config, run_named: bool = True) -> None:
 
 def _fit_new_run(cfg: Config, run_dir: Path, progress: bool) -> None:
     """`fit` a new run; if a user error stops it before its first checkpoint, remove what it wrote."""
-    from dimba.checkpoint import CKPT_SUBDIR, has_checkpoint
-    from dimba.train import fit
+    from dimba.training import fit
+    from dimba.training.files import CKPT_SUBDIR, has_checkpoint
 
     created = None if run_dir.exists() else run_dir  # the top-most folder that fit will create
     while created is not None and not created.parent.exists():
@@ -92,8 +95,6 @@ def _fit_new_run(cfg: Config, run_dir: Path, progress: bool) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dimba.config import apply_overrides, dump_yaml, load_config, load_run_config
-
     run_dir, resume = _resolve_run_dir(args)
     if resume:  # the run's own config, plus any new overrides (e.g. a larger --max-steps)
         saved = load_run_config(run_dir / "config.yaml")
@@ -106,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     _check_devices(cfg, run_named=resume or args.out is not None)
     if resume:
-        from dimba.train import fit
+        from dimba.training import fit
 
         fit(cfg, run_dir, resume=True, progress=not args.quiet)
     else:
@@ -121,8 +122,6 @@ _SAMPLE_FLAGS = {"steps": "num_steps", "temperature": "temperature", "top_k": "t
 
 def _run_config(model_path: str) -> Config | None:
     """The config.yaml of a run directory; None for an export folder (which has none)."""
-    from dimba.config import load_run_config
-
     run_cfg = Path(model_path) / "config.yaml"
     return load_run_config(run_cfg) if run_cfg.is_file() else None
 
@@ -149,7 +148,7 @@ def _sample_settings(args: argparse.Namespace) -> SampleConfig:
 
 def _prompt_and_length(args: argparse.Namespace, model, tokenizer) -> tuple[list[int], int]:
     """The ids of ``--prompt`` and ``--length`` (default: fill the context); one line if they do not fit the context."""
-    from dimba.sample_quality import check_fits
+    from dimba.evaluation.sample_quality import check_fits
 
     context = model.config.context_length or 256
     prompt = tokenizer.encode(args.prompt) if getattr(args, "prompt", None) else []
@@ -162,10 +161,7 @@ def _prompt_and_length(args: argparse.Namespace, model, tokenizer) -> tuple[list
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from dimba.checkpoint import load_for_inference
-    from dimba.generate import generate_texts
+    from dimba.generation import generate_texts
 
     sc = _sample_settings(args)
     model, tokenizer = load_for_inference(args.model)
@@ -195,18 +191,13 @@ def _eval_blocks(args: argparse.Namespace, tokenizer, context: int):
     blocks = prepared.val if args.split == "val" else prepared.train  # (N, L)
     if args.max_tokens is not None:
         blocks = blocks[: max(1, math.ceil(args.max_tokens / blocks.shape[1]))]
-    # the continuous bound's t0 is chosen on training blocks (the last ones, never the evaluated ones)
+    # a bound's reverse process is chosen on training blocks (the last ones, never the evaluated ones)
     return blocks, prepared.train[-8:]
-
-
-_EVAL_SAMPLE_FLAGS = ("judge", "references", "prompt", "length", "steps")  # meaningful with --samples only
 
 
 def _load_judge(path: str):
     """(model, tokenizer) of the ``--judge`` folder, refused in one line unless it is an ar model."""
-    from dimba.checkpoint import load_for_inference
-    from dimba.errors import CheckpointError
-    from dimba.sample_quality import check_judge
+    from dimba.evaluation.sample_quality import check_judge
 
     try:
         judge, judge_tokenizer = load_for_inference(path)
@@ -219,8 +210,7 @@ def _load_judge(path: str):
 def _vocabulary(model_path: str, corpus: str | None = None) -> set[str] | None:
     """The training words of a run's corpus, or of ``corpus`` for an export folder; None for a streamed
     corpus or an export folder without ``corpus``."""
-    from dimba.data import DataError
-    from dimba.evaluate import training_vocabulary
+    from dimba.evaluation.words import training_vocabulary
 
     run_cfg = _run_config(model_path)
     val_fraction = 0.05
@@ -235,14 +225,9 @@ def _vocabulary(model_path: str, corpus: str | None = None) -> set[str] | None:
         raise UsageError(f"the training-word fraction reads the training corpus, which failed: {exc}") from None
 
 
-def _eval_samples(args: argparse.Namespace) -> int:
-    """`dimba eval MODEL --samples N --judge AR_MODEL`: `sample_quality` as a table or one JSON object."""
-    import json
-
-    import torch
-
-    from dimba.checkpoint import load_for_inference
-    from dimba.sample_quality import format_report, load_references, sample_quality, warm_up
+def cmd_sample_quality(args: argparse.Namespace) -> int:
+    """`dimba sample-quality MODEL --judge AR_MODEL`: `sample_quality` as a table or one JSON object."""
+    from dimba.evaluation.sample_quality import format_report, load_references, sample_quality, warm_up
 
     if args.judge is None:
         raise UsageError("--samples needs --judge AR_MODEL: an ar-family run or export folder that scores gen-PPL")
@@ -259,32 +244,11 @@ def _eval_samples(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    import json
+# eval flags of the old `eval --samples` spelling, meaningful with --samples only
+_SAMPLE_QUALITY_FLAGS = ("judge", "references", "prompt", "length", *(f for f in _SAMPLE_FLAGS if f != "clamp"))
 
-    import torch
 
-    from dimba.checkpoint import load_for_inference
-    from dimba.likelihood import evaluate_likelihood
-
-    if args.samples is not None:
-        return _eval_samples(args)
-    given = [flag for flag in _EVAL_SAMPLE_FLAGS if getattr(args, flag) is not None]
-    if given:
-        raise UsageError(f"--{given[0]} is a sample-quality flag: add --samples N (and --judge AR_MODEL)")
-
-    model, tokenizer = load_for_inference(args.model)
-    if (args.t0 is not None or args.clamp is not None) and model.family not in ("continuous", "hybrid"):
-        raise UsageError(f"--t0 and --clamp set the Gaussian reverse process: a {model.family} model has none")
-    blocks, calibration = _eval_blocks(args, tokenizer, model.config.context_length or 256)  # (N, L), (8, L)
-    gen = torch.Generator().manual_seed(args.seed)
-    result = evaluate_likelihood(model, blocks, tokenizer, mc_samples=args.mc_samples, generator=gen,
-                                 batch_size=args.batch_size, progress=not args.json, t0=args.t0,
-                                 clamp=args.clamp, calibration_blocks=calibration)
-    result["split"] = args.split
-    if args.json:
-        print(json.dumps(result))
-        return 0
+def _print_likelihood(result: dict, split: str) -> None:
     kind = f"upper bound (K={result['mc_samples']})" if result["is_bound"] else "exact NLL"
     print(f"{'family':<22}{result['family']}")
     print(f"{'estimate':<22}{kind}")
@@ -294,20 +258,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{'t0 (SNR), clamp':<22}{result['t0']:.4g} ({result['snr_t0']:.3g}), {result['clamp']}")
     print(f"{'nats/token':<22}{result['nll_nats_per_token']:.4f} ± {result['stderr_nats_per_token']:.4f}")
     print(f"{'bits/byte':<22}{result['bits_per_byte']:.4f} ± {result['stderr_bits_per_byte']:.4f}")
-    print(f"{'tokens / bytes':<22}{result['tokens']} / {result['bytes']} ({args.split}, {result['blocks']} blocks)")
+    print(f"{'tokens / bytes':<22}{result['tokens']} / {result['bytes']} ({split}, {result['blocks']} blocks)")
     print(f"{'seconds':<22}{result['seconds']:.1f}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dimba.evaluation.likelihood import evaluate_likelihood
+
+    if args.samples is not None:  # the spelling of the previous release
+        code = cmd_sample_quality(args)
+        print("dimba: note: `dimba eval MODEL --samples N` is now `dimba sample-quality MODEL --samples N`; the old "
+              "spelling will be removed in the next release", file=sys.stderr)
+        return code
+    given = [flag for flag in _SAMPLE_QUALITY_FLAGS if getattr(args, flag) is not None]
+    if given:
+        raise UsageError(f"--{given[0]} is a sample-quality flag: use `dimba sample-quality MODEL --judge AR_MODEL`")
+    model, tokenizer = load_for_inference(args.model)
+    options = {"t0": args.t0, "clamp": args.clamp}
+    model.family.check_likelihood_options(options)
+    blocks, calibration = _eval_blocks(args, tokenizer, model.config.context_length or 256)  # (N, L), (8, L)
+    result = evaluate_likelihood(model, blocks, tokenizer, mc_samples=args.mc_samples,
+                                 generator=torch.Generator().manual_seed(args.seed), batch_size=args.batch_size,
+                                 progress=not args.json, calibration_blocks=calibration, **options)
+    result["split"] = args.split
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_likelihood(result, args.split)
     return 0
 
 
 def cmd_bench_sweep(args: argparse.Namespace) -> int:
     """`dimba bench sweep MODEL --judge AR_MODEL --steps 8,16,...`: one JSON object; with --out, PREFIX.json and .png."""
-    import json
-
-    import torch
-
-    from dimba.bench_io import check_out
-    from dimba.bench_sweep import check_sweepable, parse_steps, sweep, write_sweep
-    from dimba.checkpoint import load_for_inference
+    from dimba.evaluation.bench_sweep import check_sweepable, parse_steps, sweep, write_sweep
+    from dimba.evaluation.plots import check_out
 
     steps = parse_steps(args.steps)
     paths = check_out(args.out) if args.out is not None else None
@@ -327,12 +311,9 @@ def cmd_bench_sweep(args: argparse.Namespace) -> int:
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
     """`dimba bench train --preset P`: one JSON object; with --out, PREFIX.json and PREFIX.png."""
-    import json
-
-    from dimba.bench_io import check_out
-    from dimba.bench_train import draw, measure_training
-    from dimba.config import load_config
-    from dimba.tokenizer import atomic_write_text
+    from dimba.evaluation.bench_train import draw, measure_training
+    from dimba.evaluation.plots import check_out
+    from dimba.io import atomic_write_text
 
     if args.steps < 1 or args.warmup < 0:
         raise UsageError(f"--steps must be at least 1 and --warmup at least 0, got {args.steps} and {args.warmup}")
@@ -348,18 +329,16 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from dimba.checkpoint import load_for_inference, save_pretrained
-
     model, tokenizer = load_for_inference(args.run)
-    out = save_pretrained(model, args.out, tokenizer=tokenizer)
+    out = model.save_pretrained(args.out, tokenizer=tokenizer)
     print(f"exported to {out}")
     return 0
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from dimba.tokenizer import train_tokenizer_cli
+    from dimba.data.packing import train_tokenizer_on
 
-    path = train_tokenizer_cli(args.data, args.vocab_size, args.out)
+    path = train_tokenizer_on(args.data, args.vocab_size, args.out)
     print(f"tokenizer written to {path}")
     return 0
 
@@ -371,23 +350,56 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}: see '{self.prog} --help'")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dimba", description="Diffusion language models with bidirectional Mamba denoisers.")
-    sub = parser.add_subparsers(dest="verb", required=True)
+def _setting(p: argparse.ArgumentParser, flag: str, section, name: str, help: str | None = None, **kwargs) -> None:
+    """A flag for config setting ``section.name``: its choices (a Literal's values) and help (its description)
+    come from the config."""
+    p.add_argument(flag, choices=choices(section, name) or None, help=help or describe(section, name), **kwargs)
 
-    p = sub.add_parser("train", help="train a model (default: tiny preset on the built-in Shakespeare corpus)")
-    p.add_argument("--preset", default="tiny", help="named preset (tiny, small, base)")
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    """--preset, --config, --data, --family, --backbone and KEY=VALUE overrides (train, bench train)."""
+    from dimba.config import preset_names
+
+    p.add_argument("--preset", default="tiny", help=f"named preset ({', '.join(preset_names())})")
     p.add_argument("--config", help="YAML file merged over the preset")
     p.add_argument("--data", help="corpus: 'shakespeare', a .txt/.jsonl file or a folder")
-    p.add_argument("--family", choices=["continuous", "masked", "hybrid", "ar"],
-                   help="continuous (default), masked ([MASK] diffusion), hybrid, or ar (the autoregressive yardstick)")
-    p.add_argument("--backbone", choices=["mamba2", "transformer"])
+    _setting(p, "--family", ModelConfig, "family")
+    _setting(p, "--backbone", ModelConfig, "backbone", help="the denoiser network")
+
+
+def _sampler_flags(p: argparse.ArgumentParser, hidden: bool = False) -> None:
+    """The sampler settings of `SampleConfig` a run's `sample` config provides when left out."""
+    h = (lambda text: argparse.SUPPRESS) if hidden else (lambda text: text)
+    p.add_argument("--steps", type=int, help=h("denoising steps (diffusion families)"))
+    p.add_argument("--guidance", type=float, help=h("classifier-free guidance scale"))
+    p.add_argument("--temperature", type=float, help=h("0 = greedy"))
+    p.add_argument("--top-k", type=int, help=h("sample among the k most likely tokens"))
+    p.add_argument("--top-p", type=float, help=h("sample within the nucleus of this mass"))
+    p.add_argument("--eta", type=float, help=h("0 = DDIM, 1 = ancestral"))
+    p.add_argument("--remasking", choices=choices(SampleConfig, "remasking"),
+                   help=h(describe(SampleConfig, "remasking")))
+    p.add_argument("--block-length", type=int, help=h(describe(SampleConfig, "block_length")))
+
+
+def _sample_quality_flags(p: argparse.ArgumentParser, hidden: bool = False) -> None:
+    """The flags of `dimba sample-quality` (hidden: `dimba eval --samples`, the old spelling)."""
+    h = (lambda text: argparse.SUPPRESS) if hidden else (lambda text: text)
+    p.add_argument("--samples", type=int, default=None if hidden else 16, help=h("samples to generate"))
+    p.add_argument("--judge", required=not hidden, help=h("an ar-family run or export folder that scores gen-PPL"))
+    p.add_argument("--references", help=h('JSON lines {"prompt": ..., "reference": ...}, one completion each, scored '
+                                          "with BLEU and ROUGE (pip install 'dimba[eval]')"))
+    p.add_argument("--prompt", help=h("the prompt of the samples (default: none)"))
+    p.add_argument("--length", type=int, help=h("new tokens per sample (default: fill the context)"))
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model (default: tiny preset on the built-in Shakespeare corpus)")
+    _model_flags(p)
     p.add_argument("--max-steps", type=int)
-    p.add_argument("--max-time", type=float, help="wall-clock budget in minutes")
-    p.add_argument("--devices", type=int, help="processes (CPU) or GPUs per node; train.batch_size is per device")
-    p.add_argument("--num-nodes", type=int, help="machines (launched by torchrun or SLURM, each with --devices)")
-    p.add_argument("--strategy", choices=["auto", "ddp", "fsdp"],
-                   help="multi-device strategy (default auto: DDP; fsdp shards the model over the devices)")
+    p.add_argument("--max-time", type=float, help=describe(TrainConfig, "max_time"))
+    p.add_argument("--devices", type=int, help=describe(TrainConfig, "devices"))
+    p.add_argument("--num-nodes", type=int, help=describe(TrainConfig, "num_nodes"))
+    _setting(p, "--strategy", TrainConfig, "strategy")
     p.add_argument("--out", help="run directory (default runs/<timestamp>)")
     p.add_argument("--resume", nargs="?", const=True, help="continue a run: --resume RUN, or --resume with --out RUN")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -395,53 +407,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4")
     p.set_defaults(func=cmd_train)
 
+
+def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a run or an export folder",
                        description="Sampler flags left out take the run's `sample` config (defaults for an export folder).")
     p.add_argument("model", help="run directory or export folder")
     p.add_argument("--prompt", default="")
     p.add_argument("--length", type=int, help="new tokens (default: fill the context)")
-    p.add_argument("--steps", type=int, help="denoising steps (diffusion families)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--eta", type=float, help="0 = DDIM, 1 = ancestral")
-    p.add_argument("--clamp", choices=["none", "soft", "hard"],
-                   help="continuous: move x0 estimates onto the token embeddings at every step")
-    p.add_argument("--remasking", choices=["ancestral", "low_confidence", "random"],
-                   help="masked: which masked tokens each step commits")
-    p.add_argument("--block-length", type=int, help="masked: semi-autoregressive blocks of this many tokens")
+    _sampler_flags(p)
+    _setting(p, "--clamp", SampleConfig, "clamp",
+             help="continuous: move x0 estimates onto the token embeddings at every step")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval", help="likelihood in bits per byte: exact NLL (ar) or an upper bound (diffusion families); "
-                       "with --samples, sample quality (gen-PPL under an ar judge, entropy, distinct-n, BLEU / ROUGE)",
-                       description="Without --samples: the likelihood of --data. With --samples N: generate N samples "
-                       "with the run's `sample` settings and score them (--judge is required).")
+
+def _add_eval(sub) -> None:
+    from dimba.families.gaussian_bound import CLAMPS
+
+    p = sub.add_parser("eval", help="likelihood in bits per byte: exact NLL (ar) or an upper bound (diffusion "
+                       "families)", description="The likelihood of --data (sample quality: dimba sample-quality).")
     p.add_argument("model", help="run directory or export folder")
-    p.add_argument("--data", default="shakespeare", help="corpus: 'shakespeare', a .txt/.jsonl file or a folder; with "
-                   "--samples and an export folder, the training text of the word fraction")
+    p.add_argument("--data", default="shakespeare", help="corpus: 'shakespeare', a .txt/.jsonl file or a folder")
     p.add_argument("--split", choices=["val", "train"], default="val")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--mc-samples", type=int, default=8, help="diffusion families: Monte Carlo samples per block")
     p.add_argument("--t0", type=float, help="continuous / hybrid: where the reverse process stops and rounds "
                    "(default: chosen on training blocks)")
-    p.add_argument("--clamp", choices=["none", "soft"], help="continuous / hybrid: the x0 estimate the reverse "
-                   "process steps with, the network's or the codebook mean under the head (default: chosen on "
-                   "training blocks)")
+    p.add_argument("--clamp", choices=CLAMPS, help="continuous / hybrid: the x0 estimate the reverse process steps "
+                   "with, the network's or the codebook mean under the head (default: chosen on training blocks)")
     p.add_argument("--max-tokens", type=int, help="evaluate only the first blocks holding this many tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
-    p.add_argument("--samples", type=int, help="sample quality: generate this many samples instead of scoring --data")
-    p.add_argument("--judge", help="with --samples: an ar-family run or export folder that scores gen-PPL")
-    p.add_argument("--references", help='with --samples: JSON lines {"prompt": ..., "reference": ...}, one '
-                   "completion each, scored with BLEU and ROUGE (pip install 'dimba[eval]')")
-    p.add_argument("--prompt", help="with --samples: the prompt of the samples (default: none)")
-    p.add_argument("--length", type=int, help="with --samples: new tokens per sample (default: fill the context)")
-    p.add_argument("--steps", type=int, help="with --samples: denoising steps (default: the run's sample.num_steps)")
+    _sample_quality_flags(p, hidden=True)
+    _sampler_flags(p, hidden=True)
     p.set_defaults(func=cmd_eval)
 
+
+def _add_sample_quality(sub) -> None:
+    p = sub.add_parser("sample-quality", help="sample quality: gen-PPL under an ar judge, entropy, distinct-n, the "
+                       "training-word fraction, BLEU / ROUGE", description="Generate samples with the run's `sample` "
+                       "settings (sampler flags override them) and score them.")
+    p.add_argument("model", help="run directory or export folder")
+    _sample_quality_flags(p)
+    p.add_argument("--data", help="the training text of the word fraction (default: a run's own corpus)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--seed", type=int, default=0)
+    _sampler_flags(p)
+    _setting(p, "--clamp", SampleConfig, "clamp", help="continuous: move x0 estimates onto the token embeddings")
+    p.set_defaults(func=cmd_sample_quality)
+
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks that print one JSON object and draw plots")
     bsub = p.add_subparsers(dest="bverb", required=True)
     b = bsub.add_parser("sweep", help="gen-PPL and latency against denoising steps, with the ar judge as yardstick",
@@ -456,27 +473,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=cmd_bench_sweep)
     b = bsub.add_parser("train", help="training tokens/s, achieved GFLOP/s, MFU against the measured matmul peak, "
-                        "peak memory", description="Times training steps of a preset (the same step as `dimba train`, "
-                        "one device) after a warm-up; FLOPs counted by torch's FlopCounterMode.")
-    b.add_argument("--preset", default="tiny", help="named preset (tiny, small, base)")
-    b.add_argument("--config", help="YAML file merged over the preset")
-    b.add_argument("--data", help="corpus: 'shakespeare', a .txt/.jsonl file or a folder")
-    b.add_argument("--family", choices=["continuous", "masked", "hybrid", "ar"])
-    b.add_argument("--backbone", choices=["mamba2", "transformer"])
+                        "peak memory", description="Times training steps of a preset (the `dimba train` step, one "
+                        "device) after a warm-up; FLOPs counted by torch's FlopCounterMode.")
+    _model_flags(b)
     b.add_argument("--steps", type=int, default=20, help="timed steps")
     b.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     b.add_argument("--out", help="write PREFIX.json and PREFIX.png")
     b.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.batch_size=16")
     b.set_defaults(func=cmd_bench_train)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dimba", description="Diffusion language models with bidirectional Mamba denoisers.")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    for add in (_add_train, _add_generate, _add_eval, _add_sample_quality, _add_bench):
+        add(sub)
     p = sub.add_parser("export", help="write config.json + model.safetensors + tokenizer.json from a run (EMA weights)")
     p.add_argument("run")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
-
     p = sub.add_parser("tokenizer", help="tokenizer tools")
-    tsub = p.add_subparsers(dest="tverb", required=True)
-    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer on a corpus")
+    t = p.add_subparsers(dest="tverb", required=True).add_parser("train", help="train a byte-level BPE tokenizer on "
+                                                                  "a corpus")
     t.add_argument("--data", default="shakespeare")
     t.add_argument("--vocab-size", type=int, default=4096)
     t.add_argument("--out", required=True)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dimba.errors import ConfigError, first_line
+from dimba.families import family_names, get_family
 
 
 class _Strict(BaseModel):
@@ -22,9 +23,9 @@ class ModelConfig(_Strict):
 
     vocab_size: int | None = Field(None, gt=3, description="filled in from the tokenizer when None")
     context_length: int | None = Field(None, gt=1, description="training sequence length; filled in by training")
-    family: Literal["continuous", "masked", "hybrid", "ar"] = Field(
+    family: str = Field(
         "continuous", description="continuous (Gaussian on latents), masked ([MASK] absorbing), hybrid (both, per token) "
-        "or ar (causal next-token: the autoregressive yardstick; the backbone is made causal)")
+        "or ar (causal next-token: the autoregressive yardstick; the backbone is made causal), or a registered family")
     d_model: int = Field(256, gt=0)
     num_denoiser_layers: int = Field(4, gt=0)
     backbone: Literal["mamba2", "transformer"] = "mamba2"
@@ -38,7 +39,10 @@ class ModelConfig(_Strict):
     conditioning_type: Literal["film", "additive"] = "film"
     latent_diffusion: bool = False
     d_latent: int | None = Field(None, gt=0)
-    use_vae_latent: bool = False
+    latent_scale: float | None = Field(None, gt=0, description="the latent scale; None: calibrated on the first "
+                                       "training batch so that the diffused latents have unit variance")
+    embed_init_std: float | None = Field(None, gt=0, description="std of the token embedding at initialisation; "
+                                         "None: d_model^-0.5 (unit-variance logits through the tied head)")
     self_conditioning: bool = False
     tie_weights: bool = True
     num_heads: int = Field(4, gt=0, description="transformer attention heads")
@@ -49,12 +53,16 @@ class ModelConfig(_Strict):
     chunk_size: int = Field(64, gt=0, description="SSD chunk length")
     tie_reverse: bool = False
 
+    @field_validator("family")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        if name not in family_names():
+            raise ValueError(f"unknown family {name!r}: choose one of {', '.join(family_names())}")
+        return name
+
     @model_validator(mode="after")
     def _consistent(self) -> "ModelConfig":
-        if self.use_vae_latent:
-            raise ValueError("use_vae_latent=true needs the TokenVAE, which this version does not ship: set model.use_vae_latent=false")
-        if self.family == "hybrid" and self.prediction_type != "x0":
-            raise ValueError("family=hybrid needs prediction_type=x0 (a masked position has no noisy latent to form v from)")
+        get_family(self.family).check_config(self)
         if self.latent_diffusion and self.d_latent is None:
             raise ValueError("latent_diffusion=true needs model.d_latent (e.g. model.d_latent=64)")
         if self.backbone == "transformer" and self.d_model % self.num_heads:
@@ -64,6 +72,15 @@ class ModelConfig(_Strict):
                 f"expand*d_model={self.expand * self.d_model} is not divisible by headdim={self.headdim}: change one of them"
             )
         return self
+
+    # a mapping of the fields, so that DIMBA(**model.config) builds the same model
+    def keys(self):
+        return type(self).model_fields.keys()
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in type(self).model_fields:
+            raise KeyError(name)
+        return getattr(self, name)
 
 
 class DiffusionConfig(_Strict):
@@ -84,7 +101,7 @@ class DataConfig(_Strict):
     vocab_size: int = Field(4096, ge=260, description="BPE vocabulary size when a tokenizer is trained")
     tokenizer: str | None = Field(None, description="an existing tokenizer.json to reuse")
     streaming: bool = Field(False, description="read data.corpus (.txt/.jsonl/.parquet file or folder) as a stream "
-                            "through HF datasets, tokenised on the fly; see dimba.streaming")
+                            "through HF datasets, tokenised on the fly; see dimba.data.streaming")
     val_blocks: int = Field(64, gt=0, description="streaming: validation blocks held out from the start of the stream")
     tokenizer_train_mb: float = Field(32.0, gt=0, description="streaming without data.tokenizer: train BPE on this "
                                       "many MB from the start of the stream")
@@ -243,8 +260,25 @@ def _describe(err: ValidationError) -> str:
     return f"invalid config: {msg}"
 
 
+# model settings of earlier versions that are gone: name -> the only value that is dropped silently
+RETIRED_MODEL_KEYS = {"use_vae_latent": False}
+
+
+def retire_model_keys(model: dict[str, Any], where: str = "model") -> dict[str, Any]:
+    """``model`` (a mapping of model settings) without the settings of `RETIRED_MODEL_KEYS` at their old default:
+    configs, runs and exports written by earlier versions keep loading. Another value is a `ConfigError`."""
+    model = dict(model)
+    for key, default in RETIRED_MODEL_KEYS.items():
+        if key in model and model.pop(key) not in (default, None):
+            raise ConfigError(f"{where}.{key} is no longer supported (use_vae_latent=true needs the TokenVAE, which "
+                              f"this version does not ship): remove {where}.{key}")
+    return model
+
+
 def validate(tree: dict[str, Any]) -> Config:
     """Validate a nested dict into a `Config`, raising `ConfigError` with a one-line message."""
+    if isinstance(tree, dict) and isinstance(tree.get("model"), dict):
+        tree = {**tree, "model": retire_model_keys(tree["model"])}
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
@@ -293,3 +327,15 @@ def load_run_config(path: str | Path) -> Config:
         return validate(data)
     except ConfigError as exc:
         raise ConfigError(f"run config {str(path)!r}: {exc}") from None
+
+
+def choices(section: type[BaseModel], name: str) -> list[str]:
+    """The values a `Literal` setting ``section.name`` takes (what the CLI offers as its choices)."""
+    if section is ModelConfig and name == "family":
+        return family_names()
+    return [str(v) for v in get_args(section.model_fields[name].annotation) if v is not None]
+
+
+def describe(section: type[BaseModel], name: str) -> str | None:
+    """The description of setting ``section.name`` (the CLI's help text)."""
+    return section.model_fields[name].description

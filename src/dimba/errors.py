@@ -13,6 +13,10 @@ class CheckpointError(DimbaError):
     """A missing, corrupted or incompatible model directory or checkpoint."""
 
 
+class DataError(DimbaError):
+    """A missing, unreadable or unusable corpus, or data settings that do not fit it."""
+
+
 class UsageError(DimbaError):
     """A bad combination of command-line arguments (e.g. a prompt longer than the context)."""
 

@@ -1,18 +1,14 @@
-"""DIMBA: token embedding + latent encode/decode + prompt conditioning + backbone + output head.
+"""DIMBA, the shared trunk: token embedding, latent encode/decode, prompt conditioning, backbone and output head.
 
-One class serves the four families (``ModelConfig.family``):
+What differs between families (``ModelConfig.family``, see `dimba.families`) is asked of the model's family:
+whether the network reads latents (latent projections and input flags) or token ids, whether the backbone is
+causal, whether t and the prompt condition it, and the forward process behind `DIMBA.forward`.
 
-- ``continuous`` diffuses z_0 = encode(tokens): RMS-normalised token embeddings (or a learned
-  projection of them to ``d_latent``), times a calibrated ``latent_scale`` so that the diffused
-  signal has unit variance. The denoiser predicts x0 or v in that latent space; logits come from
-  ``decode`` (the output head) applied to the x0 estimate.
-- ``hybrid`` is the continuous model whose tokens may also be absorbed: a masked position has a
-  zero latent and its own input flag (see `forward`).
-- ``masked`` reads token ids that contain [MASK] and returns logits (`token_logits`); it is not
-  conditioned on t: with [MASK] tokens in the input the noise level is visible (MDLM), which
-  also makes caching the model output between sampler steps exact.
-- ``ar`` is the same token model with a causal backbone: next-token logits, and O(1)-per-token
-  decoding through the backbone's cache (`allocate_cache`, `ar_step`).
+- Latent families (continuous, hybrid) diffuse z_0 = encode(tokens): RMS-normalised token embeddings (or a
+  learned projection of them to ``d_latent``), times ``latent_scale`` so that the diffused signal has unit
+  variance; `denoise` maps a noisy latent to the network output and `decode` maps an x0 estimate to logits.
+- Token families (masked, ar) read token ids that may hold [MASK] (`token_logits`); the ar family's causal
+  backbone also decodes token by token with a cache (`allocate_cache`, `ar_prefill`, `ar_step`).
 """
 
 from __future__ import annotations
@@ -23,83 +19,124 @@ from typing import Any
 import torch
 from torch import nn
 
+from dimba import export
 from dimba.backbones import Backbone
 from dimba.backbones.layers import RMSNorm, TimestepEmbedding
 from dimba.config import ModelConfig
-from dimba.diffusion.gaussian import q_sample, x0_from_v
-from dimba.diffusion.masked import MaskSchedule, mask_tokens, subs_log_probs
+from dimba.diffusion.gaussian import x0_from_v
+from dimba.diffusion.masked import MaskSchedule
 from dimba.diffusion.schedules import NoiseSchedule
-from dimba.tokenizer import MASK, SPECIAL_TOKENS
-
-MASK_ID = SPECIAL_TOKENS.index(MASK)  # the id every dimba tokenizer gives [MASK]
+from dimba.families import get_family
+from dimba.special_tokens import MASK_ID
 
 
 def _rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
+def _legacy_keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` without the constructor keywords of the original DIMBA code that dimba accepts with the meaning
+    they had there (``d_prompt`` equal to ``d_model``, ``dropout=0``, ``use_simple_mamba=False``,
+    ``use_vae_latent=False``); any other value is refused in one line naming the dimba equivalent."""
+    kwargs = dict(kwargs)
+    d_model = kwargs.get("d_model", ModelConfig.model_fields["d_model"].default)
+    refusals = {
+        "d_prompt": (lambda v: v in (None, d_model), "dimba conditions on a d_model-wide prompt summary: omit d_prompt "
+                     "(or set it to d_model)"),
+        "dropout": (lambda v: not v, "dimba's denoisers have no dropout: omit dropout (or pass 0)"),
+        "use_simple_mamba": (lambda v: not v, "dimba runs its pure-PyTorch Mamba-2 scan wherever the mamba_ssm "
+                             "kernels are not installed (always on CPU): omit use_simple_mamba"),
+        "use_vae_latent": (lambda v: not v, "the TokenVAE latent is not in this version: use latent_diffusion=True "
+                           "with d_latent for a learned projection"),
+    }
+    for name, (accepted, hint) in refusals.items():
+        if name in kwargs and not accepted(kwargs.pop(name)):
+            raise ValueError(f"DIMBA({name}=...) is not supported: {hint}")
+    return kwargs
+
+
 class DIMBA(nn.Module):
     """Diffusion LM with a bidirectional Mamba-2 (or transformer) denoiser.
 
-    Keyword arguments are the fields of `dimba.config.ModelConfig`; ``vocab_size`` is required.
+    Keyword arguments are the fields of `dimba.config.ModelConfig` (``vocab_size`` is required), plus the
+    original DIMBA keywords ``d_prompt``, ``dropout``, ``use_simple_mamba`` and ``use_vae_latent`` at values
+    that mean what dimba does. ``DIMBA(**model.config)`` builds the same architecture.
     """
 
     def __init__(self, vocab_size: int, **kwargs: Any):
         super().__init__()
-        cfg = ModelConfig(vocab_size=vocab_size, **kwargs)
+        cfg = ModelConfig(vocab_size=vocab_size, **_legacy_keywords(kwargs))
         self.config = cfg
-        self.family = cfg.family
+        self.family = family = get_family(cfg.family)
         self.mask_id = MASK_ID
-        latent = self.family in ("continuous", "hybrid")
-        d, self.d_x = cfg.d_model, (cfg.d_latent if cfg.latent_diffusion and latent else cfg.d_model)
+        d, self.d_x = cfg.d_model, (cfg.d_latent if cfg.latent_diffusion and family.latent else cfg.d_model)
         self.schedule = NoiseSchedule(cfg.schedule, cfg.zero_terminal_snr, cfg.num_diffusion_steps, cfg.noise_shift)
         self.mask_schedule = MaskSchedule(cfg.mask_schedule)
 
         self.embedding = nn.Embedding(vocab_size, d)
-        nn.init.normal_(self.embedding.weight, std=d**-0.5)  # tied head: unit-variance logits at init
-        use_proj = cfg.latent_diffusion and latent
+        # tied head: unit-variance logits at init
+        nn.init.normal_(self.embedding.weight, std=cfg.embed_init_std if cfg.embed_init_std is not None else d**-0.5)
+        use_proj = cfg.latent_diffusion and family.latent
         self.latent_in = nn.Linear(d, self.d_x, bias=False) if use_proj else None
         self.latent_out = nn.Linear(self.d_x, d, bias=False) if use_proj else None
-        self.register_buffer("latent_scale", torch.ones(()))
+        scale = torch.ones(()) if cfg.latent_scale is None else torch.full((), cfg.latent_scale)
+        self.register_buffer("latent_scale", scale)
 
         self.time_embed = TimestepEmbedding(d)
         self.null_prompt = nn.Parameter(torch.zeros(d))
-        self.prompt_proj = nn.Linear(d, d) if self.family != "ar" else None
-        # input flags: 0 = being denoised, 1 = clean prompt, 2 = absorbed ([MASK], hybrid only)
-        self.prompt_flag = nn.Embedding(3 if self.family == "hybrid" else 2, d) if latent else None
+        self.prompt_proj = nn.Linear(d, d) if family.prompt_conditioned else None
+        # input flags of latent inputs: 0 = being denoised, 1 = clean prompt, 2 = absorbed (hybrid)
+        self.prompt_flag = nn.Embedding(family.input_flags, d) if family.input_flags else None
         if self.prompt_flag is not None:
             nn.init.zeros_(self.prompt_flag.weight)
 
-        self.in_proj = nn.Linear(self.d_x * (2 if cfg.self_conditioning else 1), d) if latent else None
+        self.in_proj = nn.Linear(self.d_x * (2 if cfg.self_conditioning else 1), d) if family.latent else None
         self.backbone = Backbone(
             cfg.backbone, d, cfg.num_denoiser_layers, cond_dim=d, conditioning_type=cfg.conditioning_type,
-            bidirectional=cfg.bidirectional and self.family != "ar", num_heads=cfg.num_heads, d_state=cfg.d_state,
+            bidirectional=cfg.bidirectional and not family.causal, num_heads=cfg.num_heads, d_state=cfg.d_state,
             d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim, chunk_size=cfg.chunk_size,
             tie_reverse=cfg.tie_reverse,
         )
-        self.out_proj = nn.Linear(d, self.d_x) if latent else None
+        self.out_proj = nn.Linear(d, self.d_x) if family.latent else None
         self.head_norm = RMSNorm(d)
         self.head = nn.Linear(d, vocab_size, bias=False)
         if cfg.tie_weights:
             self.head.weight = self.embedding.weight
 
+    # ----- the names of the original DIMBA code ------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def d_model(self) -> int:
+        return self.config.d_model
+
+    @property
+    def d_latent(self) -> int:
+        """Width of the diffused latent (d_model without a latent projection)."""
+        return self.d_x
+
     # ----- latent space -------------------------------------------------------------------
-    def _unscaled_latent(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = self.embedding(input_ids)  # (B, L, D)
-        if self.latent_in is not None:
-            h = self.latent_in(h)  # (B, L, d_latent)
-        return _rms_normalize(h)
+    def encode_latent(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The diffused latent of token embeddings (B, L, D) -> (B, L, d_x): RMS-normalised (after the latent
+        projection, if any) and times ``latent_scale``. ``encode(ids) == encode_latent(embedding(ids))``."""
+        h = embeddings if self.latent_in is None else self.latent_in(embeddings)  # (B, L, d_x)
+        return _rms_normalize(h) * self.latent_scale
+
+    def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """Back to the embedding space (B, L, d_x) -> (B, L, D): divided by ``latent_scale`` and projected back.
+        Without a latent projection it inverts `encode_latent` on RMS-normalised embeddings."""
+        h = latent / self.latent_scale
+        return h if self.latent_out is None else self.latent_out(h)  # (B, L, D)
 
     def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Clean latent z_0 of token ids: (B, L) -> (B, L, d_x), about unit variance."""
-        return self._unscaled_latent(input_ids) * self.latent_scale
+        return self.encode_latent(self.embedding(input_ids))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Token logits (float32) of a latent (an x0 estimate): (B, L, d_x) -> (B, L, V)."""
-        h = z / self.latent_scale
-        if self.latent_out is not None:
-            h = self.latent_out(h)  # (B, L, D)
-        return self._head_logits(h)
+        return self._head_logits(self.decode_latent(z))
 
     def codebook(self) -> torch.Tensor:
         """The latent of every vocabulary token: (V, d_x)."""
@@ -115,12 +152,15 @@ class DIMBA(nn.Module):
     @torch.no_grad()
     def calibrate_latent_scale(self, input_ids: torch.Tensor) -> float:
         """Set ``latent_scale`` so that encode(input_ids) has unit variance; returns the scale."""
-        z = self._unscaled_latent(input_ids).float()
+        self.latent_scale.fill_(1.0)
+        z = self.encode(input_ids).float()
         self.latent_scale.fill_(1.0 / z.std().clamp_min(1e-6).item())
         return float(self.latent_scale)
 
     # ----- conditioning -------------------------------------------------------------------
-    def _time(self, t: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
+    def time_of(self, t: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
+        """Continuous times (B,) of ``t``: a float, a (B,) tensor, or integer timesteps k in [0, T) of the
+        original DIMBA convention, which map to (k + 1) / T (T = ``num_diffusion_steps``)."""
         t = torch.as_tensor(t, device=device)
         t = self.schedule.to_continuous(t).float()
         return t.expand(batch) if t.dim() == 0 else t  # (B,)
@@ -129,12 +169,13 @@ class DIMBA(nn.Module):
                   drop_cond: bool | torch.Tensor = False) -> torch.Tensor:
         """The conditioning vector (B, D): timestep embedding + a pooled summary of the PROMPT only.
 
-        Positions outside ``prompt_mask`` (the tokens being denoised) never enter it.
+        Positions outside ``prompt_mask`` (the tokens being denoised) never enter it. A family that is not
+        conditioned on t gets the embedding of t = 0.
         """
         b = input_ids.shape[0]
-        if self.family in ("masked", "ar"):
-            t = torch.zeros((), device=input_ids.device)  # the token families are not conditioned on t
-        c = self.time_embed(self._time(t, b, input_ids.device))  # (B, D)
+        if not self.family.time_conditioned:
+            t = torch.zeros((), device=input_ids.device)
+        c = self.time_embed(self.time_of(t, b, input_ids.device))  # (B, D)
         null = self.null_prompt.expand(b, -1)  # (B, D)
         if prompt_mask is None or self.prompt_proj is None:
             return c + null
@@ -182,43 +223,18 @@ class DIMBA(nn.Module):
     def forward(self, input_ids: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
                 prompt_mask: torch.Tensor | None = None, x_self_cond: torch.Tensor | None = None,
                 drop_cond: bool | torch.Tensor = False, masked: torch.Tensor | None = None):
-        """Noise ``input_ids`` to time t and denoise: returns (x_pred, noise, latent_info).
+        """Noise ``input_ids`` to time t and denoise: returns (x_pred, noise, latent_info) (latent families).
 
-        Continuous and hybrid families. With ``prompt_mask`` (B, L) bool, prompt tokens stay clean
-        in the sequence and condition the denoiser; ``drop_cond`` (bool or (B,)) drops the prompt
-        for classifier-free guidance: those sequences are noised and scored entirely.
-        Hybrid: each non-prompt token is absorbed with probability 1 - alpha(t) of the mask
-        schedule (``masked`` (B, L) bool gives the draw), and the others get Gaussian noise at
-        the same t. ``latent_info`` holds z0, z_t, alpha_bar, t, x0_hat, the effective
-        prompt_mask and masked.
+        With ``prompt_mask`` (B, L) bool, prompt tokens stay clean in the sequence and condition the denoiser;
+        ``drop_cond`` (bool or (B,)) drops the prompt for classifier-free guidance: those sequences are noised
+        and scored entirely. Hybrid: each non-prompt token is absorbed with probability 1 - alpha(t) of the mask
+        schedule (``masked`` (B, L) bool gives the draw), and the others get Gaussian noise at the same t.
+        ``latent_info`` holds z0, z_t, alpha_bar, t, x0_hat, the effective prompt_mask and masked.
         """
-        if self.family not in ("continuous", "hybrid"):
-            raise ValueError(f"forward() noises latents (continuous / hybrid families); a {self.family} model "
-                             "takes token ids: use token_logits() or predict_token_logits()")
-        b = input_ids.shape[0]
-        t = self._time(t, b, input_ids.device)  # (B,)
-        drop = torch.as_tensor(drop_cond, device=input_ids.device).expand(b)  # (B,)
-        if prompt_mask is not None:
-            prompt_mask = prompt_mask & ~drop[:, None]  # (B, L)
-        z0 = self.encode(input_ids)  # (B, L, d_x)
-        noise = torch.randn_like(z0) if noise is None else noise
-        alpha_bar = self.schedule.alpha_bar(t)  # (B,)
-        z_t = q_sample(z0, alpha_bar, noise)
-        if prompt_mask is not None:
-            z_t = torch.where(prompt_mask[..., None], z0, z_t)
-        if self.family == "hybrid":
-            if masked is None:
-                masked = mask_tokens(input_ids, self.mask_schedule.alpha(t), self.mask_id)[1]  # (B, L)
-            if prompt_mask is not None:
-                masked = masked & ~prompt_mask  # the clean prompt is never absorbed
-        cond = self.condition(input_ids, t, prompt_mask, drop)
-        x_pred = self.denoise(z_t, t, cond, prompt_mask, x_self_cond, masked)
-        x0_hat = self.x0_from_output(x_pred, z_t, alpha_bar)
-        info = {"z0": z0, "z_t": z_t, "alpha_bar": alpha_bar, "t": t, "x0_hat": x0_hat, "prompt_mask": prompt_mask,
-                "masked": masked}
-        return x_pred, noise, info
+        return self.family.forward(self, input_ids, t, noise=noise, prompt_mask=prompt_mask, x_self_cond=x_self_cond,
+                                   drop_cond=drop_cond, masked=masked)
 
-    # ----- token families (masked, ar) -----------------------------------------------------
+    # ----- token inputs (masked, ar) --------------------------------------------------------
     def _token_input(self, ids: torch.Tensor) -> torch.Tensor:
         """The backbone input of token ids (...,): their RMS-normalised embeddings (..., D)."""
         return _rms_normalize(self.embedding(ids))
@@ -231,14 +247,14 @@ class DIMBA(nn.Module):
                      drop_cond: bool | torch.Tensor = False) -> torch.Tensor:
         """Raw float32 logits (B, L, V) of the token families on ids (B, L) that may hold [MASK].
 
-        masked: the clean prompt (``prompt_mask``) also conditions through the pooled summary;
-        ar: position l predicts token l + 1 (causal backbone).
+        The clean prompt (``prompt_mask``) also conditions through the pooled summary; with a causal
+        backbone (ar) position l predicts token l + 1.
         """
         cond = self.condition(input_ids, torch.zeros((), device=input_ids.device), prompt_mask, drop_cond)  # (B, D)
         return self._head_logits(self.backbone(self._token_input(input_ids), cond))  # (B, L, V)
 
     def allocate_cache(self, batch: int, max_len: int | None = None) -> list:
-        """An empty decoding cache for `ar_step` (ar family), for up to ``max_len`` positions."""
+        """An empty decoding cache for `ar_step` (causal backbone), for up to ``max_len`` positions."""
         max_len = max_len or self.config.context_length or 256
         return self.backbone.allocate_cache(batch, max_len, device=self.embedding.weight.device)
 
@@ -261,29 +277,22 @@ class DIMBA(nn.Module):
         masked: SUBS log-probabilities of x_0 given ``input_ids`` holding [MASK] (t is implied
         by the masks); ar: next-token logits.
         """
-        if self.family == "masked":
-            return subs_log_probs(self.token_logits(input_ids, **kwargs), input_ids, self.mask_id)
-        if self.family == "ar":
-            return self.token_logits(input_ids)
-        _, _, info = self(input_ids, t, **kwargs)
-        return self.decode(info["x0_hat"])
+        return self.family.predict_token_logits(self, input_ids, t, **kwargs)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     # ----- export ------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str | Path, tokenizer=None, extra_card: str = "") -> Path:
-        """Write config.json, model.safetensors, tokenizer.json (if given) and README.md."""
-        from dimba.checkpoint import save_pretrained
-
-        return save_pretrained(self, out_dir, tokenizer=tokenizer, extra_card=extra_card)
+        """Write config.json, model.safetensors, tokenizer.json (if given) and README.md (see `dimba.export`)."""
+        return export.save_pretrained(self, out_dir, tokenizer=tokenizer, extra_card=extra_card)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str = "cpu") -> "DIMBA":
         """Load an export folder strictly (a missing or unexpected weight is an error)."""
-        from dimba.checkpoint import load_pretrained
-
-        return load_pretrained(path, map_location=map_location)
+        model = export.build_from_config(cls, path)
+        export.load_weights(model, Path(path) / export.WEIGHTS_NAME)
+        return model.to(map_location)
 
 
 def build_model(cfg: ModelConfig, vocab_size: int | None = None) -> DIMBA:

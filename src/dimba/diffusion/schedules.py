@@ -74,3 +74,11 @@ class NoiseSchedule:
             snr = ab / (1 - ab)
             (slope,) = torch.autograd.grad(snr.sum(), t)
         return snr.detach(), slope
+
+
+def stratified_times(batch: int, device: torch.device, generator: torch.Generator | None = None,
+                     t_min: float = 1e-4) -> torch.Tensor:
+    """Low-discrepancy t in [t_min, 1] for a batch: one uniform offset, then evenly spaced across the batch."""
+    u = torch.rand((), device=device, generator=generator)
+    t = (u + torch.arange(batch, device=device) / batch) % 1.0  # (B,)
+    return t_min + (1 - t_min) * t

@@ -10,6 +10,7 @@ import torch
 
 from dimba.diffusion.gaussian import eps_from_x0
 from dimba.diffusion.schedules import NoiseSchedule
+from dimba.samplers.state import ModelOutput, SamplerState
 
 
 class DDIMSampler:
@@ -20,23 +21,36 @@ class DDIMSampler:
             raise ValueError(f"eta must lie in [0, 1], got {eta}")
         self.schedule = schedule
         self.eta = eta
+        self.grid = torch.empty(0)
         self.timesteps = torch.empty(0)
 
-    def set_timesteps(self, num_steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The grid t_0 = 1 > t_1 > ... > t_num_steps = 0; returns the num_steps model times."""
+    @property
+    def num_steps(self) -> int:
+        """Number of steps planned by the last `set_timesteps`."""
+        return len(self.timesteps)
+
+    def set_timesteps(self, num_steps: int, state: SamplerState) -> None:
+        """The grid t_0 = 1 > t_1 > ... > t_num_steps = 0; ``timesteps`` holds the num_steps model times."""
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        self.timesteps = torch.linspace(1.0, 0.0, num_steps + 1, device=device)
-        return self.timesteps[:-1]
+        self.grid = torch.linspace(1.0, 0.0, num_steps + 1, device=state.x.device)
+        self.timesteps = self.grid[:-1]
 
-    def step(self, x0_hat: torch.Tensor, i: int, z_t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Move z_t at t_i to z_s at t_{i+1}: z_s = a_s x0 + sqrt(1 - a_s^2 - sigma^2) eps_hat + sigma noise."""
-        t, s = self.timesteps[i], self.timesteps[i + 1]
+    def step(self, state: SamplerState, output: ModelOutput, i: int,
+             generator: torch.Generator | None = None) -> SamplerState:
+        """Move z_t at t_i to z_s at t_{i+1} with the x0 estimate ``output.x0``; the prompt stays as it is."""
+        return state.replace(x=self.move(state, output.x0, i, generator), x0=output.x0)
+
+    def move(self, state: SamplerState, x0_hat: torch.Tensor, i: int,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """z_s = a_s x0 + sqrt(1 - a_s^2 - sigma^2) eps_hat + sigma noise: (N, L, d), the prompt kept."""
+        z_t = state.x
+        t, s = self.grid[i], self.grid[i + 1]
         ab_t, ab_s = self.schedule.alpha_bar(t), self.schedule.alpha_bar(s)
-        eps_hat = eps_from_x0(z_t, x0_hat, ab_t.expand(z_t.shape[0]))  # (B, L, d)
+        eps_hat = eps_from_x0(z_t, x0_hat, ab_t.expand(z_t.shape[0]))  # (N, L, d)
         sigma = self.eta * torch.sqrt((1 - ab_s) / (1 - ab_t).clamp_min(1e-12) * (1 - ab_t / ab_s.clamp_min(1e-12)))
         dir_coef = (1 - ab_s - sigma**2).clamp_min(0).sqrt()
-        z_s = ab_s.sqrt() * x0_hat + dir_coef * eps_hat  # (B, L, d)
+        z_s = ab_s.sqrt() * x0_hat + dir_coef * eps_hat  # (N, L, d)
         if sigma > 0:
             z_s = z_s + sigma * torch.randn(z_t.shape, device=z_t.device, dtype=z_t.dtype, generator=generator)
-        return z_s
+        return torch.where(state.prompt_positions()[:, None], z_t, z_s)  # (N, L, d)

@@ -1,7 +1,7 @@
 """Absorbing-state ([MASK]) discrete diffusion sampling: MDLM ancestral and LLaDA remasking.
 
 A sampler holds no model: `set_timesteps` plans the steps for a canvas and `step` turns the
-model's logits on the current canvas into the next canvas. The generated region is filled in
+model's logits on the current canvas into the next canvas (the contract of `dimba.samplers.state`). The generated region is filled in
 blocks strictly left to right (semi-autoregressive, LLaDA); a single block is plain MDLM / LLaDA.
 The [MASK] token is never sampled (SUBS) and a committed token is never changed.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from dimba.samplers.categorical import sample_from_probs, token_probs
+from dimba.samplers.state import ModelOutput, SamplerState
 
 REMASKING = ("ancestral", "low_confidence", "random")
 
@@ -52,13 +53,14 @@ class MaskedSampler:
         self._plan: list[tuple[int, int, int]] = []  # step -> (block, step within block, steps in block)
         self._block_masked: tuple[int, torch.Tensor] | None = None  # (block, (N,) masked count at its first step)
 
-    def set_timesteps(self, num_steps: int, length: int, gen_start: int = 0) -> None:
-        """Plan num_steps steps for a canvas of `length` positions whose positions >= gen_start are to be generated.
+    def set_timesteps(self, num_steps: int, state: SamplerState) -> None:
+        """Plan num_steps steps for the canvas of ``state``, whose positions >= ``state.gen_start`` are generated.
 
-        The region [gen_start, length) is split into blocks of block_length (the last may be
+        The region [gen_start, L) is split into blocks of block_length (the last may be
         shorter); each block gets num_steps // n_blocks steps, the remainder one each to the first
         blocks. Raises ValueError if num_steps < 1 or num_steps < n_blocks.
         """
+        length, gen_start = state.x.shape[1], state.gen_start
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         if not 0 <= gen_start <= length:
@@ -80,13 +82,27 @@ class MaskedSampler:
         """Number of steps planned by the last `set_timesteps`."""
         return len(self._plan)
 
-    def step(self, logits: torch.Tensor, x: torch.Tensor, i: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """logits (N, L, V) float of the model on canvas x (N, L) long (mask_id where still masked); returns the next canvas (N, L).
+    @property
+    def timesteps(self) -> list[float]:
+        """The time of each step, from 1 (all masked) down: 1 - i / num_steps."""
+        return [1.0 - i / len(self._plan) for i in range(len(self._plan))]
+
+    def initial_state(self, prompt: torch.Tensor, length: int) -> SamplerState:
+        """The canvas (N, P + length): the prompt (N, P), then [MASK] everywhere."""
+        n, p = prompt.shape
+        fill = torch.full((n, length), self.mask_id, dtype=torch.long, device=prompt.device)
+        return self._with_done(SamplerState(x=torch.cat([prompt, fill], dim=1), gen_start=p))  # (N, P + length)
+
+    def step(self, state: SamplerState, output: ModelOutput, i: int,
+             generator: torch.Generator | None = None) -> SamplerState:
+        """``output.logits`` (N, L, V) of the model on the canvas ``state.x`` (N, L) (mask_id where still masked)
+        -> the next state.
 
         Only masked positions of step i's block are unmasked; the inputs are not modified. The
         LLaDA modes must be stepped in order through each block (the block's planned counts are
-        fixed at its first step).
+        fixed at its first step). The state is done when no [MASK] is left.
         """
+        x, logits = state.x, output.logits
         if not self._plan:
             raise RuntimeError("call set_timesteps before step")
         if not 0 <= i < len(self._plan):
@@ -113,7 +129,10 @@ class MaskedSampler:
         out[:, start:end] = torch.where(commit, tokens, block)
         if self.eos_id is not None:
             self._fill_after_eos(out)
-        return out
+        return self._with_done(state.replace(x=out))
+
+    def _with_done(self, state: SamplerState) -> SamplerState:
+        return state.replace(done=not bool((state.x == self.mask_id).any()))
 
     def _most_confident(self, probs: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor, b: int, j: int, k: int,
                         generator: torch.Generator | None) -> torch.Tensor:

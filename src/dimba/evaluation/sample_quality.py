@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from dimba.errors import UsageError
-from dimba.evaluate import normalize_words, word_overlap
-from dimba.generate import generate_ids, generated_ids
-from dimba.likelihood import evaluate_likelihood
+from dimba.evaluation.likelihood import evaluate_likelihood
+from dimba.evaluation.words import normalize_words, word_overlap
+from dimba.families import Family
+from dimba.generation import generate_ids, generated_ids
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 _REFERENCES_HINT = 'pass a JSON-lines file with one {"prompt": "...", "reference": "..."} object per line'
@@ -47,9 +48,10 @@ def distinct_n(texts: Sequence[str], n: int) -> float | None:
 
 
 def check_judge(judge) -> None:
-    """Raise a one-line `UsageError` unless ``judge`` is an ar-family model (gen-PPL needs an exact likelihood)."""
+    """Raise a one-line `UsageError` unless ``judge``'s family has an exact likelihood (an ar model): gen-PPL
+    needs one."""
     family = getattr(judge, "family", None)
-    if family != "ar":
+    if not (isinstance(family, Family) and family.exact_likelihood):
         raise UsageError(f"the judge is a {family} model, but gen-PPL needs an exact likelihood: pass an ar-family "
                          "run or export folder as --judge (dimba train --family ar)")
 
@@ -188,8 +190,8 @@ def sample_quality(model, tokenizer, judge, judge_tokenizer, num_samples: int, s
     overlap = word_overlap("\n".join(texts), vocabulary) if vocabulary is not None and any(map(normalize_words, texts)) \
         else None
     result = {
-        "family": model.family, "samples": num_samples, "length": length,
-        "steps": None if model.family == "ar" else sample_cfg.num_steps, "prompt_tokens": len(prompt_ids),
+        "family": model.family.name, "samples": num_samples, "length": length,
+        "steps": sample_cfg.num_steps if model.family.has_steps else None, "prompt_tokens": len(prompt_ids),
         "gen_ppl": math.exp(nats / scored) if scored else None,
         "judge_nats_per_token": nats / scored if scored else None, "judge_tokens": scored,
         "entropy": _mean([unigram_entropy(row) for row in new if row]), "empty_samples": sum(not row for row in new),

@@ -54,8 +54,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dimba.errors import UsageError
+from dimba.families.base import LikelihoodEstimate, mc_stderr, model_device
+
 CLAMPS = ("none", "soft")  # the x0 estimate the reverse process steps with (see `_integrand`)
-T_MIN = 1e-4  # the smallest training time (`dimba.losses.stratified_times`): the smallest t_0 considered
+T_MIN = 1e-4  # the smallest training time (`dimba.diffusion.schedules.stratified_times`): the smallest t_0 considered
 
 
 def _t0_grid() -> torch.Tensor:
@@ -79,13 +82,6 @@ def proposal(u: torch.Tensor, t0: float) -> tuple[torch.Tensor, torch.Tensor]:
     return t, q
 
 
-def model_device(model) -> torch.device:
-    """The device of ``model``'s parameters (the CPU for a model without any)."""
-    params = model.parameters() if hasattr(model, "parameters") else iter(())
-    first = next(iter(params), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
 def _dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
@@ -102,7 +98,7 @@ def _noisy_state(model, ids: torch.Tensor, t: torch.Tensor, generator: torch.Gen
     eps = torch.randn(z0.shape, generator=generator, dtype=torch.float64).to(dev)  # (B, L, d)
     z_t = ab.sqrt()[:, None, None] * z0 + (1 - ab).sqrt()[:, None, None] * eps  # (B, L, d)
     masked = None
-    if model.family == "hybrid":
+    if model.family.absorbing:
         alpha = model.mask_schedule.alpha(t)  # (B,)
         masked = (torch.rand(ids.shape, generator=generator, dtype=torch.float64) >= alpha[:, None]).to(dev)  # (B, L)
     dtype = _dtype(model)
@@ -137,7 +133,7 @@ def _integrand(model, ids: torch.Tensor, t: torch.Tensor, generator: torch.Gener
 def prior_nats(model, blocks: torch.Tensor) -> np.ndarray:
     """KL(q(z_1 | x) || N(0, I)) of each block (N,), float64: 0 with zero terminal SNR (and for hybrid)."""
     ab1 = float(model.schedule.alpha_bar64(torch.ones((), dtype=torch.float64)))
-    if model.family == "hybrid" or ab1 == 0.0:
+    if model.family.absorbing or ab1 == 0.0:
         return np.zeros(len(blocks))
     z0 = model.encode(blocks.to(model_device(model))).double()  # (N, L, d)
     kl = 0.5 * (ab1 * z0.pow(2) - ab1 - math.log(1 - ab1))  # (N, L, d)
@@ -211,3 +207,34 @@ def choose_reverse(model, blocks: torch.Tensor, clamp: str | None = None, t0: fl
     rows = range(len(grid) - 1) if t0 is None else [int(np.argmin(np.abs(grid[:-1] - t0)))]
     best_clamp, best_row = min(((c, j) for c in clamps for j in rows), key=lambda cj: curves[cj[0]][cj[1]])
     return best_clamp, float(grid[best_row]) if t0 is None else t0, curves
+
+
+def _total(model, blocks, mc_samples, batch_size, generator, progress, t0, clamp) -> tuple[float, float, dict]:
+    """Total bound (nats), its standard error and the per-part totals."""
+    gauss, absorb = diffusion_terms(model, blocks, mc_samples, batch_size, generator, progress, t0, clamp)  # (N, K)
+    recon = reconstruction_nats(model, blocks, batch_size, generator, progress, t0)  # (N,)
+    prior = prior_nats(model, blocks)  # (N,)
+    parts = {"diffusion": float(gauss.mean(1).sum()), "absorbing": float(absorb.mean(1).sum()),
+             "reconstruction": float(recon.sum()), "prior": float(prior.sum())}
+    # the reconstruction is one draw per block: its spread across blocks overstates its Monte Carlo error
+    recon_var = recon.var(ddof=1) * len(recon) if len(recon) > 1 else 0.0
+    stderr = math.sqrt(mc_stderr(gauss + absorb) ** 2 + recon_var)
+    return sum(parts.values()), stderr, parts
+
+
+def estimate(model, blocks: torch.Tensor, mc_samples: int, batch_size: int, generator: torch.Generator | None,
+             progress: bool, t0: float | None = None, clamp: str | None = None,
+             calibration_blocks: torch.Tensor | None = None) -> LikelihoodEstimate:
+    """The bound on -log p of ``blocks`` (N, L), all L tokens scored. ``t0`` is where the reverse process stops and
+    rounds, ``clamp`` (of `CLAMPS`) the x0 estimate it steps with; None chooses with `choose_reverse` on
+    ``calibration_blocks`` (default: the first 8 evaluated blocks). Reports t0, its SNR and the clamp."""
+    if t0 is not None and not 0 < t0 < 1:
+        raise UsageError(f"--t0 must lie in (0, 1), got {t0}")
+    if clamp is not None and clamp not in CLAMPS:
+        raise UsageError(f"--clamp must be one of {', '.join(CLAMPS)}, got {clamp!r}")
+    if t0 is None or clamp is None:
+        calib = blocks[:8] if calibration_blocks is None else calibration_blocks
+        clamp, t0, _ = choose_reverse(model, calib, clamp, t0, generator, batch_size)
+    total, stderr, parts = _total(model, blocks, mc_samples, batch_size, generator, progress, t0, clamp)
+    snr_t0 = float(model.schedule.snr_and_slope(torch.tensor([t0], dtype=torch.float64))[0])
+    return LikelihoodEstimate(total, stderr, blocks, mc_samples, parts, {"t0": t0, "clamp": clamp, "snr_t0": snr_t0})

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -14,11 +12,9 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from dimba.errors import DimbaError, first_line
+from dimba.io import atomic_write_text
+from dimba.special_tokens import EOS_ID, MASK_ID, PAD_ID, SPECIAL_TOKENS
 
-PAD = "[PAD]"
-EOS = "[EOS]"
-MASK = "[MASK]"
-SPECIAL_TOKENS = (PAD, EOS, MASK)  # ids 0, 1, 2 in this order
 FILE_NAME = "tokenizer.json"
 
 _MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the special tokens
@@ -31,24 +27,6 @@ _CHUNK_CHARS = 4096
 
 class TokenizerError(DimbaError):
     """A missing, unreadable or incompatible tokenizer file, or a bad training request."""
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` as UTF-8 to ``path`` through a temporary file in the same folder and ``os.replace``.
-
-    A crash leaves either the old file or the new one, never a half-written file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="") as fh:  # "x": a fresh file with the usual permissions
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _resolve(path: str | Path) -> Path:
@@ -160,17 +138,17 @@ class Tokenizer:
     @property
     def pad_id(self) -> int:
         """Id of ``[PAD]`` (0)."""
-        return SPECIAL_TOKENS.index(PAD)
+        return PAD_ID
 
     @property
     def eos_id(self) -> int:
         """Id of ``[EOS]`` (1), appended after every document when packing."""
-        return SPECIAL_TOKENS.index(EOS)
+        return EOS_ID
 
     @property
     def mask_id(self) -> int:
         """Id of ``[MASK]`` (2), the absorbing state of masked diffusion."""
-        return SPECIAL_TOKENS.index(MASK)
+        return MASK_ID
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; no special tokens are added."""
@@ -199,19 +177,3 @@ class Tokenizer:
         if skip_special_tokens:
             ids = [i for i in ids if i >= len(SPECIAL_TOKENS)]
         return self._hf.decode(list(ids))
-
-
-def train_tokenizer_cli(data: str, vocab_size: int, out: str) -> Path:
-    """``dimba tokenizer train``: train on the training split of corpus ``data``, save ``out/tokenizer.json``.
-
-    Refuses to overwrite an existing tokenizer file.
-    """
-    from dimba.data import load_corpus, split_text  # dimba.data imports this module
-
-    target = Path(out) / FILE_NAME
-    if Path(out).exists() and not Path(out).is_dir():
-        raise TokenizerError(f"--out {out!r} is a file, not a directory: choose a directory path")
-    if target.exists():
-        raise TokenizerError(f"{str(target)!r} already exists: choose another --out directory or delete it")
-    train_docs, _ = split_text(load_corpus(data))
-    return Tokenizer.train(train_docs, vocab_size=vocab_size).save(target)

@@ -14,10 +14,9 @@ from typing import Sequence
 
 import torch
 
-from dimba.bench_io import save_figure
 from dimba.errors import UsageError
-from dimba.sample_quality import check_judge, sample_quality, warm_up
-from dimba.tokenizer import atomic_write_text
+from dimba.evaluation.sample_quality import check_judge, sample_quality, warm_up
+from dimba.io import atomic_save_figure, atomic_write_text
 
 
 def parse_steps(text: str) -> list[int]:
@@ -32,10 +31,10 @@ def parse_steps(text: str) -> list[int]:
 
 
 def check_sweepable(model) -> None:
-    """Raise a one-line `UsageError` for an ar model: it has no denoising steps to sweep."""
-    if model.family == "ar":
-        raise UsageError("an ar model has no denoising steps to sweep: pass a diffusion model (continuous, masked "
-                         "or hybrid) as MODEL; the ar judge is the sweep's yardstick")
+    """Raise a one-line `UsageError` for a model without denoising steps to sweep (ar)."""
+    if not model.family.has_steps:
+        raise UsageError(f"the {model.family} family has no denoising steps to sweep: pass a diffusion model "
+                         "(continuous, masked or hybrid) as MODEL; the ar judge is the sweep's yardstick")
 
 
 def sweep(model, tokenizer, judge, judge_tokenizer, steps: Sequence[int], sample_cfg, judge_cfg, num_samples: int,
@@ -60,7 +59,7 @@ def sweep(model, tokenizer, judge, judge_tokenizer, steps: Sequence[int], sample
     ar = sample_quality(judge, judge_tokenizer, judge, judge_tokenizer, num_samples, judge_cfg, length,
                         generator=torch.Generator().manual_seed(seed), vocabulary=vocabulary)
     ar.pop("texts")
-    return {"family": model.family, "samples": num_samples, "length": length, "seed": seed, "steps": list(steps),
+    return {"family": model.family.name, "samples": num_samples, "length": length, "seed": seed, "steps": list(steps),
             "points": points, "ar": ar}
 
 
@@ -88,10 +87,10 @@ def plot_sweep(result: dict, path: Path) -> None:
     ax.set_title(f"{result['samples']} samples x {result['length']} tokens")
     ax.legend()
     fig.tight_layout()
-    save_figure(fig, path)
+    atomic_save_figure(fig, path)
 
 
 def write_sweep(result: dict, paths: tuple[Path, Path]) -> None:
-    """Write a `sweep` result to the JSON and PNG paths of `dimba.bench_io.check_out` (each atomically)."""
+    """Write a `sweep` result to the JSON and PNG paths of `dimba.evaluation.plots.check_out` (each atomically)."""
     atomic_write_text(paths[0], json.dumps(result, indent=2) + "\n")
     plot_sweep(result, paths[1])

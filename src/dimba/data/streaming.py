@@ -3,7 +3,7 @@
 A corpus (a ``.txt``, ``.jsonl`` or ``.parquet`` file, or a folder of them, read in sorted path order)
 is a sequence of documents: a ``.txt`` file is one document, a ``.jsonl`` line or a ``.parquet`` row one
 document (its ``"text"`` field). Their tokens, each document followed by EOS, are concatenated and cut
-into blocks of ``seq_len`` as in the in-memory path (`dimba.data.tokenize_and_pack`); the stream is read
+into blocks of ``seq_len`` as in the in-memory path (`dimba.data.packing.tokenize_and_pack`); the stream is read
 in order, without shuffling (shuffle the files beforehand if their order is not random).
 
 Choices:
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from dimba.data import DataError
-from dimba.tokenizer import Tokenizer
+from dimba.data.tokenizer import Tokenizer
+from dimba.errors import DataError, UsageError
 
 Position = list[int]  # [epoch, document, offset]
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".parquet": "parquet"}
@@ -140,9 +140,19 @@ class StreamedData:
         return torch.stack([b for b, _ in itertools.islice(stream_blocks(self.open_docs, self.tokenizer, self.seq_len,
                                                                          self.train_start), n)])
 
-    def batches(self, batch_size: int, rank: int = 0, world_size: int = 1,
+    def resume_position(self, state: dict | None, micro_steps: int) -> Position:
+        """The stream position saved in checkpoint ``state`` (the start of training without one)."""
+        if state is None:
+            return self.train_start
+        if "data_position" not in state:
+            raise UsageError("the checkpoint has no stream position (trained without data.streaming): resume with "
+                             "data.streaming=false")
+        return state["data_position"]
+
+    def batches(self, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                 position: Position | None = None) -> StreamBatches:
-        """Micro-batches of ``rank`` from ``position`` (default: the start of training)."""
+        """Micro-batches of ``rank`` from ``position`` (default: the start of training). The stream is read in
+        order: ``seed`` is unused."""
         return StreamBatches(self, batch_size, rank, world_size, position or self.train_start)
 
 
@@ -159,6 +169,10 @@ class StreamBatches:
 
     def __iter__(self) -> StreamBatches:
         return self
+
+    def saved_position(self) -> Position:
+        """What a checkpoint stores to continue exactly here: ``[epoch, document, offset]``."""
+        return list(self.position)
 
     def __next__(self) -> torch.Tensor:
         mine = []

@@ -1,7 +1,8 @@
 """`dimba bench train`: training throughput, achieved FLOP/s, the fraction of the machine's measured
-matmul peak (MFU) and peak memory, for a preset, through the training step of `dimba.train`.
+matmul peak (MFU) and peak memory, for a preset, through `dimba.training.train_step` (the step of `dimba train`:
+forward and backward of the family's objective, clipping, AdamW and the EMA update) on one device.
 
-The FLOPs of a training step (forward + backward of the family's objective) are counted by
+The FLOPs of a training step are counted by
 `torch.utils.flop_counter.FlopCounterMode` on one step: matrix products (the pure-PyTorch Mamba-2
 scan's included) and attention, not elementwise work, which is how MFU is usually defined. The
 Mamba-2 mixer's depthwise convolution is elementwise work (4 taps) and is not counted; note that
@@ -20,15 +21,12 @@ import time
 from pathlib import Path
 
 import torch
-from lightning_fabric import Fabric
 from torch.utils.flop_counter import FlopCounterMode
 
-from dimba.bench_io import save_figure
 from dimba.config import Config
-from dimba.data import prepare_data
-from dimba.fsdp import FORWARD_METHODS
-from dimba.model import build_model
-from dimba.train import _accumulate, _apply_speed_options, _precision, micro_batches
+from dimba.io import atomic_save_figure
+from dimba.training.setup import setup
+from dimba.training.step import train_step
 
 
 def _sync(device: torch.device) -> None:
@@ -70,39 +68,17 @@ def measure_training(cfg: Config, steps: int = 20, warmup: int = 3) -> dict:
     step_seconds (each), median_step_s, tokens_per_s, flops_per_step, achieved_gflops,
     matmul_peak_gflops (before, after), mfu (achieved / the larger peak), and peak memory.
     """
-    tc = cfg.train
-    if tc.num_threads:
-        torch.set_num_threads(tc.num_threads)
-    precision = _precision(cfg)
-    fabric = Fabric(accelerator=tc.accelerator, devices=1, precision=precision)
-    fabric.seed_everything(tc.seed, verbose=False)
-    data = prepare_data(cfg.data.corpus, cfg.data.seq_len, cfg.data.val_fraction, None, cfg.data.vocab_size)
-    cfg.model.vocab_size = data.tokenizer.vocab_size
-    cfg.model.context_length = cfg.data.seq_len
-    model = build_model(cfg.model)
-    _apply_speed_options(model, cfg)
-    model.calibrate_latent_scale(data.train_head(tc.batch_size))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr)
-    fmodel, optimizer = fabric.setup(model, optimizer)
-    for name in FORWARD_METHODS:
-        fmodel.mark_forward_method(name)
-    batches = micro_batches(data.train, tc.batch_size, tc.seed)
-    device = fabric.device
+    one = cfg.train.model_copy(update={"devices": 1, "num_nodes": 1, "strategy": "auto"})
+    ts = setup(cfg.model_copy(update={"train": one}), run_dir=None)
+    device, precision, tc = ts.fabric.device, ts.precision, ts.cfg.train
     peak_dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") \
         else torch.float32
-
-    def step() -> None:
-        _accumulate(fabric, fmodel, batches, cfg)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
     peak_before = matmul_peak_gflops(device, peak_dtype)
-    fmodel.train()
     for _ in range(warmup):
-        step()
+        train_step(ts)
     counter = FlopCounterMode(display=False)
     with counter:
-        step()
+        train_step(ts)
     flops = counter.get_total_flops()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -110,17 +86,17 @@ def measure_training(cfg: Config, steps: int = 20, warmup: int = 3) -> dict:
     for _ in range(steps):
         _sync(device)
         start = time.perf_counter()
-        step()
+        train_step(ts)
         _sync(device)
         times.append(time.perf_counter() - start)
     peak_after = matmul_peak_gflops(device, peak_dtype)
     median = statistics.median(times)
-    tokens = tc.batch_size * tc.grad_accum * cfg.data.seq_len
+    tokens = tc.batch_size * tc.grad_accum * ts.cfg.data.seq_len
     achieved = flops / median / 1e9
     return {
-        "family": cfg.model.family, "backbone": cfg.model.backbone, "parameters": model.num_parameters(),
+        "family": ts.cfg.model.family, "backbone": ts.cfg.model.backbone, "parameters": ts.model.num_parameters(),
         "device": str(device), "threads": torch.get_num_threads(), "precision": precision,
-        "batch_size": tc.batch_size * tc.grad_accum, "seq_len": cfg.data.seq_len, "tokens_per_step": tokens,
+        "batch_size": tc.batch_size * tc.grad_accum, "seq_len": ts.cfg.data.seq_len, "tokens_per_step": tokens,
         "steps": steps, "step_seconds": times, "median_step_s": median, "tokens_per_s": tokens / median,
         "flops_per_step": flops, "achieved_gflops": achieved,
         "matmul_peak_gflops": [peak_before, peak_after], "mfu": achieved / max(peak_before, peak_after),
@@ -144,4 +120,4 @@ def draw(result: dict, path: Path) -> None:
     right.bar(["training step", "matmul peak"], [result["achieved_gflops"], peak], color=["tab:blue", "tab:gray"])
     right.set(ylabel="GFLOP/s", title=f"MFU {100 * result['mfu']:.1f}% ({result['threads']} threads, {result['device']})")
     fig.tight_layout()
-    save_figure(fig, path)
+    atomic_save_figure(fig, path)

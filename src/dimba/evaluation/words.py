@@ -1,9 +1,11 @@
-"""Sample metrics. (Likelihood bounds and speed sweeps build on this module.)"""
+"""Words of texts: normalisation, overlap with a vocabulary, and the training vocabulary of a corpus."""
 
 from __future__ import annotations
 
 import re
 import string
+
+from dimba.data.corpora import load_corpus, split_text
 
 _STRIP = str.maketrans("", "", string.punctuation + "\u2018\u2019\u201c\u201d")
 
@@ -24,7 +26,5 @@ def word_overlap(text: str, vocabulary: set[str]) -> float:
 
 def training_vocabulary(corpus: str, val_fraction: float = 0.05) -> set[str]:
     """The normalised words of the training split of a corpus."""
-    from dimba.data import load_corpus, split_text
-
     train, _ = split_text(load_corpus(corpus), val_fraction)
     return set(normalize_words("\n".join(train)))

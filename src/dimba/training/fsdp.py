@@ -4,7 +4,7 @@ Lightning Fabric's ``ModelParallelStrategy``, on GPUs (NCCL) and on CPU processe
 Each backbone block is one FSDP unit and the root holds the rest (embeddings, tied head, conditioning): every
 rank stores 1/world of each weight, gradient and AdamW moment, and of each EMA weight too, since the EMA is a copy
 of the model sharded the same way. The EMA update is elementwise, so averaging the local shards gives exactly the
-EMA of a DDP run. Checkpoints are sharded: each rank writes and reads only its shards (`dimba.sharded`). A run
+EMA of a DDP run. Checkpoints are sharded: each rank writes and reads only its shards (`dimba.training.sharded`). A run
 that switches to FSDP on resume reads the single-file checkpoint of its earlier sessions: the weights load before
 sharding, and `shard_optimizer_state` cuts the whole optimizer state into this rank's shards.
 

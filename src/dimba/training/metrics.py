@@ -7,21 +7,27 @@ import io
 from pathlib import Path
 
 from dimba.errors import UsageError
-from dimba.tokenizer import atomic_write_text
+from dimba.io import atomic_write_text
 
-COLUMNS = ["step", "loss", "mse", "ce", "recon", "acc", "lr", "grad_norm", "tokens_per_s", "elapsed_s",
-           "val_loss", "val_mse", "val_ce", "val_recon", "val_acc", "bad_steps"]
+
+def columns(metrics: tuple[str, ...]) -> list[str]:
+    """The CSV columns of a run whose family logs the loss parts ``metrics`` (`Family.metrics`)."""
+    return ["step", *metrics, "lr", "grad_norm", "tokens_per_s", "elapsed_s", *(f"val_{m}" for m in metrics),
+            "bad_steps"]
 
 
 class MetricsLog:
-    """Appends rows ``{step, metric: value}``; unknown metric names are an error (a typo must not vanish).
+    """Appends rows ``{step, metric: value}`` under the columns of the family's ``metrics``; unknown metric names
+    are an error (a typo must not vanish).
 
     ``resume_step`` continues an existing file: the rows up to that step are kept (rewritten under
     the current columns), later ones, logged by a run that died after its last checkpoint, dropped.
     """
 
-    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True, logger: str = "none"):
+    def __init__(self, path: Path, metrics: tuple[str, ...], resume_step: int | None = None, enabled: bool = True,
+                 logger: str = "none"):
         self.enabled = enabled
+        self.columns = columns(metrics)
         self._file = None
         self._tracker = None
         if not enabled:
@@ -31,19 +37,19 @@ class MetricsLog:
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if (r.get("step") or "").isdigit() and int(r["step"]) <= resume_step]
         text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(text, fieldnames=self.columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_text(path, text.getvalue())
         self._file = open(path, "a", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)
+        self._writer = csv.DictWriter(self._file, fieldnames=self.columns)
         if logger != "none":
             self._tracker = _make_tracker(logger, path.parent)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        unknown = set(values) - set(COLUMNS)
+        unknown = set(values) - set(self.columns)
         if unknown:
             raise KeyError(f"metrics not in the CSV schema: {sorted(unknown)}")
         self._writer.writerow({"step": step, **{k: f"{v:.6g}" for k, v in values.items()}})

@@ -6,7 +6,7 @@ per-run state (``run.pt``: scheduler, step, every rank's RNG states, elapsed tim
 position). The directory is written under a hidden temporary name and renamed; then ``checkpoints/last.json``,
 the pointer to the latest checkpoint, is replaced atomically; only then are superseded non-periodic checkpoints
 (``last-N-*.dcp/``, an older single-file ``last.ckpt``) removed. A crash at any moment leaves a pointer to a
-complete checkpoint (at worst a hidden temporary, which `dimba.checkpoint.remove_partial_saves` deletes). Every
+complete checkpoint (at worst a hidden temporary, which `dimba.training.files.remove_partial_saves` deletes). Every
 rank writes into the same directory: on several machines, the run folder must be on a filesystem they share.
 
 A resume loads each rank's shards straight into the sharded model, EMA and optimizer (DCP reshards when the
@@ -43,9 +43,9 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from dimba.checkpoint import LAST_CKPT, LAST_POINTER as POINTER, atomic_save
 from dimba.errors import CheckpointError, first_line
-from dimba.tokenizer import atomic_write_text
+from dimba.io import atomic_save, atomic_write_text
+from dimba.training.files import LAST_CKPT, LAST_POINTER as POINTER
 
 RUN_STATE = "run.pt"  # the per-run state beside the shards, read with torch.load(weights_only=True)
 _SAFE_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",

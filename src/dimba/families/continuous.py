@@ -1,0 +1,210 @@
+"""The continuous family (DIMBA proper): Gaussian diffusion on token latents.
+
+z_0 = encode(tokens) (RMS-normalised embeddings, or a learned projection, times a calibrated latent scale) is
+noised to z_t = sqrt(alpha_bar(t)) z_0 + sqrt(1 - alpha_bar(t)) eps; the denoiser predicts x0 or v; the output
+head decodes x0 estimates to tokens. Generation is x0-DDIM from pure noise after a clean prompt; the likelihood
+is the VDM-style variational bound of `dimba.families.gaussian_bound`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dimba.diffusion.gaussian import min_snr_weight, q_sample, v_target
+from dimba.diffusion.schedules import stratified_times
+from dimba.families import gaussian_bound
+from dimba.families.base import Family, Generation, LikelihoodEstimate, masked_mean
+from dimba.samplers.categorical import sample_tokens
+from dimba.samplers.ddim import DDIMSampler
+from dimba.samplers.state import ModelOutput, SamplerState
+
+CLAMPS = ("none", "soft", "hard")  # how generation moves x0 estimates onto the token latents
+
+
+def compute_dimba_losses(model, input_ids: torch.Tensor, t: torch.Tensor | None = None, ce_loss_weight: float = 1.0,
+                         min_snr_gamma: float = 5.0, prompt_mask: torch.Tensor | None = None,
+                         recon_loss_weight: float = 1.0, self_cond_prob: float = 0.5,
+                         drop_cond: bool | torch.Tensor = False, noise: torch.Tensor | None = None,
+                         generator: torch.Generator | None = None):
+    """The continuous-family objective; returns ``(loss, parts)``.
+
+    - ``mse``: min-SNR-gamma weighted regression of the x0 or v target (per ``prediction_type``),
+      mean over latent dimensions and scored (non-prompt) positions;
+    - ``ce``: cross-entropy of the output head on the x0 estimate (the rounding term);
+    - ``recon``: cross-entropy of the head on the CLEAN latent z_0 (latent consistency: the
+      latent must keep every token decodable, which also prevents embedding collapse), estimated on
+      the first quarter of the batch.
+    With self-conditioning, a first no-grad pass supplies x_self_cond with probability
+    ``self_cond_prob`` (Chen et al. 2022). ``loss = mse + ce_w * ce + recon_w * recon``.
+
+    The hybrid family uses the same objective: its absorbed positions are scored like the noisy
+    ones (x0 regression and rounding CE from no latent information at all). ``generator``
+    draws t, noise and the hybrid masks when they are not given.
+    """
+    b = input_ids.shape[0]
+    dev = input_ids.device
+    if t is None:
+        t = stratified_times(b, dev, generator)
+    if noise is None:
+        noise = torch.randn(input_ids.shape + (model.d_x,), device=dev, generator=generator)
+    t_cont = model.schedule.to_continuous(torch.as_tensor(t, device=dev)).expand(b)  # (B,)
+    masked = model.family.draw_absorbed(model, input_ids, t_cont, generator)  # (B, L) or None
+    x_sc = None
+    if model.config.self_conditioning and torch.rand((), generator=generator) < self_cond_prob:
+        with torch.no_grad():
+            _, _, info = model(input_ids, t, noise=noise, prompt_mask=prompt_mask, drop_cond=drop_cond, masked=masked)
+            x_sc = info["x0_hat"].detach()
+    x_pred, noise, info = model(input_ids, t, noise=noise, prompt_mask=prompt_mask, x_self_cond=x_sc, drop_cond=drop_cond,
+                                masked=masked)
+    scored = torch.ones_like(input_ids, dtype=torch.float32)  # (B, L)
+    if info["prompt_mask"] is not None:
+        scored = (~info["prompt_mask"]).float()
+
+    z0, ab = info["z0"], info["alpha_bar"]
+    target = v_target(z0, noise, ab) if model.config.prediction_type == "v" else z0
+    w = min_snr_weight(model.schedule.snr(info["t"]), min_snr_gamma, model.config.prediction_type)  # (B,)
+    sq = (x_pred.float() - target.float()).pow(2).mean(-1)  # (B, L)
+    mse = masked_mean(sq * w[:, None], scored)
+
+    logits = model.decode(info["x0_hat"])  # (B, L, V)
+    ce_tok = F.cross_entropy(logits.transpose(1, 2), input_ids, reduction="none")  # (B, L)
+    ce = masked_mean(ce_tok, scored)
+    n_rec = max(1, b // 4)  # the clean-latent term is easy: a quarter of the batch estimates it at a quarter of the cost
+    recon = F.cross_entropy(model.decode(z0[:n_rec]).transpose(1, 2), input_ids[:n_rec])
+
+    loss = mse + ce_loss_weight * ce + recon_loss_weight * recon
+    acc = masked_mean((logits.argmax(-1) == input_ids).float(), scored)
+    parts = {"loss": loss.detach(), "mse": mse.detach(), "ce": ce.detach(), "recon": recon.detach(), "acc": acc.detach()}
+    return loss, parts
+
+
+class ContinuousGeneration(Generation):
+    """x0-DDIM from pure noise with a clean prompt (`ContinuousFamily.generation`).
+
+    The prompt is kept clean in the canvas and conditions the denoiser. With
+    ``guidance_scale`` w != 1 the x0 estimate is x0_u + w (x0_c - x0_u) (classifier-free
+    guidance), x0_u coming from a pass with the prompt dropped (its positions noised to t).
+    With self-conditioning the previous x0 estimate is fed back. The final latent is decoded
+    by the output head and sampled with temperature / top-k / top-p in float64.
+    ``clamp`` moves each x0 estimate onto the token embeddings before the step: ``soft``
+    to the probability-weighted mean of the codebook under the head's logits (score
+    interpolation, Dieleman et al. 2022), ``hard`` to the most likely token's latent (the
+    clamping trick of Li et al. 2022), ``none`` keeps the regression output.
+    """
+
+    def __init__(self, family: "ContinuousFamily", model, prompt: torch.Tensor, seq_len: int, settings,
+                 generator: torch.Generator | None):
+        if settings.clamp not in CLAMPS:
+            raise ValueError(f"clamp must be one of {', '.join(CLAMPS)}, got {settings.clamp!r}")
+        n, p = prompt.shape
+        self.model, self.settings, self.absorbing = model, settings, family.absorbing
+        self.ids = torch.cat([prompt, prompt.new_zeros(n, seq_len)], dim=1)  # (N, L)
+        self.prompt_mask = torch.arange(p + seq_len, device=prompt.device)[None].expand(n, -1) < p  # (N, L)
+        self.z_prompt = model.encode(self.ids)  # (N, L, d): only the prompt positions are used
+        self.book = model.codebook() if settings.clamp != "none" or family.absorbing else None  # (V, d)
+        self.guided = settings.guidance_scale != 1.0 and p > 0
+        shape = (n, p + seq_len, model.d_x)
+        z = torch.randn(shape, device=prompt.device, generator=generator)  # z_1: alpha_bar(1) = 0
+        self.prompt_noise = torch.randn(shape, device=prompt.device, generator=generator)
+        state = SamplerState(x=torch.where(self.prompt_mask[..., None], self.z_prompt, z), gen_start=p,
+                             masked=~self.prompt_mask if family.absorbing else None)  # hybrid: all absorbed
+        sampler = family.sampler(model, settings, self.book)
+        sampler.set_timesteps(settings.num_steps, state)
+        super().__init__(sampler, state)
+
+    def predict(self, state: SamplerState, i: int) -> ModelOutput:
+        """The (guided, clamped) x0 estimate at step i, the prompt's latent at its positions; the absorbing
+        families add the head's logits on it."""
+        model, s, keep = self.model, self.settings, self.prompt_mask[..., None]
+        z, x_sc, masked = state.x, state.x0, state.masked
+        tb = self.sampler.timesteps[i].expand(z.shape[0])  # (N,)
+        ab = model.schedule.alpha_bar(tb)  # (N,)
+        cond = model.condition(self.ids, tb, self.prompt_mask)
+        x0 = model.x0_from_output(model.denoise(z, tb, cond, self.prompt_mask, x_sc, masked), z, ab)  # (N, L, d)
+        if self.guided:
+            z_u = torch.where(keep, q_sample(self.z_prompt, ab, self.prompt_noise), z)
+            cond_u = model.condition(self.ids, tb, None, drop_cond=True)
+            x0_u = model.x0_from_output(model.denoise(z_u, tb, cond_u, None, x_sc, masked), z_u, ab)
+            x0 = x0_u + s.guidance_scale * (x0 - x0_u)
+        if s.clamp != "none":
+            logits = model.decode(x0)  # (N, L, V)
+            x0 = logits.softmax(-1) @ self.book if s.clamp == "soft" else self.book[logits.argmax(-1)]  # (N, L, d)
+        x0 = torch.where(keep, self.z_prompt, x0)
+        return ModelOutput(x0=x0, logits=model.decode(x0) if self.absorbing else None)
+
+    def finish(self, state: SamplerState, generator: torch.Generator | None) -> torch.Tensor:
+        """Tokens sampled from the head on the last x0 estimate, the prompt kept: (N, L)."""
+        s = self.settings
+        out = sample_tokens(self.model.decode(state.x0), s.temperature, s.top_k, s.top_p, generator)  # (N, L)
+        return torch.where(self.prompt_mask, self.ids, out)
+
+
+class ContinuousFamily(Family):
+    """Gaussian diffusion on token latents (see the module docstring)."""
+
+    name = "continuous"
+    description = "A continuous (Gaussian latent) diffusion language model"
+    latent = True
+    input_flags = 2
+    time_conditioned = True
+    metrics = ("loss", "mse", "ce", "recon", "acc")
+    likelihood_options = ("t0", "clamp")
+    absorbing = False  # whether tokens may also be absorbed ([MASK], no latent): the hybrid process
+
+    def draw_absorbed(self, model, input_ids: torch.Tensor, t: torch.Tensor,
+                      generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """The absorbed positions (B, L) of ``input_ids`` at times t (B,): none in the continuous process."""
+        return None
+
+    def loss(self, model, input_ids, dc, t=None, prompt_mask=None, drop_cond=False, self_cond_prob=None, noise=None,
+             generator=None):
+        sc = dc.self_cond_prob if self_cond_prob is None else self_cond_prob
+        return compute_dimba_losses(model, input_ids, t, dc.ce_loss_weight, dc.min_snr_gamma, prompt_mask,
+                                    dc.recon_loss_weight, sc, drop_cond, noise, generator)
+
+    def forward(self, model, input_ids: torch.Tensor, t, noise: torch.Tensor | None = None,
+                prompt_mask: torch.Tensor | None = None, x_self_cond: torch.Tensor | None = None,
+                drop_cond: bool | torch.Tensor = False, masked: torch.Tensor | None = None):
+        """`DIMBA.forward`: noise the latents of ``input_ids`` to time t, keep the prompt clean, and denoise."""
+        b = input_ids.shape[0]
+        t = model.time_of(t, b, input_ids.device)  # (B,)
+        drop = torch.as_tensor(drop_cond, device=input_ids.device).expand(b)  # (B,)
+        if prompt_mask is not None:
+            prompt_mask = prompt_mask & ~drop[:, None]  # (B, L)
+        z0 = model.encode(input_ids)  # (B, L, d_x)
+        noise = torch.randn_like(z0) if noise is None else noise
+        alpha_bar = model.schedule.alpha_bar(t)  # (B,)
+        z_t = q_sample(z0, alpha_bar, noise)
+        if prompt_mask is not None:
+            z_t = torch.where(prompt_mask[..., None], z0, z_t)
+        if self.absorbing:
+            if masked is None:
+                masked = self.draw_absorbed(model, input_ids, t)  # (B, L)
+            if prompt_mask is not None:
+                masked = masked & ~prompt_mask  # the clean prompt is never absorbed
+        cond = model.condition(input_ids, t, prompt_mask, drop)
+        x_pred = model.denoise(z_t, t, cond, prompt_mask, x_self_cond, masked)
+        x0_hat = model.x0_from_output(x_pred, z_t, alpha_bar)
+        info = {"z0": z0, "z_t": z_t, "alpha_bar": alpha_bar, "t": t, "x0_hat": x0_hat, "prompt_mask": prompt_mask,
+                "masked": masked}
+        return x_pred, noise, info
+
+    def predict_token_logits(self, model, input_ids, t=None, **kwargs):
+        """Logits (B, L, V) of the x0 estimate of ``input_ids`` noised to time t."""
+        _, _, info = model(input_ids, t, **kwargs)
+        return model.decode(info["x0_hat"])
+
+    def sampler(self, model, settings, codebook: torch.Tensor | None):
+        """The sampler of `generation`: x0-DDIM with ``settings.eta``."""
+        return DDIMSampler(model.schedule, settings.eta)
+
+    def generation(self, model, prompt, seq_len, settings, generator, eos_id, use_cache):
+        return ContinuousGeneration(self, model, prompt, seq_len, settings, generator)
+
+    def likelihood(self, model, blocks, mc_samples, batch_size, generator, progress, calibration_blocks=None,
+                   t0=None, clamp=None) -> LikelihoodEstimate:
+        """The variational bound (`dimba.families.gaussian_bound.estimate`) with the reverse process's ``t0`` and
+        ``clamp``, each chosen on ``calibration_blocks`` when not given."""
+        return gaussian_bound.estimate(model, blocks, mc_samples, batch_size, generator, progress, t0, clamp,
+                                       calibration_blocks)

@@ -1,0 +1,149 @@
+"""The masked family (MDLM / LLaDA): absorbing-state [MASK] diffusion on token ids.
+
+Tokens are replaced by [MASK] with probability 1 - alpha(t); the network reads the ids and returns logits with the
+SUBS parameterisation ([MASK] never predicted, unmasked tokens carried over). The model is not conditioned on t
+(the masks show the noise level), so a sampler step that changed no token reuses the last model output. The loss
+is the continuous-time NELBO per token; generation is `dimba.samplers.masked.MaskedSampler`; the likelihood is the
+NELBO estimated by Monte Carlo.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dimba.diffusion.masked import mask_tokens, subs_log_probs
+from dimba.diffusion.schedules import stratified_times
+from dimba.families.base import Family, Generation, LikelihoodEstimate, masked_mean, mc_stderr, model_device
+from dimba.samplers.masked import MaskedSampler
+from dimba.samplers.state import ModelOutput, SamplerState
+
+
+def compute_masked_losses(model, input_ids: torch.Tensor, t: torch.Tensor | None = None,
+                          prompt_mask: torch.Tensor | None = None, drop_cond: bool | torch.Tensor = False,
+                          generator: torch.Generator | None = None, t_min: float = 1e-3):
+    """The continuous-time MDLM objective; returns ``(loss, parts)``.
+
+    Tokens outside the clean prompt are masked with probability 1 - alpha(t) (t stratified across
+    the batch: antithetic / low-discrepancy), and ``loss`` = sum over masked positions of
+    w(t) * (-log p_SUBS(x_0 | x_t)) divided by the number of scored (non-prompt) tokens: the
+    NELBO per token, in nats. ``ce`` is the unweighted mean CE on masked positions.
+    """
+    b = input_ids.shape[0]
+    dev = input_ids.device
+    if t is None:
+        t = stratified_times(b, dev, generator, t_min=t_min)
+    drop = torch.as_tensor(drop_cond, device=dev).expand(b)  # (B,)
+    if prompt_mask is not None:
+        prompt_mask = prompt_mask & ~drop[:, None]  # (B, L)
+    x_t, masked = mask_tokens(input_ids, model.mask_schedule.alpha(t), model.mask_id, keep=prompt_mask,
+                              generator=generator)  # (B, L) each
+    logp = subs_log_probs(model.token_logits(x_t, prompt_mask, drop), x_t, model.mask_id)  # (B, L, V)
+    nll = -logp.gather(-1, input_ids[..., None])[..., 0].masked_fill(~masked, 0.0)  # (B, L)
+    scored = torch.ones_like(nll) if prompt_mask is None else (~prompt_mask).float()  # (B, L)
+    loss = (nll * model.mask_schedule.weight(t)[:, None]).sum() / scored.sum().clamp_min(1)
+    m = masked.float()
+    ce = masked_mean(nll, m)
+    acc = masked_mean((logp.argmax(-1) == input_ids).float(), m)
+    return loss, {"loss": loss.detach(), "ce": ce.detach(), "acc": acc.detach()}
+
+
+def nelbo_terms(model, blocks: torch.Tensor, mc_samples: int, batch_size: int,
+                generator: torch.Generator | None, progress: bool) -> np.ndarray:
+    """Monte Carlo terms X[i, k] of the masked-diffusion NELBO of each block, float64 (N, K).
+
+    The continuous-time NELBO is  E_t [ w(t) sum_{l masked in x_t} -log p_SUBS(x_0^l | x_t) ]  with
+    w(t) = -alpha'(t) / (1 - alpha(t)). The dimba masked denoiser does not see t, so substituting
+    s = 1 - alpha(t) makes the bound the same for every schedule (MDLM §3.2, MD4), and integrating s
+    out given the number m of masked tokens (the integral of C(L, m) s^(m-1) (1-s)^(L-m) ds is 1/m)
+    gives the exactly equal form
+
+        NELBO(x) = E_{m ~ U{1..L}} E_{S: |S| = m, uniform} [ (L / m) sum_{l in S} -log p_SUBS(x^l | x_S masked) ].
+
+    This form is estimated rather than the t-form: its weight L/m is at most L, whereas the
+    t-form's w(t) ~ 1/t gives it infinite variance near t = 0. Per block, the K samples are
+    stratified: s_k = (k + u) / K with one u ~ U(0, 1) per block, and m_k = max(1, ceil(L s_k)),
+    so m is uniform on {1..L} in each stratum average. Sums accumulate in float64.
+    """
+    n, length = blocks.shape
+    dev = model_device(model)
+    u = torch.rand(n, 1, generator=generator, dtype=torch.float64)  # (N, 1)
+    s = (torch.arange(mc_samples, dtype=torch.float64)[None] + u) / mc_samples  # (N, K)
+    m = (s * length).ceil().clamp(1, length).long().flatten()  # (N*K,)
+    rows = torch.arange(n).repeat_interleave(mc_samples)  # (N*K,) block of each row
+    terms = []
+    for start in tqdm(range(0, n * mc_samples, batch_size), desc="eval masked", disable=not progress, leave=False):
+        idx = rows[start:start + batch_size]
+        x0 = blocks[idx]  # (B, L)
+        mb = m[start:start + batch_size]  # (B,)
+        # a uniform subset of m positions: the m smallest of L uniform keys
+        keys = torch.rand(x0.shape, generator=generator)  # (B, L)
+        rank = keys.argsort(-1).argsort(-1)  # (B, L)
+        masked = rank < mb[:, None]  # (B, L)
+        x0, masked = x0.to(dev), masked.to(dev)
+        x_t = torch.where(masked, torch.full_like(x0, model.mask_id), x0)  # (B, L)
+        logp = subs_log_probs(model.token_logits(x_t).double(), x_t, model.mask_id)  # (B, L, V) float64
+        nll = -logp.gather(-1, x0[..., None])[..., 0]  # (B, L)
+        nll = torch.where(masked, nll, torch.zeros_like(nll)).sum(-1)  # (B,)
+        terms.append((nll * length / mb.to(dev).double()).cpu().numpy())
+    return np.concatenate(terms).reshape(n, mc_samples)  # (N, K)
+
+
+class MaskedGeneration(Generation):
+    """An all-[MASK] canvas after the clean prompt, unmasked by `MaskedSampler` (`MaskedFamily.generation`).
+
+    The model is not conditioned on t, so its output is a function of the canvas alone: with
+    ``use_cache`` a step whose canvas did not change since the last model call reuses the logits
+    (MDLM's caching). Guidance: log p_u + w (log p_c - log p_u), p_u from the canvas with the
+    prompt replaced by [MASK] and the prompt conditioning dropped.
+    """
+
+    def __init__(self, model, prompt: torch.Tensor, seq_len: int, settings, eos_id: int | None, use_cache: bool):
+        n, p = prompt.shape
+        sampler = MaskedSampler(model.mask_id, settings.remasking, settings.block_length, settings.temperature,
+                                settings.top_k, settings.top_p, eos_id)
+        state = sampler.initial_state(prompt, seq_len)  # (N, L)
+        sampler.set_timesteps(settings.num_steps, state)
+        super().__init__(sampler, state)
+        self.model, self.use_cache = model, use_cache
+        self.guidance = settings.guidance_scale if settings.guidance_scale != 1.0 and p > 0 else None
+        self.prompt_mask = torch.arange(p + seq_len, device=prompt.device)[None].expand(n, -1) < p  # (N, L)
+        self._logits: torch.Tensor | None = None
+        self._seen: torch.Tensor | None = None
+
+    def predict(self, state: SamplerState, i: int) -> ModelOutput:
+        """Log-probabilities (N, L, V) of the (guided) model on the canvas, reused while it is unchanged."""
+        x, model = state.x, self.model
+        if self._logits is None or not self.use_cache or not torch.equal(x, self._seen):
+            logits = model.token_logits(x, self.prompt_mask).log_softmax(-1)  # (N, L, V)
+            if self.guidance is not None:
+                x_u = x.masked_fill(self.prompt_mask, model.mask_id)  # (N, L)
+                logits_u = model.token_logits(x_u, None, drop_cond=True).log_softmax(-1)
+                logits = logits_u + self.guidance * (logits - logits_u)
+            self._logits, self._seen = logits, x
+        return ModelOutput(logits=self._logits)
+
+
+class MaskedFamily(Family):
+    """Absorbing-state [MASK] diffusion (see the module docstring)."""
+
+    name = "masked"
+    description = "A masked ([MASK] absorbing-state) diffusion language model"
+
+    def loss(self, model, input_ids, dc, t=None, prompt_mask=None, drop_cond=False, self_cond_prob=None, noise=None,
+             generator=None):
+        return compute_masked_losses(model, input_ids, t, prompt_mask, drop_cond, generator)
+
+    def predict_token_logits(self, model, input_ids, t=None, **kwargs):
+        """SUBS log-probabilities (B, L, V) of x_0 given ``input_ids`` holding [MASK] (t is implied by the masks)."""
+        return subs_log_probs(model.token_logits(input_ids, **kwargs), input_ids, model.mask_id)
+
+    def generation(self, model, prompt, seq_len, settings, generator, eos_id, use_cache):
+        return MaskedGeneration(model, prompt, seq_len, settings, eos_id, use_cache)
+
+    def likelihood(self, model, blocks, mc_samples, batch_size, generator, progress, calibration_blocks=None
+                   ) -> LikelihoodEstimate:
+        """The NELBO of all L tokens of each block (`nelbo_terms`), an upper bound on their NLL."""
+        terms = nelbo_terms(model, blocks, mc_samples, batch_size, generator, progress)  # (N, K)
+        return LikelihoodEstimate(float(terms.mean(axis=1).sum()), mc_stderr(terms), blocks, mc_samples)

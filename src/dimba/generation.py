@@ -1,0 +1,130 @@
+"""Generation: one loop for every family.
+
+The model's family builds a `dimba.families.Generation` (its sampler, the initial canvas and its model calls:
+guidance, self-conditioning, caches); `run` drives it step by step, calling back after each step and stopping
+when the state is done (no [MASK] left, every row at EOS). Samplers are pure step functions
+(`dimba.samplers.state`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from dimba.config import SampleConfig
+from dimba.families import Generation
+from dimba.special_tokens import EOS_ID
+
+Callback = Callable[[int, "torch.Tensor | float", torch.Tensor], None]
+
+
+def run(gen: Generation, generator: torch.Generator | None = None, callback: Callback | None = None) -> torch.Tensor:
+    """Step ``gen`` to the end: the generated ids (N, P + new).
+
+    ``callback(i, t, x)`` follows every step i at time t (``sampler.timesteps[i]``), x being the x0 estimate
+    (Gaussian samplers) or the canvas of ids (token samplers).
+    """
+    state, sampler = gen.state, gen.sampler
+    for i in range(sampler.num_steps):
+        if state.done:
+            break
+        state = sampler.step(state, gen.predict(state, i), i, generator)
+        if callback is not None:
+            callback(i, sampler.timesteps[i], state.x0 if state.x0 is not None else state.x)
+    return gen.finish(state, generator)
+
+
+def _prompt_tensor(prompt_ids, num_samples: int, device: torch.device) -> torch.Tensor:
+    if prompt_ids is None:
+        return torch.zeros(num_samples, 0, dtype=torch.long, device=device)
+    p = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
+    if p.dim() == 1:
+        p = p[None].expand(num_samples, -1)
+    return p  # (N, P)
+
+
+def _device(model, device: torch.device | str | None) -> torch.device:
+    """The model's device; ``device``, if given, must be it."""
+    own = next(model.parameters()).device
+    if device is not None and torch.device(device) != own:
+        raise ValueError(f"the model is on {own} but device={str(device)!r}: move it first with model.to({str(device)!r})")
+    return own
+
+
+@torch.no_grad()
+def sample_from_model(model, prompt_ids: Sequence[int] | torch.Tensor | None = None, seq_len: int = 100,
+                      num_steps: int = 50, temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None, guidance_scale: float = 1.0, eta: float = 0.0,
+                      num_samples: int = 1, clamp: str = "none", generator: torch.Generator | None = None,
+                      callback: Callback | None = None, remasking: str = "low_confidence",
+                      block_length: int | None = None, eos_id: int | None = None, use_cache: bool = True,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """Generate ``seq_len`` tokens after a prompt; returns ids (N, P + seq_len).
+
+    Per family (``model.family``):
+
+    - continuous: x0-DDIM (``num_steps``, ``eta``, ``clamp``), see `ContinuousGeneration`;
+    - hybrid: ancestral unmasking + x0-DDIM (`dimba.samplers.hybrid`);
+    - masked: `MaskedSampler` with ``remasking`` (ancestral, low_confidence, random) and
+      semi-autoregressive blocks of ``block_length``; the model output is reused while the
+      canvas is unchanged (``use_cache``);
+    - ar: left to right with the backbone's cache (``use_cache``; without it the whole prefix
+      is re-read at every token), ``num_steps`` unused.
+
+    Every family samples tokens in float64 with temperature / top-k / top-p, and applies
+    classifier-free guidance with ``guidance_scale`` != 1 (not ar). With ``eos_id`` the masked
+    and ar samplers stop a row at its first EOS and fill the rest with EOS.
+    ``callback(i, t, x)`` is called after every step, x being the x0 estimate (continuous,
+    hybrid) or the canvas of ids (masked, ar). ``device``, as in the original DIMBA code, is where
+    generation runs: the model's device (the default), where the model must already be.
+    """
+    settings = SampleConfig(num_steps=num_steps, temperature=temperature, top_k=top_k, top_p=top_p,
+                            guidance_scale=guidance_scale, eta=eta, clamp=clamp, remasking=remasking,
+                            block_length=block_length)
+    return generate(model, prompt_ids, seq_len, settings, num_samples, generator, callback, eos_id, use_cache,
+                    device)
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: Sequence[int] | torch.Tensor | None, seq_len: int, settings: SampleConfig,
+             num_samples: int = 1, generator: torch.Generator | None = None, callback: Callback | None = None,
+             eos_id: int | None = None, use_cache: bool = True, device: torch.device | str | None = None
+             ) -> torch.Tensor:
+    """`sample_from_model` with the sampler settings of a `SampleConfig`: ids (N, P + seq_len)."""
+    model.eval()
+    prompt = _prompt_tensor(prompt_ids, num_samples, _device(model, device))  # (N, P)
+    return run(model.family.generation(model, prompt, seq_len, settings, generator, eos_id, use_cache), generator,
+               callback)
+
+
+def generate_ids(model, prompt_ids: Sequence[int], length: int, sample: SampleConfig, num_samples: int = 1,
+                 generator: torch.Generator | None = None, eos_id: int = EOS_ID) -> torch.Tensor:
+    """Ids (N, P + canvas) of ``num_samples`` generations with the settings of a `SampleConfig` ``sample``,
+    stopping a row at ``eos_id`` (masked, ar); `generated_ids` keeps the first ``length`` new tokens.
+
+    The canvas is the family's (`Family.canvas_length`): the diffusion families denoise the training context
+    (the only length they were trained on), which is cut to ``length`` afterwards; ar generates ``length``.
+    """
+    canvas = model.family.canvas_length(model.config.context_length or 256, len(prompt_ids), length)
+    return generate(model, prompt_ids, canvas, sample, num_samples, generator, eos_id=eos_id)
+
+
+def generate_texts(model, tokenizer, prompt_ids: Sequence[int], length: int, sample: SampleConfig,
+                   num_samples: int = 1, generator: torch.Generator | None = None) -> list[str]:
+    """Texts of ``num_samples`` generations with the settings of a `SampleConfig` ``sample``: the prompt
+    plus at most ``length`` new tokens, cut at the first EOS (see `generate_ids`)."""
+    ids = generate_ids(model, prompt_ids, length, sample, num_samples, generator, tokenizer.eos_id)
+    return completions(ids, tokenizer, len(prompt_ids), length)
+
+
+def generated_ids(ids: torch.Tensor, prompt_len: int, length: int, eos_id: int = EOS_ID) -> list[list[int]]:
+    """The new ids of generated rows (N, L): at most ``length`` tokens after the prompt, cut before the first EOS."""
+    rows = ids[:, prompt_len: prompt_len + length].tolist()
+    return [row[: row.index(eos_id)] if eos_id in row else row for row in rows]
+
+
+def completions(ids: torch.Tensor, tokenizer, prompt_len: int, length: int) -> list[str]:
+    """Texts of generated rows (N, L): the prompt plus at most ``length`` new tokens, cut at the first EOS."""
+    new = generated_ids(ids, prompt_len, length, tokenizer.eos_id)
+    return [tokenizer.decode(prompt + row) for prompt, row in zip(ids[:, :prompt_len].tolist(), new)]

@@ -1,0 +1,47 @@
+"""The contract every sampler keeps: ``set_timesteps(num_steps, state)``, then ``step(state, output, i, generator)``
+for i = 0 .. ``num_steps`` - 1, each returning the next `SamplerState`; ``timesteps[i]`` is the time of step i.
+A sampler holds no model: the generation loop (`dimba.generation`) calls the model and hands its `ModelOutput` to
+``step``. No step changes the clean prompt (the positions before ``gen_start``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass
+class SamplerState:
+    """A canvas being generated.
+
+    x: ids (N, L) of the token samplers, or latents (N, L, d) of the Gaussian ones.
+    gen_start: the positions before it hold the clean prompt.
+    x0: the last x0 estimate (N, L, d) of a Gaussian sampler (None before its first step).
+    masked: (N, L) bool, the absorbed positions of the hybrid process (None elsewhere).
+    finished: (N,) bool, the rows that ended at EOS (None where rows do not end early).
+    done: nothing is left to generate: the loop stops.
+    """
+
+    x: torch.Tensor
+    gen_start: int = 0
+    x0: torch.Tensor | None = None
+    masked: torch.Tensor | None = None
+    finished: torch.Tensor | None = None
+    done: bool = False
+
+    def replace(self, **changes) -> "SamplerState":
+        """A copy with ``changes`` (tensors are shared, not copied)."""
+        return replace(self, **changes)
+
+    def prompt_positions(self) -> torch.Tensor:
+        """(L,) bool: the positions of the clean prompt."""
+        return torch.arange(self.x.shape[1], device=self.x.device) < self.gen_start
+
+
+@dataclass
+class ModelOutput:
+    """What the model says about a canvas: an x0 estimate (N, L, d) for the Gaussian samplers and/or token
+    logits (N, L, V) for the token samplers (the hybrid sampler takes both)."""
+
+    x0: torch.Tensor | None = None
+    logits: torch.Tensor | None = None

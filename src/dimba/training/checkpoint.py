@@ -1,0 +1,104 @@
+"""Training checkpoints: everything a bitwise-identical continuation needs (weights, EMA, optimizer, scheduler,
+step, every rank's RNG states, the clock, bad-step counts, the stream position), written atomically, and read back
+for a resume.
+
+Nothing here unpickles arbitrary objects: the state is read with ``torch.load(weights_only=True)``. FSDP runs
+write sharded checkpoints (`dimba.training.sharded`), whose pickled DCP ``.metadata`` is read with an unpickler
+restricted to DCP's own classes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dimba.errors import CheckpointError
+from dimba.export import mismatch
+from dimba.io import atomic_save
+from dimba.training import sharded
+from dimba.training.files import CKPT_SUBDIR, LAST_CKPT
+from dimba.training.fsdp import shard_optimizer_state
+from dimba.training.rng import rng_state, set_rng_state
+
+
+def latest_checkpoint(folder: Path) -> Path:
+    """The latest training checkpoint in ``folder`` (a run's checkpoints/): the sharded checkpoint directory that
+    last.json points to (FSDP runs), otherwise last.ckpt (which may not exist)."""
+    return sharded.latest(folder) or folder / LAST_CKPT
+
+
+_STATE_KEYS = ("model", "ema", "optimizer", "scheduler", "step", "rng")
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    """Read a training checkpoint written by `atomic_save` (tensors and plain containers only: a file
+    that would run code when unpickled is refused without running it). For a sharded checkpoint (a directory)
+    it reads the per-run state only, with ``"sharded"``: its path; the shards are loaded by `dimba.training.sharded.load`."""
+    if path.is_dir() and path.suffix == ".dcp":
+        return sharded.read_run_state(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} not found: pass a run directory that holds checkpoints/{LAST_CKPT}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user-facing problem
+        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable or not a dimba checkpoint ({type(exc).__name__}): "
+                              "resume from another checkpoint") from None
+    missing = [key for key in _STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a dimba training checkpoint (no {missing[0]!r} entry): "
+                              "resume from another checkpoint")
+    return state
+
+
+def check_state_fits(model, shapes: dict[str, tuple[int, ...]], run: str | Path) -> None:
+    """Raise a one-line `CheckpointError` unless a state dict with ``shapes`` (name -> shape) of run ``run`` loads
+    strictly into ``model`` (built from the run's config.yaml)."""
+    problem = mismatch(model, shapes, complete=True)
+    if problem:
+        raise CheckpointError(f"the checkpoint of {str(run)!r} does not fit its config.yaml ({problem}; was "
+                              "config.yaml edited, e.g. model.family?): restore the run's config.yaml or retrain")
+
+
+def restore_training(state: dict[str, Any], optimizer, scheduler, lr: float) -> None:
+    """Load a checkpoint's optimizer (a single-file one's: into this rank's shards under FSDP; a sharded one's
+    is loaded already), scheduler and RNG states (the weights and EMA of a single file are loaded before
+    sharding). ``lr`` (this run's ``train.lr``) replaces the stored base learning rate, so that a resumed run
+    can lower it."""
+    if "optimizer" in state:
+        optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], optimizer))
+    scheduler.load_state_dict(state["scheduler"])
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, f in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = lr * f(scheduler.last_epoch)  # as LambdaLR computes it: the same float when lr is unchanged
+    set_rng_state(state["rng"])
+
+
+def save_checkpoint(ts, final: bool = False) -> None:
+    """Save the `TrainState` ``ts`` (collective: every rank calls it): ``last.ckpt``, and before it
+    ``step-N.ckpt`` when the step is a multiple of ``train.save_every`` and the save is not the ``final`` one.
+    FSDP runs write sharded checkpoints instead (every rank its shards)."""
+    ts.saved_step = ts.step
+    fabric = ts.fabric
+    rngs = [rng_state()]
+    if fabric.world_size > 1:  # every rank's generators, so that a resume on as many ranks is exact
+        rngs = [None] * fabric.world_size
+        torch.distributed.all_gather_object(rngs, rng_state())
+    run_state = {"scheduler": ts.scheduler.state_dict(), "step": ts.step, "rng": rngs[0], "rng_ranks": rngs,
+                 "elapsed_s": ts.clock.used(), "bad_steps": ts.bad_total, "bad_streak": ts.bad_streak}
+    position = ts.batches.saved_position()
+    if position is not None:
+        run_state["data_position"] = position  # streamed data: [epoch, document, offset]
+    periodic = not final and ts.step % ts.cfg.train.save_every == 0
+    folder = ts.run_dir / CKPT_SUBDIR
+    if ts.sharded:  # every rank writes its shards
+        sharded.save(fabric, folder, periodic, ts.step, ts.model, ts.ema, ts.optimizer.optimizer, run_state)
+        return
+    if not fabric.is_global_zero:
+        return
+    blob = {"model": ts.model.state_dict(), "ema": ts.ema.state_dict(), "optimizer": ts.optimizer.state_dict(),
+            **run_state}
+    if periodic:  # before last.ckpt: a crash in between replays this step
+        atomic_save(blob, folder / f"step-{ts.step:07d}.ckpt")
+    atomic_save(blob, folder / LAST_CKPT)

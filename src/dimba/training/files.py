@@ -1,0 +1,25 @@
+"""The names of a run's training checkpoints in ``RUN/checkpoints/``: ``last.ckpt`` and ``step-N.ckpt`` (single
+files), or, for FSDP runs, sharded ``step-N.dcp/`` / ``last-N-*.dcp/`` directories named by ``last.json``."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+CKPT_SUBDIR = "checkpoints"
+LAST_CKPT = "last.ckpt"
+LAST_POINTER = "last.json"  # of FSDP runs: names the latest sharded checkpoint directory
+
+
+def has_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` (a run's checkpoints/) holds a training checkpoint: last.ckpt, or last.json (FSDP runs)."""
+    return (folder / LAST_CKPT).is_file() or (folder / LAST_POINTER).is_file()
+
+
+def remove_partial_saves(folder: Path) -> None:
+    """Delete the temporaries of checkpoint saves that a crash interrupted in ``folder``: ``.NAME.ckpt.*`` files,
+    ``.NAME.dcp.*`` directories of sharded checkpoints and ``.last.json.*`` pointers."""
+    for tmp in [*folder.glob(".*.ckpt.*"), *folder.glob(f".{LAST_POINTER}.*")]:
+        tmp.unlink(missing_ok=True)
+    for tmp in folder.glob(".*.dcp.*"):
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,203 @@
+"""`setup`: from a config and a run folder to a `TrainState` ready for `dimba.training.step.train_step`: the
+Fabric strategy, the data, the model (calibrated, or loaded from the run's checkpoint), its EMA, AdamW and the
+learning-rate schedule, with a resumed run's state restored exactly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning_fabric import Fabric
+from torch.optim.swa_utils import AveragedModel
+
+from dimba.config import Config, dump_yaml
+from dimba.data import open_data
+from dimba.data.tokenizer import Tokenizer
+from dimba.errors import UsageError
+from dimba.model import build_model
+from dimba.training import sharded as sharded_ckpt
+from dimba.training.checkpoint import check_state_fits, latest_checkpoint, load_training_state, restore_training
+from dimba.training.files import CKPT_SUBDIR, remove_partial_saves
+from dimba.training.fsdp import FORWARD_METHODS, PRECISIONS, shard_model
+from dimba.training.fsdp import strategy as fsdp_strategy
+from dimba.training.rng import set_rng_state
+from dimba.training.schedule import Clock, ema_avg, lr_lambda
+
+
+@dataclass
+class TrainState:
+    """Everything a training run holds between steps.
+
+    cfg: the resolved config (vocabulary size and context filled in; the caller's is never changed).
+    run_dir: the run folder (None: nothing is written, e.g. `dimba bench train`).
+    fabric, precision, sharded: the strategy, its precision and whether weights are FSDP-sharded.
+    model: the network (its shards under FSDP); fmodel: the same, wrapped by Fabric (DDP), for the losses.
+    ema: the `AveragedModel` used for validation, generation and export.
+    optimizer (Fabric-wrapped AdamW), scheduler (LambdaLR), data (see `dimba.data.open_data`), batches (its
+    micro-batches for this rank), clock (`dimba.training.schedule.Clock`).
+    step, bad_total, bad_streak: optimizer steps taken, skipped steps in all and in a row.
+    saved_step: the step of the last checkpoint (None before any).
+    """
+
+    cfg: Config
+    run_dir: Path | None
+    fabric: Fabric
+    precision: str
+    sharded: bool
+    model: torch.nn.Module
+    fmodel: Any
+    ema: AveragedModel
+    optimizer: Any
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    data: Any
+    batches: Any
+    clock: Clock
+    step: int = 0
+    bad_total: int = 0
+    bad_streak: int = 0
+    saved_step: int | None = None
+
+
+def precision_of(cfg: Config) -> str:
+    """``train.precision``, with ``auto`` resolved: bf16-mixed on CUDA, 32-true elsewhere."""
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    return "bf16-mixed" if torch.cuda.is_available() and cfg.train.accelerator in ("auto", "cuda") else "32-true"
+
+
+def _no_weight_decay(model) -> set[str]:
+    """Names of the parameters AdamW does not decay: vectors, embeddings and those flagged ``_no_weight_decay``
+    (read before FSDP replaces the parameters, and their flags, with shards)."""
+    return {name for name, p in model.named_parameters()
+            if p.dim() < 2 or "embedding" in name or getattr(p, "_no_weight_decay", False)}
+
+
+def _tokenizer(cfg: Config, run_dir: Path | None) -> Tokenizer | None:
+    """The run's own tokenizer (a resumed run), else ``data.tokenizer``, else None (one is trained)."""
+    if run_dir is not None and (run_dir / "tokenizer.json").is_file():
+        return Tokenizer.from_file(run_dir / "tokenizer.json")
+    if cfg.data.tokenizer:
+        return Tokenizer.from_file(cfg.data.tokenizer)
+    return None
+
+
+def _launch(cfg: Config) -> tuple[Fabric, str, bool]:
+    """Fabric (processes launched, seeded) for ``cfg.train``, its precision and whether it shards (FSDP)."""
+    tc = cfg.train
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    precision, sharded = precision_of(cfg), tc.strategy == "fsdp"
+    if sharded and precision not in PRECISIONS:
+        raise UsageError(f"train.precision={precision} does not work with train.strategy=fsdp (no gradient scaler): "
+                         f"set train.precision to one of {', '.join(PRECISIONS)}")
+    fabric = Fabric(accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, precision=precision,
+                    strategy=fsdp_strategy(tc.devices * tc.num_nodes) if sharded else tc.strategy)
+    fabric.launch()
+    if tc.compile and fabric.device.type != "cuda":
+        raise UsageError("train.compile=true needs a CUDA device (torch.compile brings little on CPU here): "
+                         "set train.compile=false")
+    fabric.seed_everything(tc.seed, verbose=False)
+    return fabric, precision, sharded
+
+
+def _build_model(cfg: Config, data, state: dict | None, run_dir: Path | None, world_size: int):
+    """The model of ``cfg.model``: calibrated on the first global batch, or with the weights of checkpoint
+    ``state`` (a sharded checkpoint's are loaded after sharding); speed options applied."""
+    model = build_model(cfg.model)
+    model.backbone.gradient_checkpointing = cfg.train.gradient_checkpointing
+    if cfg.train.compile:  # each block compiled in place: checkpoint keys are unchanged
+        for block in model.backbone.blocks:
+            block.compile()
+    shards = state.get("sharded") if state is not None else None
+    if state is None:
+        if cfg.model.latent_scale is None:
+            model.calibrate_latent_scale(data.train_head(cfg.train.batch_size * world_size))  # on the global batch
+    elif shards is not None:
+        check_state_fits(model, sharded_ckpt.stored_shapes(shards, "model."), run_dir)
+    else:
+        check_state_fits(model, {name: tuple(t.shape) for name, t in state["model"].items()}, run_dir)
+        model.load_state_dict(state["model"])
+    return model
+
+
+def _optimizer(cfg: Config, model, exempt: set[str], clock: Clock):
+    """AdamW (no weight decay on ``exempt``) and its warmup + cosine schedule, which follows the clock when
+    ``train.max_time`` is set."""
+    tc = cfg.train
+    named = list(model.named_parameters())  # the shards under FSDP: the optimizer comes after the sharding
+    groups = [{"params": [p for n, p in named if n not in exempt], "weight_decay": tc.weight_decay},
+              {"params": [p for n, p in named if n in exempt], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2))
+    time_fraction = (lambda: clock.now / (tc.max_time * 60)) if tc.max_time is not None else None
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, time_fraction))
+
+
+def setup(cfg: Config, run_dir: str | Path | None, resume: bool = False) -> TrainState:
+    """Launch, read the data, build (or load) the model, EMA and optimizer: a `TrainState` at the run's step.
+
+    A new run writes config.yaml (resolved) and tokenizer.json into ``run_dir`` (rank 0); ``resume`` continues
+    from the run's latest checkpoint. ``run_dir=None`` writes nothing (for benchmarks)."""
+    run_dir = Path(run_dir) if run_dir is not None else None
+    fabric, precision, sharded = _launch(cfg)
+    data = open_data(cfg.data, _tokenizer(cfg, run_dir))
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(
+        update={"vocab_size": data.tokenizer.vocab_size, "context_length": cfg.data.seq_len})})
+    state = load_training_state(latest_checkpoint(run_dir / CKPT_SUBDIR)) if resume else None
+    shards = state.get("sharded") if state is not None else None  # the directory of a sharded checkpoint
+    if shards is not None and not sharded:
+        raise UsageError(f"the checkpoint of {run_dir} is sharded (written by train.strategy=fsdp): resume it with "
+                         "train.strategy=fsdp")
+    if fabric.is_global_zero and not resume and run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        data.tokenizer.save(run_dir / "tokenizer.json")
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+
+    model = _build_model(cfg, data, state, run_dir, fabric.world_size)
+    ema = AveragedModel(model, avg_fn=ema_avg(cfg.train.ema_decay), use_buffers=True)
+    if state is not None and shards is None:
+        ema.load_state_dict(state["ema"])
+    ema.to(fabric.device)
+    exempt = _no_weight_decay(model)
+    fmodel = fabric.setup_module(model)  # DDP wraps the model; FSDP shards it in place
+    for name in FORWARD_METHODS:  # what the losses call besides forward goes through the DDP wrapper too
+        fmodel.mark_forward_method(name)
+    if sharded:  # the EMA sharded like the model: ema.update_parameters pairs them up shard by shard
+        shard_model(ema.module, fabric.strategy.device_mesh, reshard_root=True)
+    clock = Clock()
+    optimizer, scheduler = _optimizer(cfg, model, exempt, clock)
+    ts = TrainState(cfg, run_dir, fabric, precision, sharded, model, fmodel, ema, fabric.setup_optimizers(optimizer),
+                    scheduler, data, None, clock)
+    if state is not None:
+        _resume(ts, state)
+    _seed_other_ranks(ts, state)
+    position = data.resume_position(state, ts.step * cfg.train.grad_accum)
+    ts.batches = data.batches(cfg.train.batch_size, cfg.train.seed, fabric.global_rank, fabric.world_size, position)
+    return ts
+
+
+def _resume(ts: TrainState, state: dict) -> None:
+    """Continue checkpoint ``state``: counters, clock, (sharded) weights, optimizer, schedule and RNG."""
+    ts.step, ts.bad_total, ts.bad_streak = int(state["step"]), int(state.get("bad_steps", 0)), \
+        int(state.get("bad_streak", 0))
+    ts.saved_step = ts.step
+    ts.clock.before = ts.clock.now = float(state.get("elapsed_s", 0.0))
+    if state.get("sharded") is not None:  # each rank reads its shards into the sharded model, EMA and optimizer
+        sharded_ckpt.load(state["sharded"], ts.model, ts.ema, ts.optimizer.optimizer)
+    restore_training(state, ts.optimizer, ts.scheduler, ts.cfg.train.lr)
+    if ts.fabric.is_global_zero:
+        remove_partial_saves(ts.run_dir / CKPT_SUBDIR)
+
+
+def _seed_other_ranks(ts: TrainState, state: dict | None) -> None:
+    """Ranks > 0 draw their own t, noise and masks (same initial weights everywhere); rank 0 keeps its stream.
+    Resumed on as many ranks, each continues its own saved streams."""
+    fabric = ts.fabric
+    if fabric.global_rank == 0:
+        return
+    saved_rngs = state.get("rng_ranks", []) if state is not None else []
+    if len(saved_rngs) == fabric.world_size:
+        set_rng_state(saved_rngs[fabric.global_rank])
+    else:
+        fabric.seed_everything(ts.cfg.train.seed + 1_000_003 * fabric.global_rank + ts.step, verbose=False)
