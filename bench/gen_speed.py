@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from dimba.checkpoint import load_for_inference
-from dimba.generate import sample_from_model
+from dimba.loading import load_for_inference
+from dimba.generation import sample_from_model
 
 NEW_TOKENS = 256
 

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from dimba.config import load_run_config
-from dimba.evaluate import training_vocabulary, word_overlap
+from dimba.evaluation.words import training_vocabulary, word_overlap
 
 
 def main() -> None:

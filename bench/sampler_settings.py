@@ -13,10 +13,10 @@ import json
 
 import torch
 
-from dimba.checkpoint import load_for_inference
+from dimba.loading import load_for_inference
 from dimba.config import load_run_config
-from dimba.evaluate import training_vocabulary, word_overlap
-from dimba.generate import completions, sample_from_model
+from dimba.evaluation.words import training_vocabulary, word_overlap
+from dimba.generation import completions, sample_from_model
 
 SETTINGS = {
     "default": {},

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from dimba.backbones.ssm import selective_scan, selective_scan_sequential
-from dimba.bench_train import matmul_peak_gflops, product_gflops
+from dimba.evaluation.bench_train import matmul_peak_gflops, product_gflops
 from dimba.malloc import keep_freed_memory
 
 SHAPE = dict(batch=8, length=512, heads=8, headdim=64, d_state=64, groups=1, chunk=64)
