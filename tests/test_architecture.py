@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 import dimba
 from dimba.cli import main
-from dimba.families import Family, Generation, LikelihoodEstimate, family_names, register_family
+from dimba.families import (Family, Generation, LikelihoodEstimate, family_names, register_family,
+                            unregister_family)
 from dimba.samplers.categorical import sample_tokens
 from dimba.samplers.state import ModelOutput, SamplerState
 
@@ -164,9 +165,8 @@ class OneLevelFamily(Family):
 def toy_family():
     family = register_family(OneLevelFamily())
     yield family
-    from dimba.families import _REGISTRY
-
-    _REGISTRY.pop(family.name)
+    unregister_family(family.name)
+    assert family.name not in family_names()
 
 
 def test_a_family_defined_outside_the_library_trains_generates_and_evaluates(toy_family, corpus, tmp_path, tiny,

@@ -59,3 +59,19 @@ def test_bf16_mixed_precision_trains_on_cpu(family, corpus, tmp_path):
     val = [float(r["val_loss"]) for r in rows if r["val_loss"]]
     assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
     assert len(val) == 2 and val[1] < val[0]
+
+
+def test_fit_leaves_the_callers_config_alone_and_bench_times_its_step(corpus, tmp_path, tiny):
+    from dimba.config import dump_yaml
+    from dimba.training import fit, setup, train_step
+
+    cfg = load_config("tiny", None, [*tiny, f"data.corpus={corpus}", "train.max_steps=2"])
+    before = dump_yaml(cfg)
+    fit(cfg, tmp_path / "run", progress=False)
+    assert dump_yaml(cfg) == before and cfg.model.vocab_size is None  # the run's config.yaml has it filled in
+    assert "vocab_size: 300" in (tmp_path / "run" / "config.yaml").read_text()
+    ts = setup(cfg, run_dir=None)  # writes nothing
+    weights = [p.detach().clone() for p in ts.model.parameters()]
+    result = train_step(ts)
+    assert ts.step == 1 and result.applied and set(result.parts) == set(ts.model.family.metrics)
+    assert any(not torch.equal(a, b) for a, b in zip(weights, ts.model.parameters()))

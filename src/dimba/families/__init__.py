@@ -21,6 +21,11 @@ def register_family(family: Family) -> Family:
     return family
 
 
+def unregister_family(name: str) -> None:
+    """Remove the family called ``name`` from the registry (models of it can then no longer be built)."""
+    _REGISTRY.pop(name, None)
+
+
 def get_family(name: str) -> Family:
     """The registered family called ``name``; ValueError naming the registered ones otherwise."""
     try:
@@ -46,4 +51,4 @@ for _family in (ContinuousFamily(), MaskedFamily(), HybridFamily(), ARFamily()):
 
 
 __all__ = ["Family", "Generation", "LikelihoodEstimate", "compute_dimba_losses", "compute_losses", "family_names",
-           "get_family", "register_family"]
+           "get_family", "register_family", "unregister_family"]

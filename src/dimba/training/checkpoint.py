@@ -18,7 +18,7 @@ from dimba.errors import CheckpointError
 from dimba.export import mismatch
 from dimba.io import atomic_save
 from dimba.training import sharded
-from dimba.training.files import CKPT_SUBDIR, LAST_CKPT
+from dimba.training.files import CKPT_SUBDIR, LAST_CKPT, remove_partial_saves
 from dimba.training.fsdp import shard_optimizer_state
 from dimba.training.rng import rng_state, set_rng_state
 
@@ -61,7 +61,7 @@ def check_state_fits(model, shapes: dict[str, tuple[int, ...]], run: str | Path)
                               "config.yaml edited, e.g. model.family?): restore the run's config.yaml or retrain")
 
 
-def restore_training(state: dict[str, Any], optimizer, scheduler, lr: float) -> None:
+def _restore(state: dict[str, Any], optimizer, scheduler, lr: float) -> None:
     """Load a checkpoint's optimizer (a single-file one's: into this rank's shards under FSDP; a sharded one's
     is loaded already), scheduler and RNG states (the weights and EMA of a single file are loaded before
     sharding). ``lr`` (this run's ``train.lr``) replaces the stored base learning rate, so that a resumed run
@@ -73,6 +73,22 @@ def restore_training(state: dict[str, Any], optimizer, scheduler, lr: float) -> 
     for group, f in zip(optimizer.param_groups, scheduler.lr_lambdas):
         group["lr"] = lr * f(scheduler.last_epoch)  # as LambdaLR computes it: the same float when lr is unchanged
     set_rng_state(state["rng"])
+
+
+def resume_training(ts, state: dict) -> None:
+    """Continue the `TrainState` ``ts`` from checkpoint ``state``: counters, clock, sharded weights (a single
+    file's are loaded before sharding), optimizer, schedule and RNG; then remove the temporaries of saves that a
+    crash interrupted."""
+    ts.step, ts.bad_total, ts.bad_streak = int(state["step"]), int(state.get("bad_steps", 0)), \
+        int(state.get("bad_streak", 0))
+    ts.saved_step = ts.step
+    ts.clock.before = ts.clock.now = float(state.get("elapsed_s", 0.0))
+    if state.get("sharded") is not None:  # each rank reads its shards into the sharded model, EMA and optimizer
+        sharded.load(state["sharded"], ts.model, ts.ema, ts.optimizer.optimizer)
+    _restore(state, ts.optimizer, ts.scheduler, ts.cfg.train.lr)
+    if ts.fabric.is_global_zero:
+        remove_partial_saves(ts.run_dir / CKPT_SUBDIR)
+
 
 
 def save_checkpoint(ts, final: bool = False) -> None:

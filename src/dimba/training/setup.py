@@ -18,8 +18,8 @@ from dimba.data.tokenizer import Tokenizer
 from dimba.errors import UsageError
 from dimba.model import build_model
 from dimba.training import sharded as sharded_ckpt
-from dimba.training.checkpoint import check_state_fits, latest_checkpoint, load_training_state, restore_training
-from dimba.training.files import CKPT_SUBDIR, remove_partial_saves
+from dimba.training.checkpoint import check_state_fits, latest_checkpoint, load_training_state, resume_training
+from dimba.training.files import CKPT_SUBDIR
 from dimba.training.fsdp import FORWARD_METHODS, PRECISIONS, shard_model
 from dimba.training.fsdp import strategy as fsdp_strategy
 from dimba.training.rng import set_rng_state
@@ -170,24 +170,11 @@ def setup(cfg: Config, run_dir: str | Path | None, resume: bool = False) -> Trai
     ts = TrainState(cfg, run_dir, fabric, precision, sharded, model, fmodel, ema, fabric.setup_optimizers(optimizer),
                     scheduler, data, None, clock)
     if state is not None:
-        _resume(ts, state)
+        resume_training(ts, state)
     _seed_other_ranks(ts, state)
     position = data.resume_position(state, ts.step * cfg.train.grad_accum)
     ts.batches = data.batches(cfg.train.batch_size, cfg.train.seed, fabric.global_rank, fabric.world_size, position)
     return ts
-
-
-def _resume(ts: TrainState, state: dict) -> None:
-    """Continue checkpoint ``state``: counters, clock, (sharded) weights, optimizer, schedule and RNG."""
-    ts.step, ts.bad_total, ts.bad_streak = int(state["step"]), int(state.get("bad_steps", 0)), \
-        int(state.get("bad_streak", 0))
-    ts.saved_step = ts.step
-    ts.clock.before = ts.clock.now = float(state.get("elapsed_s", 0.0))
-    if state.get("sharded") is not None:  # each rank reads its shards into the sharded model, EMA and optimizer
-        sharded_ckpt.load(state["sharded"], ts.model, ts.ema, ts.optimizer.optimizer)
-    restore_training(state, ts.optimizer, ts.scheduler, ts.cfg.train.lr)
-    if ts.fabric.is_global_zero:
-        remove_partial_saves(ts.run_dir / CKPT_SUBDIR)
 
 
 def _seed_other_ranks(ts: TrainState, state: dict | None) -> None:
