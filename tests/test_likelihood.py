@@ -127,11 +127,12 @@ def test_stderr_shrinks_like_one_over_sqrt_k(chain):
 class AnalyticGaussian(torch.nn.Module):
     """Tokens uniform and independent over the 4 chain states, embedded as orthogonal points of norm 3.
 
-    ``estimate_x0`` is the exact posterior mean E[z_0 | z_t] (the prior mean for an absorbed
-    position), so the continuous-time bound is tight: it equals -log p(x) = log 4 per token.
+    ``estimate`` is the exact posterior mean E[z_0 | z_t] (the prior mean for an absorbed
+    position), so the continuous-time bound is tight: it equals -log p(x) = log 4 per token. With ``logits``
+    it also returns the exact posterior log-probabilities, as a logits-predicting model does.
     """
 
-    def __init__(self, family="continuous", schedule="cosine", zero_terminal_snr=True, shift=1.0):
+    def __init__(self, family="continuous", schedule="cosine", zero_terminal_snr=True, shift=1.0, logits=False):
         super().__init__()
         from dimba.diffusion.masked import MaskSchedule
         from dimba.diffusion.schedules import NoiseSchedule
@@ -142,6 +143,7 @@ class AnalyticGaussian(torch.nn.Module):
         self.book = torch.nn.Parameter(book, requires_grad=False)  # (V, d)
         self.schedule = NoiseSchedule(schedule, zero_terminal_snr, shift=shift)
         self.mask_schedule = MaskSchedule("loglinear")
+        self.logits = logits
 
     def encode(self, ids):
         return self.book[ids]  # (B, L, d)
@@ -149,12 +151,18 @@ class AnalyticGaussian(torch.nn.Module):
     def codebook(self):
         return self.book  # (V, d)
 
-    def estimate_x0(self, z_t, t, alpha_bar, masked=None):
+    def estimate(self, z_t, t, alpha_bar, masked=None):
         states = self.book[STATES]  # (S, d)
         a, var = alpha_bar.sqrt()[:, None, None, None], (1 - alpha_bar)[:, None, None, None]
         logp = -(z_t[..., None, :] - a * states).pow(2).sum(-1) / (2 * var[..., 0])  # (B, L, S)
+        if masked is not None:
+            logp = logp.masked_fill(masked[..., None], 0.0)  # an absorbed position: the uniform prior
         x0 = logp.softmax(-1) @ states  # (B, L, d)
-        return x0 if masked is None else torch.where(masked[..., None], states.mean(0), x0)
+        if not self.logits:
+            return x0, None
+        logits = torch.full((*x0.shape[:-1], V), float("-inf"), dtype=torch.float64)
+        logits[..., STATES] = logp.log_softmax(-1)
+        return x0, logits
 
     def decode(self, x0):
         logits = torch.full((*x0.shape[:-1], V), float("-inf"), dtype=torch.float64)
@@ -174,6 +182,22 @@ def test_gaussian_bound_is_tight_for_the_exact_denoiser(schedule, ztsnr, shift):
     parts = r["parts_nats_per_token"]
     assert parts["reconstruction"] < 1e-6 and parts["absorbing"] == 0
     assert (parts["prior"] > 0) == (not ztsnr) and r["t0"] == T_MIN and r["is_bound"]
+
+
+@pytest.mark.parametrize("t0", [1e-4, 0.7])
+def test_with_the_exact_logits_the_bound_is_tight_at_every_t0(t0):
+    """A logits model reconstructs from its own token distribution: with the exact posterior, the reconstruction
+    at t0 plus the diffusion term above it is -log p(x) = log 4 whatever t0 (the nearest-state head on the
+    posterior mean, the estimate of an x0 model, pays far more at t0 = 0.7)."""
+    blocks = torch.as_tensor(np.random.default_rng(0).integers(0, len(STATES), (512, 16)) + STATES[0])
+    exact = AnalyticGaussian(logits=True)
+    r = evaluate_likelihood(exact, blocks, CharTokenizer(), mc_samples=16, batch_size=2048,
+                            generator=torch.Generator().manual_seed(0), t0=t0, clamp="none")
+    assert abs(r["nll_nats_per_token"] - math.log(4)) < min(0.06, 3 * r["stderr_nats_per_token"])
+    if t0 > 0.1:
+        rounded = evaluate_likelihood(AnalyticGaussian(), blocks, CharTokenizer(), mc_samples=16, batch_size=2048,
+                                      generator=torch.Generator().manual_seed(0), t0=t0, clamp="none")
+        assert rounded["nll_nats_per_token"] > 10 * math.log(4)
 
 
 def test_gaussian_stderr_shrinks_like_one_over_sqrt_k():

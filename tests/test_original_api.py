@@ -49,7 +49,7 @@ def test_the_config_is_a_mapping_that_rebuilds_the_model():
 def test_original_constructor_keywords_keep_their_meaning_or_are_refused_in_one_line():
     small(d_prompt=32, dropout=0.0, use_simple_mamba=False, use_vae_latent=False)  # what dimba does anyway
     for kw, hint in [({"d_prompt": 512}, "omit d_prompt"), ({"dropout": 0.1}, "no dropout"),
-                     ({"use_simple_mamba": True}, "mamba_ssm"), ({"use_vae_latent": True}, "latent_diffusion=True")]:
+                     ({"use_simple_mamba": True}, "mamba_ssm")]:
         with pytest.raises(ValueError, match=hint) as err:
             small(**kw)
         assert len(str(err.value).splitlines()) == 1
@@ -84,7 +84,7 @@ def test_a_fixed_latent_scale_is_not_calibrated(corpus, tmp_path, tiny):
 
 
 def test_runs_and_exports_of_earlier_versions_load(corpus, tmp_path, tiny, capsys):
-    """Earlier versions wrote model.use_vae_latent=false and no latent_scale / embed_init_std."""
+    """Earlier versions wrote no latent_scale, embed_init_std, logit_skip, time_warping or vae_checkpoint."""
     run, exported = tmp_path / "run", tmp_path / "exported"
     assert main(["train", "--data", str(corpus), "--max-steps", "2", "--out", str(run), "--quiet", *tiny]) == 0
     assert main(["export", str(run), "--out", str(exported)]) == 0
@@ -92,17 +92,16 @@ def test_runs_and_exports_of_earlier_versions_load(corpus, tmp_path, tiny, capsy
     capsys.readouterr()
     assert main(["generate", str(exported), *args]) == 0
     text = capsys.readouterr().out
+    new_keys = ("latent_scale", "embed_init_std", "logit_skip", "time_warping", "vae_checkpoint")
     config = json.loads((exported / "config.json").read_text())
-    for key in ("latent_scale", "embed_init_std"):
-        del config[key]
-    (exported / "config.json").write_text(json.dumps({**config, "use_vae_latent": False}))
-    yaml_text = (run / "config.yaml").read_text().replace("  latent_scale: null\n", "  use_vae_latent: false\n")
-    (run / "config.yaml").write_text(yaml_text)
+    (exported / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in new_keys}))
+    lines = (run / "config.yaml").read_text().splitlines(keepends=True)
+    (run / "config.yaml").write_text("".join(ln for ln in lines if ln.strip().split(":")[0] not in new_keys))
     assert load_run_config(run / "config.yaml").model.latent_scale is None
     for folder in (exported, run):
         assert main(["generate", str(folder), *args]) == 0
         assert capsys.readouterr().out == text
-    (exported / "config.json").write_text(json.dumps({**config, "use_vae_latent": True}))
+    (exported / "config.json").write_text(json.dumps({**config, "use_vae_latent": True}))  # no latent_diffusion
     assert main(["generate", str(exported)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "use_vae_latent" in err and "no longer supported" in err
+    assert len(err.splitlines()) == 1 and "use_vae_latent" in err and "latent_diffusion" in err

@@ -335,6 +335,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vae_train(args: argparse.Namespace) -> int:
+    """`dimba vae train`: pre-train a TokenVAE; prints its validation ELBO parts as JSON."""
+    from dimba.training.vae import train_vae
+
+    if args.kl_weight < 0:
+        raise UsageError(f"--kl-weight must be at least 0, got {args.kl_weight}")
+    metrics = train_vae(args.data, args.out, args.latent_dim, args.d_model, args.kl_weight, args.steps,
+                        vocab_size=args.vocab_size, seed=args.seed)
+    print(json.dumps({"out": args.out, **metrics}))
+    return 0
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from dimba.data.packing import train_tokenizer_on
 
@@ -492,6 +504,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("vae", help="the TokenVAE latent of the continuous family")
+    v = p.add_subparsers(dest="vverb", required=True).add_parser(
+        "train", help="pre-train a TokenVAE on the tokens of a corpus",
+        description="Writes OUT/model.safetensors, config.json and tokenizer.json; a model then uses it with "
+                    "model.latent_diffusion=true model.use_vae_latent=true model.vae_checkpoint=OUT (and the same "
+                    "model.d_model and model.d_latent).")
+    v.add_argument("--data", default="shakespeare")
+    v.add_argument("--latent-dim", type=int, default=64, help="d_latent")
+    v.add_argument("--d-model", type=int, default=256, help="the embedding width (the diffusion model's d_model)")
+    v.add_argument("--kl-weight", type=float, default=1e-3, help="beta of the KL term")
+    v.add_argument("--steps", type=int, default=2000)
+    v.add_argument("--vocab-size", type=int, default=4096)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--out", required=True)
+    v.set_defaults(func=cmd_vae_train)
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     t = p.add_subparsers(dest="tverb", required=True).add_parser("train", help="train a byte-level BPE tokenizer on "
                                                                   "a corpus")
@@ -504,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_ranges(args: argparse.Namespace) -> None:
     for name in ("length", "num_samples", "vocab_size", "max_steps", "block_length", "mc_samples", "max_tokens",
-                 "batch_size", "samples"):
+                 "batch_size", "samples", "latent_dim", "d_model"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

@@ -35,15 +35,25 @@ class ModelConfig(_Strict):
     zero_terminal_snr: bool = True
     mask_schedule: Literal["loglinear", "cosine"] = Field("loglinear", description="masked / hybrid: alpha(t) of the [MASK] process")
     noise_shift: float = Field(1.0, gt=0, description="divide the schedule's SNR by noise_shift^2")
-    prediction_type: Literal["x0", "v"] = "x0"
+    prediction_type: Literal["x0", "v", "logits"] = Field(
+        "x0", description="what the denoiser predicts: the clean latent (x0), the velocity (v), or token logits whose "
+        "expected codebook latent is the x0 estimate (score interpolation, CDCD)")
+    logit_skip: bool = Field(False, description="logits prediction: add the Bayes logits of the noisy latent under a "
+                             "uniform prior, sqrt(ab) / (1 - ab) z_t . e_v, to the network's (a skip connection)")
     conditioning_type: Literal["film", "additive"] = "film"
     latent_diffusion: bool = False
     d_latent: int | None = Field(None, gt=0)
+    use_vae_latent: bool = Field(False, description="latent_diffusion: a TokenVAE's posterior mean is the latent "
+                                 "(instead of a linear projection); pre-train one with `dimba vae train`")
+    vae_checkpoint: str | None = Field(None, description="a folder written by `dimba vae train`: a new run starts from "
+                                       "its embedding, TokenVAE and head (frozen) and uses its tokenizer")
     latent_scale: float | None = Field(None, gt=0, description="the latent scale; None: calibrated on the first "
                                        "training batch so that the diffused latents have unit variance")
     embed_init_std: float | None = Field(None, gt=0, description="std of the token embedding at initialisation; "
                                          "None: d_model^-0.5 (unit-variance logits through the tied head)")
     self_conditioning: bool = False
+    time_warping: bool = Field(False, description="latent families: draw training times, and place sampling steps, "
+                               "uniformly in the cross-entropy seen during training (CDCD's time warping)")
     tie_weights: bool = True
     num_heads: int = Field(4, gt=0, description="transformer attention heads")
     d_state: int = Field(64, gt=0, description="Mamba-2 state size N")
@@ -63,6 +73,9 @@ class ModelConfig(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> "ModelConfig":
         get_family(self.family).check_config(self)
+        if (self.use_vae_latent or self.vae_checkpoint) and not (self.use_vae_latent and self.latent_diffusion):
+            raise ValueError("a TokenVAE latent needs model.latent_diffusion=true and model.use_vae_latent=true "
+                             "(with model.d_latent)")
         if self.latent_diffusion and self.d_latent is None:
             raise ValueError("latent_diffusion=true needs model.d_latent (e.g. model.d_latent=64)")
         if self.backbone == "transformer" and self.d_model % self.num_heads:
@@ -86,6 +99,9 @@ class ModelConfig(_Strict):
 class DiffusionConfig(_Strict):
     """Training-objective settings of the continuous family."""
 
+    objective: Literal["mse_ce", "ce"] = Field(
+        "mse_ce", description="mse_ce: min-SNR weighted x0 regression + cross-entropy of the head on the x0 estimate; "
+        "ce: cross-entropy alone (with prediction_type=logits, of the predicted logits)")
     min_snr_gamma: float = Field(5.0, gt=0)
     ce_loss_weight: float = Field(1.0, ge=0)
     recon_loss_weight: float = Field(1.0, ge=0)
@@ -260,25 +276,8 @@ def _describe(err: ValidationError) -> str:
     return f"invalid config: {msg}"
 
 
-# model settings of earlier versions that are gone: name -> the only value that is dropped silently
-RETIRED_MODEL_KEYS = {"use_vae_latent": False}
-
-
-def retire_model_keys(model: dict[str, Any], where: str = "model") -> dict[str, Any]:
-    """``model`` (a mapping of model settings) without the settings of `RETIRED_MODEL_KEYS` at their old default:
-    configs, runs and exports written by earlier versions keep loading. Another value is a `ConfigError`."""
-    model = dict(model)
-    for key, default in RETIRED_MODEL_KEYS.items():
-        if key in model and model.pop(key) not in (default, None):
-            raise ConfigError(f"{where}.{key} is no longer supported (use_vae_latent=true needs the TokenVAE, which "
-                              f"this version does not ship): remove {where}.{key}")
-    return model
-
-
 def validate(tree: dict[str, Any]) -> Config:
     """Validate a nested dict into a `Config`, raising `ConfigError` with a one-line message."""
-    if isinstance(tree, dict) and isinstance(tree.get("model"), dict):
-        tree = {**tree, "model": retire_model_keys(tree["model"])}
     try:
         return Config.model_validate(tree)
     except ValidationError as err:

@@ -17,8 +17,7 @@ from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
-from dimba.config import retire_model_keys
-from dimba.errors import CheckpointError, ConfigError, first_line
+from dimba.errors import CheckpointError, first_line
 
 FORMAT_VERSION = 1
 CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME = "config.json", "model.safetensors", "tokenizer.json"
@@ -81,10 +80,8 @@ def build_from_config(cls, path: str | Path):
     config.pop("format_version", None)
     config.pop("model_type", None)
     try:
-        return cls(**retire_model_keys(config, where="config.json"))
+        return cls(**config)
     except (TypeError, ValueError) as exc:
-        if isinstance(exc, ConfigError):
-            raise CheckpointError(f"{str(path / CONFIG_NAME)!r}: {exc}") from None
         raise CheckpointError(f"{str(path / CONFIG_NAME)!r} has an invalid model config "
                               f"({_config_problem(exc)}): re-export the model") from None
 

@@ -26,8 +26,10 @@ from dimba.config import ModelConfig
 from dimba.diffusion.gaussian import x0_from_v
 from dimba.diffusion.masked import MaskSchedule
 from dimba.diffusion.schedules import NoiseSchedule
+from dimba.diffusion.warp import TimeWarp
 from dimba.families import get_family
 from dimba.special_tokens import MASK_ID
+from dimba.vae import TokenVAE
 
 
 def _rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -36,8 +38,8 @@ def _rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def _legacy_keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` without the constructor keywords of the original DIMBA code that dimba accepts with the meaning
-    they had there (``d_prompt`` equal to ``d_model``, ``dropout=0``, ``use_simple_mamba=False``,
-    ``use_vae_latent=False``); any other value is refused in one line naming the dimba equivalent."""
+    they had there (``d_prompt`` equal to ``d_model``, ``dropout=0``, ``use_simple_mamba=False``); any other value is
+    refused in one line naming the dimba equivalent."""
     kwargs = dict(kwargs)
     d_model = kwargs.get("d_model", ModelConfig.model_fields["d_model"].default)
     refusals = {
@@ -46,8 +48,6 @@ def _legacy_keywords(kwargs: dict[str, Any]) -> dict[str, Any]:
         "dropout": (lambda v: not v, "dimba's denoisers have no dropout: omit dropout (or pass 0)"),
         "use_simple_mamba": (lambda v: not v, "dimba runs its pure-PyTorch Mamba-2 scan wherever the mamba_ssm "
                              "kernels are not installed (always on CPU): omit use_simple_mamba"),
-        "use_vae_latent": (lambda v: not v, "the TokenVAE latent is not in this version: use latent_diffusion=True "
-                           "with d_latent for a learned projection"),
     }
     for name, (accepted, hint) in refusals.items():
         if name in kwargs and not accepted(kwargs.pop(name)):
@@ -59,8 +59,8 @@ class DIMBA(nn.Module):
     """Diffusion LM with a bidirectional Mamba-2 (or transformer) denoiser.
 
     Keyword arguments are the fields of `dimba.config.ModelConfig` (``vocab_size`` is required), plus the
-    original DIMBA keywords ``d_prompt``, ``dropout``, ``use_simple_mamba`` and ``use_vae_latent`` at values
-    that mean what dimba does. ``DIMBA(**model.config)`` builds the same architecture.
+    original DIMBA keywords ``d_prompt``, ``dropout`` and ``use_simple_mamba`` at values that mean what dimba
+    does. ``DIMBA(**model.config)`` builds the same architecture.
     """
 
     def __init__(self, vocab_size: int, **kwargs: Any):
@@ -76,9 +76,10 @@ class DIMBA(nn.Module):
         self.embedding = nn.Embedding(vocab_size, d)
         # tied head: unit-variance logits at init
         nn.init.normal_(self.embedding.weight, std=cfg.embed_init_std if cfg.embed_init_std is not None else d**-0.5)
-        use_proj = cfg.latent_diffusion and family.latent
+        use_proj = cfg.latent_diffusion and family.latent and not cfg.use_vae_latent
         self.latent_in = nn.Linear(d, self.d_x, bias=False) if use_proj else None
         self.latent_out = nn.Linear(self.d_x, d, bias=False) if use_proj else None
+        self.vae = TokenVAE(d, self.d_x) if cfg.latent_diffusion and family.latent and cfg.use_vae_latent else None
         scale = torch.ones(()) if cfg.latent_scale is None else torch.full((), cfg.latent_scale)
         self.register_buffer("latent_scale", scale)
 
@@ -102,6 +103,7 @@ class DIMBA(nn.Module):
         self.head = nn.Linear(d, vocab_size, bias=False)
         if cfg.tie_weights:
             self.head.weight = self.embedding.weight
+        self.time_warp = TimeWarp() if cfg.time_warping and family.latent else None
 
     # ----- the names of the original DIMBA code ------------------------------------------
     @property
@@ -119,15 +121,21 @@ class DIMBA(nn.Module):
 
     # ----- latent space -------------------------------------------------------------------
     def encode_latent(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """The diffused latent of token embeddings (B, L, D) -> (B, L, d_x): RMS-normalised (after the latent
-        projection, if any) and times ``latent_scale``. ``encode(ids) == encode_latent(embedding(ids))``."""
+        """The diffused latent of token embeddings (B, L, D) -> (B, L, d_x), times ``latent_scale``: the
+        RMS-normalised embedding (after the latent projection, if any), or the TokenVAE's posterior mean.
+        ``encode(ids) == encode_latent(embedding(ids))``."""
+        if self.vae is not None:
+            return self.vae.posterior(embeddings)[0] * self.latent_scale  # (B, L, d_x)
         h = embeddings if self.latent_in is None else self.latent_in(embeddings)  # (B, L, d_x)
         return _rms_normalize(h) * self.latent_scale
 
     def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
-        """Back to the embedding space (B, L, d_x) -> (B, L, D): divided by ``latent_scale`` and projected back.
-        Without a latent projection it inverts `encode_latent` on RMS-normalised embeddings."""
+        """Back to the embedding space (B, L, d_x) -> (B, L, D): divided by ``latent_scale`` and projected back
+        (or decoded by the TokenVAE). Without a latent projection it inverts `encode_latent` on RMS-normalised
+        embeddings."""
         h = latent / self.latent_scale
+        if self.vae is not None:
+            return self.vae.decode(h)  # (B, L, D)
         return h if self.latent_out is None else self.latent_out(h)  # (B, L, D)
 
     def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -187,7 +195,8 @@ class DIMBA(nn.Module):
     # ----- denoiser -----------------------------------------------------------------------
     def denoise(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, prompt_mask: torch.Tensor | None = None,
                 x_self_cond: torch.Tensor | None = None, masked: torch.Tensor | None = None) -> torch.Tensor:
-        """Raw network output (x0 or v, per ``prediction_type``) for a noisy latent (B, L, d_x).
+        """Raw network output (x0, v or the latent the head reads logits from, per ``prediction_type``) for a noisy
+        latent (B, L, d_x).
 
         ``masked`` (B, L) bool (hybrid family) marks absorbed positions; their latent is ignored.
         """
@@ -203,22 +212,40 @@ class DIMBA(nn.Module):
         h = h + self.prompt_flag(flags)  # (B, L, D): which positions hold the clean prompt (or a mask)
         return self.out_proj(self.backbone(h, cond))  # (B, L, d_x)
 
-    def x0_from_output(self, x_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-        """The x0 estimate implied by the network output."""
-        if self.config.prediction_type == "v":
-            return x0_from_v(z_t, x_pred, alpha_bar)
-        return x_pred
+    def interpret(self, x_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The x0 estimate (B, L, d_x) a network output implies, and for ``prediction_type="logits"`` the predicted
+        token logits (B, L, V) (float32; else None). Logits prediction estimates x0 by score interpolation: the
+        codebook latents averaged under softmax(logits); with ``logit_skip`` the logits include the Bayes logits
+        of z_t under a uniform prior over the codebook, sqrt(ab) / (1 - ab) z_t . e_v (Gaussian q(z_t | x = v)
+        with equal-norm codebook latents), so the network learns what the context adds to them."""
+        kind = self.config.prediction_type
+        if kind == "v":
+            return x0_from_v(z_t, x_pred, alpha_bar), None
+        if kind == "x0":
+            return x_pred, None
+        book = self.codebook()  # (V, d_x)
+        logits = self.decode(x_pred)  # (B, L, V)
+        if self.config.logit_skip:
+            ab = alpha_bar.float().reshape(-1, 1, 1)  # (B, 1, 1)
+            logits = logits + ab.sqrt() / (1 - ab).clamp_min(1e-4) * (z_t.float() @ book.float().T)
+        return logits.softmax(-1).to(book.dtype) @ book, logits
 
-    def estimate_x0(self, z_t: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor,
-                    masked: torch.Tensor | None = None) -> torch.Tensor:
+    def x0_from_output(self, x_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """The x0 estimate implied by the network output (see `interpret`)."""
+        return self.interpret(x_pred, z_t, alpha_bar)[0]
+
+    def estimate(self, z_t: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor,
+                 masked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The unconditional x0 estimate (B, L, d_x) at a noisy latent z_t (B, L, d_x), a deterministic function
-        of (z_t, t, masked): with self-conditioning, the network's own first estimate at the same z_t is fed back
-        (two passes, as in Plaid's likelihood evaluation). ``t``, ``alpha_bar``: (B,)."""
+        of (z_t, t, masked), and the predicted logits (B, L, V) of a logits model (else None): with
+        self-conditioning, the network's own first estimate at the same z_t is fed back (two passes, as in Plaid's
+        likelihood evaluation). ``t``, ``alpha_bar``: (B,)."""
         cond = self.condition(z_t.new_zeros(z_t.shape[:2], dtype=torch.long), t)  # (B, D): no prompt
-        x0 = self.x0_from_output(self.denoise(z_t, t, cond, None, None, masked), z_t, alpha_bar)
+        x0, logits = self.interpret(self.denoise(z_t, t, cond, None, None, masked), z_t, alpha_bar)
         if self.config.self_conditioning:
-            x0 = self.x0_from_output(self.denoise(z_t, t, cond, None, x0, masked), z_t, alpha_bar)
-        return x0  # (B, L, d_x)
+            x0, logits = self.interpret(self.denoise(z_t, t, cond, None, x0, masked), z_t, alpha_bar)
+        return x0, logits
 
     def forward(self, input_ids: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
                 prompt_mask: torch.Tensor | None = None, x_self_cond: torch.Tensor | None = None,

@@ -26,17 +26,19 @@ def compute_dimba_losses(model, input_ids: torch.Tensor, t: torch.Tensor | None 
                          min_snr_gamma: float = 5.0, prompt_mask: torch.Tensor | None = None,
                          recon_loss_weight: float = 1.0, self_cond_prob: float = 0.5,
                          drop_cond: bool | torch.Tensor = False, noise: torch.Tensor | None = None,
-                         generator: torch.Generator | None = None):
+                         generator: torch.Generator | None = None, objective: str = "mse_ce"):
     """The continuous-family objective; returns ``(loss, parts)``.
 
     - ``mse``: min-SNR-gamma weighted regression of the x0 or v target (per ``prediction_type``),
       mean over latent dimensions and scored (non-prompt) positions;
-    - ``ce``: cross-entropy of the output head on the x0 estimate (the rounding term);
+    - ``ce``: cross-entropy of the output head on the x0 estimate (the rounding term), or of the predicted
+      logits (``prediction_type="logits"``);
     - ``recon``: cross-entropy of the head on the CLEAN latent z_0 (latent consistency: the
       latent must keep every token decodable, which also prevents embedding collapse), estimated on
       the first quarter of the batch.
     With self-conditioning, a first no-grad pass supplies x_self_cond with probability
-    ``self_cond_prob`` (Chen et al. 2022). ``loss = mse + ce_w * ce + recon_w * recon``.
+    ``self_cond_prob`` (Chen et al. 2022). ``objective="mse_ce"``: ``loss = mse + ce_w * ce + recon_w * recon``;
+    ``objective="ce"``: ``loss = ce_w * ce + recon_w * recon`` (CDCD; ``mse`` is still reported).
 
     The hybrid family uses the same objective: its absorbed positions are scored like the noisy
     ones (x0 regression and rounding CE from no latent information at all). ``generator``
@@ -44,8 +46,11 @@ def compute_dimba_losses(model, input_ids: torch.Tensor, t: torch.Tensor | None 
     """
     b = input_ids.shape[0]
     dev = input_ids.device
+    warp = model.time_warp if t is None else None  # a time warp learns from the times it draws
     if t is None:
         t = stratified_times(b, dev, generator)
+        if warp is not None:
+            t = warp(t).clamp_min(1e-4)  # (B,) where the cross-entropy changes fastest
     if noise is None:
         noise = torch.randn(input_ids.shape + (model.d_x,), device=dev, generator=generator)
     t_cont = model.schedule.to_continuous(torch.as_tensor(t, device=dev)).expand(b)  # (B,)
@@ -67,13 +72,18 @@ def compute_dimba_losses(model, input_ids: torch.Tensor, t: torch.Tensor | None 
     sq = (x_pred.float() - target.float()).pow(2).mean(-1)  # (B, L)
     mse = masked_mean(sq * w[:, None], scored)
 
-    logits = model.decode(info["x0_hat"])  # (B, L, V)
+    logits = model.decode(info["x0_hat"]) if info["logits"] is None else info["logits"]  # (B, L, V)
     ce_tok = F.cross_entropy(logits.transpose(1, 2), input_ids, reduction="none")  # (B, L)
     ce = masked_mean(ce_tok, scored)
+    if warp is not None and model.training:
+        warp.update(info["t"], (ce_tok.detach() * scored).sum(1) / scored.sum(1).clamp_min(1))
     n_rec = max(1, b // 4)  # the clean-latent term is easy: a quarter of the batch estimates it at a quarter of the cost
     recon = F.cross_entropy(model.decode(z0[:n_rec]).transpose(1, 2), input_ids[:n_rec])
 
-    loss = mse + ce_loss_weight * ce + recon_loss_weight * recon
+    if objective == "mse_ce":
+        loss = mse + ce_loss_weight * ce + recon_loss_weight * recon
+    else:  # the regression is reported, not trained
+        loss = ce_loss_weight * ce + recon_loss_weight * recon
     acc = masked_mean((logits.argmax(-1) == input_ids).float(), scored)
     parts = {"loss": loss.detach(), "mse": mse.detach(), "ce": ce.detach(), "recon": recon.detach(), "acc": acc.detach()}
     return loss, parts
@@ -85,8 +95,10 @@ class ContinuousGeneration(Generation):
     The prompt is kept clean in the canvas and conditions the denoiser. With
     ``guidance_scale`` w != 1 the x0 estimate is x0_u + w (x0_c - x0_u) (classifier-free
     guidance), x0_u coming from a pass with the prompt dropped (its positions noised to t).
-    With self-conditioning the previous x0 estimate is fed back. The final latent is decoded
-    by the output head and sampled with temperature / top-k / top-p in float64.
+    With self-conditioning the previous x0 estimate is fed back. The tokens are sampled with temperature /
+    top-k / top-p in float64 from the model's token distribution at the last step: the predicted logits of a
+    logits model (guided like the x0 estimate, in log space), the output head on the final x0 estimate
+    otherwise.
     ``clamp`` moves each x0 estimate onto the token embeddings before the step: ``soft``
     to the probability-weighted mean of the codebook under the head's logits (score
     interpolation, Dieleman et al. 2022), ``hard`` to the most likely token's latent (the
@@ -112,6 +124,7 @@ class ContinuousGeneration(Generation):
         sampler = family.sampler(model, settings, self.book)
         sampler.set_timesteps(settings.num_steps, state)
         super().__init__(sampler, state)
+        self._logits: torch.Tensor | None = None  # the predicted logits of the last step (logits models)
 
     def predict(self, state: SamplerState, i: int) -> ModelOutput:
         """The (guided, clamped) x0 estimate at step i, the prompt's latent at its positions; the absorbing
@@ -121,12 +134,14 @@ class ContinuousGeneration(Generation):
         tb = self.sampler.timesteps[i].expand(z.shape[0])  # (N,)
         ab = model.schedule.alpha_bar(tb)  # (N,)
         cond = model.condition(self.ids, tb, self.prompt_mask)
-        x0 = model.x0_from_output(model.denoise(z, tb, cond, self.prompt_mask, x_sc, masked), z, ab)  # (N, L, d)
+        x0, self._logits = model.interpret(model.denoise(z, tb, cond, self.prompt_mask, x_sc, masked), z, ab)
         if self.guided:
             z_u = torch.where(keep, q_sample(self.z_prompt, ab, self.prompt_noise), z)
             cond_u = model.condition(self.ids, tb, None, drop_cond=True)
-            x0_u = model.x0_from_output(model.denoise(z_u, tb, cond_u, None, x_sc, masked), z_u, ab)
-            x0 = x0_u + s.guidance_scale * (x0 - x0_u)
+            x0_u, logits_u = model.interpret(model.denoise(z_u, tb, cond_u, None, x_sc, masked), z_u, ab)
+            x0 = x0_u + s.guidance_scale * (x0 - x0_u)  # (N, L, d)
+            if logits_u is not None:
+                self._logits = logits_u + s.guidance_scale * (self._logits - logits_u)  # (N, L, V)
         if s.clamp != "none":
             logits = model.decode(x0)  # (N, L, V)
             x0 = logits.softmax(-1) @ self.book if s.clamp == "soft" else self.book[logits.argmax(-1)]  # (N, L, d)
@@ -134,9 +149,10 @@ class ContinuousGeneration(Generation):
         return ModelOutput(x0=x0, logits=model.decode(x0) if self.absorbing else None)
 
     def finish(self, state: SamplerState, generator: torch.Generator | None) -> torch.Tensor:
-        """Tokens sampled from the head on the last x0 estimate, the prompt kept: (N, L)."""
+        """Tokens sampled from the model's distribution at the last step, the prompt kept: (N, L)."""
         s = self.settings
-        out = sample_tokens(self.model.decode(state.x0), s.temperature, s.top_k, s.top_p, generator)  # (N, L)
+        logits = self.model.decode(state.x0) if self._logits is None else self._logits  # (N, L, V)
+        out = sample_tokens(logits, s.temperature, s.top_k, s.top_p, generator)  # (N, L)
         return torch.where(self.prompt_mask, self.ids, out)
 
 
@@ -161,7 +177,7 @@ class ContinuousFamily(Family):
              generator=None):
         sc = dc.self_cond_prob if self_cond_prob is None else self_cond_prob
         return compute_dimba_losses(model, input_ids, t, dc.ce_loss_weight, dc.min_snr_gamma, prompt_mask,
-                                    dc.recon_loss_weight, sc, drop_cond, noise, generator)
+                                    dc.recon_loss_weight, sc, drop_cond, noise, generator, dc.objective)
 
     def forward(self, model, input_ids: torch.Tensor, t, noise: torch.Tensor | None = None,
                 prompt_mask: torch.Tensor | None = None, x_self_cond: torch.Tensor | None = None,
@@ -185,9 +201,9 @@ class ContinuousFamily(Family):
                 masked = masked & ~prompt_mask  # the clean prompt is never absorbed
         cond = model.condition(input_ids, t, prompt_mask, drop)
         x_pred = model.denoise(z_t, t, cond, prompt_mask, x_self_cond, masked)
-        x0_hat = model.x0_from_output(x_pred, z_t, alpha_bar)
-        info = {"z0": z0, "z_t": z_t, "alpha_bar": alpha_bar, "t": t, "x0_hat": x0_hat, "prompt_mask": prompt_mask,
-                "masked": masked}
+        x0_hat, logits = model.interpret(x_pred, z_t, alpha_bar)
+        info = {"z0": z0, "z_t": z_t, "alpha_bar": alpha_bar, "t": t, "x0_hat": x0_hat, "logits": logits,
+                "prompt_mask": prompt_mask, "masked": masked}
         return x_pred, noise, info
 
     def predict_token_logits(self, model, input_ids, t=None, **kwargs):
@@ -196,8 +212,8 @@ class ContinuousFamily(Family):
         return model.decode(info["x0_hat"])
 
     def sampler(self, model, settings, codebook: torch.Tensor | None):
-        """The sampler of `generation`: x0-DDIM with ``settings.eta``."""
-        return DDIMSampler(model.schedule, settings.eta)
+        """The sampler of `generation`: x0-DDIM with ``settings.eta``, its steps placed by the model's time warp."""
+        return DDIMSampler(model.schedule, settings.eta, model.time_warp)
 
     def generation(self, model, prompt, seq_len, settings, generator, eos_id, use_cache):
         return ContinuousGeneration(self, model, prompt, seq_len, settings, generator)

@@ -11,7 +11,7 @@ Its NLL is bounded by (Kingma et al. 2021, VDM eq. 17; Gulrajani & Hashimoto 202
                + KL(q(z_1 | x) || N(0, I))                             prior (0 with zero terminal SNR)
                + 1/2 int_{t0}^{1} -SNR'(t) E_eps ||z_0 - x0_hat(z_t, t)||^2 dt.     diffusion
 
-x0_hat is `DIMBA.estimate_x0`: unconditional, and self-conditioned on its own first estimate at the
+x0_hat is `DIMBA.estimate`: unconditional, and self-conditioned on its own first estimate at the
 same z_t when the model uses self-conditioning, so it is a deterministic function of (z_t, t) and
 the bound holds.
 
@@ -87,7 +87,8 @@ def _dtype(model) -> torch.dtype:
 
 
 def _noisy_state(model, ids: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None):
-    """z_0 (float64), the x0 estimate (float64) and the absorbed positions (hybrid; else None) at times t.
+    """z_0, the x0 estimate and the decoder's logits p_theta (float64 each; the predicted logits of a logits
+    model, the head on the x0 estimate otherwise) and the absorbed positions (hybrid; else None) at times t.
 
     ids (B, L) on the model's device; t (B,) float64. The noise and masks are drawn on the CPU
     with ``generator``.
@@ -102,22 +103,23 @@ def _noisy_state(model, ids: torch.Tensor, t: torch.Tensor, generator: torch.Gen
         alpha = model.mask_schedule.alpha(t)  # (B,)
         masked = (torch.rand(ids.shape, generator=generator, dtype=torch.float64) >= alpha[:, None]).to(dev)  # (B, L)
     dtype = _dtype(model)
-    x0 = model.estimate_x0(z_t.to(dtype), t.to(dev, dtype), ab.to(dtype), masked).double()  # (B, L, d)
-    return z0, x0, masked
+    x0, logits = model.estimate(z_t.to(dtype), t.to(dev, dtype), ab.to(dtype), masked)  # (B, L, d), (B, L, V)
+    if logits is None:  # the head on the estimate
+        logits = model.decode(x0)
+    return z0, x0.double(), logits.double(), masked
 
 
 def _integrand(model, ids: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None,
                clamps: tuple[str, ...] = ("none",)) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """Per position at times t (B,) float64, in nats per unit time: the Gaussian integrand (B, L) of the
     reverse process of each clamp in ``clamps``, the absorbing integrand (B, L) (zeros but for hybrid),
-    and -log p_theta(x | state_t) (B, L), p_theta = softmax(decode(x0_hat)) (the head on the raw estimate).
+    and -log p_theta(x | state_t) (B, L), p_theta the model's token distribution (`_noisy_state`).
 
     Clamps: ``none`` steps with the network's x0 estimate, ``soft`` with the mean of the codebook under
     p_theta (score interpolation, as `dimba generate --clamp soft`).
     """
-    z0, x0, masked = _noisy_state(model, ids, t, generator)
+    z0, x0, logits, masked = _noisy_state(model, ids, t, generator)
     _, slope = model.schedule.snr_and_slope(t)  # (B,) dSNR/dt < 0
-    logits = model.decode(x0.to(_dtype(model))).double()  # (B, L, V)
     nll = -logits.log_softmax(-1).gather(-1, ids[..., None])[..., 0]  # (B, L)
     kept = 1.0 if masked is None else (~masked).double()  # the Gaussian term skips absorbed positions
     gauss = {}

@@ -37,4 +37,4 @@ class HybridFamily(ContinuousFamily):
     def sampler(self, model, settings, codebook: torch.Tensor | None):
         """Ancestral unmasking + x0-DDIM, revealed positions starting from tokens drawn with the settings."""
         return HybridSampler(model.schedule, model.mask_schedule, codebook, settings.eta, settings.temperature,
-                             settings.top_k, settings.top_p)
+                             settings.top_k, settings.top_p, model.time_warp)

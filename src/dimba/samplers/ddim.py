@@ -14,13 +14,15 @@ from dimba.samplers.state import ModelOutput, SamplerState
 
 
 class DDIMSampler:
-    """DDIM over ``num_steps`` uniform steps of t from 1 (pure noise) to 0 (data)."""
+    """DDIM over ``num_steps`` steps of t from 1 (pure noise) to 0 (data): uniform in t, or in the warped time
+    u of ``warp`` (a map u -> t, `dimba.diffusion.warp.TimeWarp`)."""
 
-    def __init__(self, schedule: NoiseSchedule, eta: float = 0.0):
+    def __init__(self, schedule: NoiseSchedule, eta: float = 0.0, warp=None):
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must lie in [0, 1], got {eta}")
         self.schedule = schedule
         self.eta = eta
+        self.warp = warp
         self.grid = torch.empty(0)
         self.timesteps = torch.empty(0)
 
@@ -33,7 +35,8 @@ class DDIMSampler:
         """The grid t_0 = 1 > t_1 > ... > t_num_steps = 0; ``timesteps`` holds the num_steps model times."""
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        self.grid = torch.linspace(1.0, 0.0, num_steps + 1, device=state.x.device)
+        u = torch.linspace(1.0, 0.0, num_steps + 1, device=state.x.device)
+        self.grid = u if self.warp is None else self.warp(u)
         self.timesteps = self.grid[:-1]
 
     def step(self, state: SamplerState, output: ModelOutput, i: int,

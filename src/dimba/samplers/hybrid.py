@@ -30,12 +30,13 @@ class HybridSampler:
     """Uniform steps of t from 1 (all absorbed, pure noise) to 0 (data); ``eta`` as in DDIM.
 
     ``codebook`` (V, d) holds the clean latent of every token; temperature / top-k / top-p draw the
-    token a revealed position starts from.
+    token a revealed position starts from; ``warp`` places the steps (see `DDIMSampler`).
     """
 
     def __init__(self, schedule: NoiseSchedule, mask_schedule: MaskSchedule, codebook: torch.Tensor,
-                 eta: float = 0.0, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
-        self.ddim = DDIMSampler(schedule, eta)
+                 eta: float = 0.0, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 warp=None):
+        self.ddim = DDIMSampler(schedule, eta, warp)
         self.schedule = schedule
         self.mask_schedule = mask_schedule
         self.codebook = codebook

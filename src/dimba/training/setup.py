@@ -24,6 +24,7 @@ from dimba.training.fsdp import FORWARD_METHODS, PRECISIONS, shard_model
 from dimba.training.fsdp import strategy as fsdp_strategy
 from dimba.training.rng import set_rng_state
 from dimba.training.schedule import Clock, ema_avg, lr_lambda
+from dimba.training.vae import freeze_token_vae, load_token_vae, vae_tokenizer_path
 
 
 @dataclass
@@ -75,11 +76,14 @@ def _no_weight_decay(model) -> set[str]:
 
 
 def _tokenizer(cfg: Config, run_dir: Path | None) -> Tokenizer | None:
-    """The run's own tokenizer (a resumed run), else ``data.tokenizer``, else None (one is trained)."""
+    """The run's own tokenizer (a resumed run), else ``data.tokenizer``, else that of ``model.vae_checkpoint``,
+    else None (one is trained)."""
     if run_dir is not None and (run_dir / "tokenizer.json").is_file():
         return Tokenizer.from_file(run_dir / "tokenizer.json")
     if cfg.data.tokenizer:
         return Tokenizer.from_file(cfg.data.tokenizer)
+    if cfg.model.vae_checkpoint:
+        return Tokenizer.from_file(vae_tokenizer_path(cfg.model.vae_checkpoint))
     return None
 
 
@@ -111,6 +115,10 @@ def _build_model(cfg: Config, data, state: dict | None, run_dir: Path | None, wo
         for block in model.backbone.blocks:
             block.compile()
     shards = state.get("sharded") if state is not None else None
+    if cfg.model.vae_checkpoint:  # a pre-trained latent space: loaded in a new run, frozen in every session
+        if state is None:
+            load_token_vae(model, cfg.model.vae_checkpoint)
+        freeze_token_vae(model)
     if state is None:
         if cfg.model.latent_scale is None:
             model.calibrate_latent_scale(data.train_head(cfg.train.batch_size * world_size))  # on the global batch

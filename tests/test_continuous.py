@@ -1,0 +1,133 @@
+"""The continuous family's recipe options: logits prediction (score interpolation) with the Bayes skip, the
+cross-entropy objective, and adaptive time warping."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dimba import DIMBA, compute_dimba_losses
+from dimba.diffusion.schedules import NoiseSchedule
+from dimba.diffusion.warp import BINS, UNIFORM, TimeWarp
+from dimba.samplers.ddim import DDIMSampler
+from dimba.samplers.state import SamplerState
+
+V = 48
+
+
+def small(**kw) -> DIMBA:
+    torch.manual_seed(0)
+    return DIMBA(V, **{**dict(d_model=32, num_denoiser_layers=1, d_state=8, headdim=16, chunk_size=8,
+                              prediction_type="logits", logit_skip=True), **kw})
+
+
+def test_the_skip_alone_reads_tokens_at_high_snr_and_knows_nothing_at_zero_snr():
+    m = small()
+    with torch.no_grad():  # the network contributes nothing: only the Bayes logits of z_t are left
+        m.out_proj.weight.zero_()
+        m.out_proj.bias.zero_()
+    ids = torch.randint(3, V, (4, 16))
+    m.calibrate_latent_scale(ids)
+    z0, book = m.encode(ids), m.codebook()
+    for t, clean in ((0.05, True), (1.0, False)):
+        ab = m.schedule.alpha_bar(torch.full((4,), t))  # (B,)
+        z_t = ab.sqrt()[:, None, None] * z0 + (1 - ab).sqrt()[:, None, None] * torch.randn_like(z0)
+        x0, logits = m.interpret(m.denoise(z_t, torch.full((4,), t), m.condition(ids, torch.full((4,), t))), z_t, ab)
+        if clean:
+            assert torch.equal(logits.argmax(-1), ids) and torch.equal(m.round(x0), ids)
+        else:  # no signal: the uniform prior, whose expected latent is the codebook mean
+            assert torch.allclose(x0, book.mean(0).expand_as(x0), atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(logit_skip=False), dict(self_conditioning=True, time_warping=True)])
+def test_the_cross_entropy_objective_learns(kw):
+    m = small(**kw).train()
+    ids = (torch.arange(16)[None] * 5 + torch.arange(8)[:, None]) % (V - 3) + 3  # (8, 16) a periodic pattern
+    m.calibrate_latent_scale(ids)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    t = torch.linspace(0.2, 0.9, 8)
+    first = None
+    for _ in range(60):
+        loss, parts = compute_dimba_losses(m, ids, t, objective="ce")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else float(parts["ce"])
+    assert float(parts["ce"]) < 0.5 * first
+
+
+def _curve(t: torch.Tensor) -> torch.Tensor:
+    """A cross-entropy that rises steeply around t = 0.6: tokens are decided there."""
+    return 5 * torch.sigmoid((t - 0.6) * 30)
+
+
+def test_time_warp_puts_its_times_where_the_cross_entropy_changes():
+    warp = TimeWarp()
+    u = torch.linspace(0.02, 0.98, 25)
+    assert torch.allclose(warp(u), u)  # nothing seen yet: the identity
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        t = torch.rand(64, generator=gen)
+        warp.update(t, _curve(t))
+    t = warp(torch.rand(20000, generator=gen))
+    near = ((t - 0.6).abs() < 0.1).float().mean()
+    assert near > 0.7  # the uniform density would put 20% there
+    assert ((t < 0.3).float().mean() - UNIFORM * 0.3).abs() < 0.02  # far from it, only the uniform share
+    assert torch.all(warp(torch.linspace(0, 1, 101)).diff() >= 0)  # monotone, from 0 to 1
+    assert float(warp(torch.zeros(1))) == 0 and float(warp(torch.ones(1))) == 1
+
+
+def test_the_warp_places_the_sampler_steps_and_travels_with_the_weights(tmp_path):
+    m = small(time_warping=True)
+    t = torch.rand(BINS * 20, generator=torch.Generator().manual_seed(1))
+    m.time_warp.update(t, _curve(t))
+    sampler = DDIMSampler(NoiseSchedule(), warp=m.time_warp)
+    sampler.set_timesteps(10, SamplerState(torch.zeros(1, 4, 32)))
+    steps = sampler.timesteps
+    assert float(steps[0]) == 1.0 and ((steps - 0.6).abs() < 0.1).sum() >= 6  # most steps where tokens decide
+    loaded = DIMBA.from_pretrained(m.save_pretrained(tmp_path / "exp"))
+    assert torch.equal(loaded.time_warp(torch.linspace(0, 1, 50)), m.time_warp(torch.linspace(0, 1, 50)))
+
+
+def test_training_feeds_the_warp_and_draws_from_it():
+    m = small(time_warping=True).train()
+    ids = torch.randint(3, V, (8, 16))
+    m.calibrate_latent_scale(ids)
+    assert float(m.time_warp.weight.sum()) == 0
+    compute_dimba_losses(m, ids, objective="ce")
+    assert math.isclose(float(m.time_warp.weight.sum()), 8 * 0.02, rel_tol=0.2)  # one EMA hit per example's bin
+    m.eval()
+    compute_dimba_losses(m, ids, objective="ce")  # evaluation does not move it
+    assert math.isclose(float(m.time_warp.weight.sum()), 8 * 0.02, rel_tol=0.2)
+
+
+def test_a_pretrained_token_vae_is_the_frozen_latent_space_of_a_run(corpus, tmp_path, tiny, capsys):
+    import json
+
+    from dimba.cli import main
+    from dimba.loading import load_for_inference
+
+    vae = tmp_path / "vae"
+    assert main(["vae", "train", "--data", str(corpus), "--latent-dim", "8", "--d-model", "32", "--steps", "150",
+                 "--vocab-size", "300", "--out", str(vae)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["acc"] > 0.5 and metrics["kl"] > 0  # tokens decode from their posterior means (chance: 1/300)
+    run = tmp_path / "run"
+    latent = ["model.latent_diffusion=true", "model.use_vae_latent=true", "model.d_latent=8",
+              f"model.vae_checkpoint={vae}"]
+    assert main(["train", "--data", str(corpus), "--max-steps", "4", "--out", str(run), "--quiet", *tiny, *latent]) == 0
+    model, tokenizer = load_for_inference(run)
+    assert (run / "tokenizer.json").read_text() == (vae / "tokenizer.json").read_text()  # the VAE's tokenizer
+    from safetensors.torch import load_file
+
+    pretrained = load_file(vae / "model.safetensors")
+    for name in ("embedding.weight", "vae.encoder.0.weight", "vae.decoder.2.weight", "head_norm.weight"):
+        # loaded and not trained since (generation uses the EMA, whose average of an unchanged weight rounds)
+        assert torch.allclose(model.state_dict()[name], pretrained[name], rtol=1e-6, atol=1e-7), name
+    ids = torch.tensor([tokenizer.encode("ROMEO: O gentle night")])
+    assert torch.equal(model.round(model.encode(ids)), ids)  # the posterior means keep every token apart
+    assert main(["train", "--data", str(corpus), "--max-steps", "1", "--out", str(tmp_path / "bad"), "--quiet", *tiny,
+                 *latent[:2], "model.d_latent=16", latent[3]]) == 2  # a latent width the VAE does not have
+    assert "d_latent" in capsys.readouterr().err and not (tmp_path / "bad").exists()
