@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from dimba import DIMBA, compute_dimba_losses
+from dimba import DIMBA, compute_dimba_losses, sample_from_model
 from dimba.diffusion.schedules import NoiseSchedule
 from dimba.diffusion.warp import BINS, UNIFORM, TimeWarp
 from dimba.samplers.ddim import DDIMSampler
@@ -131,3 +131,19 @@ def test_a_pretrained_token_vae_is_the_frozen_latent_space_of_a_run(corpus, tmp_
     assert main(["train", "--data", str(corpus), "--max-steps", "1", "--out", str(tmp_path / "bad"), "--quiet", *tiny,
                  *latent[:2], "model.d_latent=16", latent[3]]) == 2  # a latent width the VAE does not have
     assert "d_latent" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_a_low_score_temperature_sharpens_every_x0_estimate():
+    m = small().eval()
+    ids = torch.randint(3, V, (2, 8))
+    m.calibrate_latent_scale(ids)
+    seen = {}
+    for tau in (1.0, 0.05):
+        seen[tau] = []
+        sample_from_model(m, None, seq_len=8, num_steps=4, num_samples=2, score_temperature=tau,
+                          generator=torch.Generator().manual_seed(0), callback=lambda i, t, x0: seen[tau].append(x0))
+    book = m.codebook()
+    for tau, estimates in seen.items():  # distance of each x0 estimate to its nearest codebook latent
+        gap = torch.stack([(x0[..., None, :] - book).pow(2).sum(-1).min(-1).values.mean() for x0 in estimates])
+        seen[tau] = gap
+    assert (seen[0.05] < 0.2 * seen[1.0]).all()  # near-one-hot estimates sit on the codebook

@@ -163,6 +163,9 @@ class SampleConfig(_Strict):
     guidance_scale: float = Field(1.0, ge=0)
     eta: float = Field(0.0, ge=0, le=1)
     clamp: Literal["none", "soft", "hard"] = "none"
+    score_temperature: float = Field(1.0, gt=0, description="continuous logits models: the temperature of the token "
+                                     "distribution whose expected latent is each step's x0 estimate (below 1: sharper "
+                                     "estimates, fewer rare tokens)")
     remasking: Literal["ancestral", "low_confidence", "random"] = Field(
         "low_confidence", description="masked family: which masked tokens are committed at each step")
     block_length: int | None = Field(None, gt=0, description="masked family: semi-autoregressive blocks of this many tokens")

@@ -59,12 +59,12 @@ def sample_from_model(model, prompt_ids: Sequence[int] | torch.Tensor | None = N
                       num_samples: int = 1, clamp: str = "none", generator: torch.Generator | None = None,
                       callback: Callback | None = None, remasking: str = "low_confidence",
                       block_length: int | None = None, eos_id: int | None = None, use_cache: bool = True,
-                      device: torch.device | str | None = None) -> torch.Tensor:
+                      device: torch.device | str | None = None, score_temperature: float = 1.0) -> torch.Tensor:
     """Generate ``seq_len`` tokens after a prompt; returns ids (N, P + seq_len).
 
     Per family (``model.family``):
 
-    - continuous: x0-DDIM (``num_steps``, ``eta``, ``clamp``), see `ContinuousGeneration`;
+    - continuous: x0-DDIM (``num_steps``, ``eta``, ``clamp``, ``score_temperature``), see `ContinuousGeneration`;
     - hybrid: ancestral unmasking + x0-DDIM (`dimba.samplers.hybrid`);
     - masked: `MaskedSampler` with ``remasking`` (ancestral, low_confidence, random) and
       semi-autoregressive blocks of ``block_length``; the model output is reused while the
@@ -81,7 +81,7 @@ def sample_from_model(model, prompt_ids: Sequence[int] | torch.Tensor | None = N
     """
     settings = SampleConfig(num_steps=num_steps, temperature=temperature, top_k=top_k, top_p=top_p,
                             guidance_scale=guidance_scale, eta=eta, clamp=clamp, remasking=remasking,
-                            block_length=block_length)
+                            block_length=block_length, score_temperature=score_temperature)
     return generate(model, prompt_ids, seq_len, settings, num_samples, generator, callback, eos_id, use_cache,
                     device)
 

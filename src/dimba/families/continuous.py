@@ -102,7 +102,8 @@ class ContinuousGeneration(Generation):
     ``clamp`` moves each x0 estimate onto the token embeddings before the step: ``soft``
     to the probability-weighted mean of the codebook under the head's logits (score
     interpolation, Dieleman et al. 2022), ``hard`` to the most likely token's latent (the
-    clamping trick of Li et al. 2022), ``none`` keeps the regression output.
+    clamping trick of Li et al. 2022), ``none`` keeps the regression output. A logits model estimates x0 as
+    the codebook latents averaged under softmax(logits / ``score_temperature``).
     """
 
     def __init__(self, family: "ContinuousFamily", model, prompt: torch.Tensor, seq_len: int, settings,
@@ -114,7 +115,8 @@ class ContinuousGeneration(Generation):
         self.ids = torch.cat([prompt, prompt.new_zeros(n, seq_len)], dim=1)  # (N, L)
         self.prompt_mask = torch.arange(p + seq_len, device=prompt.device)[None].expand(n, -1) < p  # (N, L)
         self.z_prompt = model.encode(self.ids)  # (N, L, d): only the prompt positions are used
-        self.book = model.codebook() if settings.clamp != "none" or family.absorbing else None  # (V, d)
+        sharpened = settings.score_temperature != 1.0 and model.config.prediction_type == "logits"
+        self.book = model.codebook() if settings.clamp != "none" or family.absorbing or sharpened else None  # (V, d)
         self.guided = settings.guidance_scale != 1.0 and p > 0
         shape = (n, p + seq_len, model.d_x)
         z = torch.randn(shape, device=prompt.device, generator=generator)  # z_1: alpha_bar(1) = 0
@@ -142,6 +144,8 @@ class ContinuousGeneration(Generation):
             x0 = x0_u + s.guidance_scale * (x0 - x0_u)  # (N, L, d)
             if logits_u is not None:
                 self._logits = logits_u + s.guidance_scale * (self._logits - logits_u)  # (N, L, V)
+        if self._logits is not None and s.score_temperature != 1.0:  # a sharper (or flatter) score interpolation
+            x0 = (self._logits / s.score_temperature).softmax(-1).to(self.book.dtype) @ self.book  # (N, L, d)
         if s.clamp != "none":
             logits = model.decode(x0)  # (N, L, V)
             x0 = logits.softmax(-1) @ self.book if s.clamp == "soft" else self.book[logits.argmax(-1)]  # (N, L, d)
