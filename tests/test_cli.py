@@ -1,6 +1,7 @@
 """End-to-end CLI: train -> generate -> export -> resume on a tiny local corpus, and user errors."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -101,7 +102,8 @@ def test_generate_takes_unset_flags_from_the_run_sample_config(run, tmp_path, ca
     assert main(["generate", str(copy), *args, "--steps", "3", "--temperature", "0"]) == 0
     explicit = capsys.readouterr().out
     cfg = (copy / "config.yaml").read_text()
-    (copy / "config.yaml").write_text(cfg.replace("num_steps: 50", "num_steps: 3").replace("temperature: 1.0", "temperature: 0.0"))
+    cfg = re.sub(r"(?m)^(\s*)temperature: 1.0$", r"\1temperature: 0.0", cfg.replace("num_steps: 50", "num_steps: 3"))
+    (copy / "config.yaml").write_text(cfg)
     assert main(["generate", str(copy), *args]) == 0
     assert capsys.readouterr().out == explicit
 
