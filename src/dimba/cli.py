@@ -117,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 _SAMPLE_FLAGS = {"steps": "num_steps", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
                  "guidance": "guidance_scale", "eta": "eta", "clamp": "clamp", "remasking": "remasking",
-                 "block_length": "block_length", "score_temperature": "score_temperature"}
+                 "block_length": "block_length", "score_temperature": "score_temperature", "commit": "commit"}
 
 
 def _run_config(model_path: str) -> Config | None:
@@ -392,6 +392,7 @@ def _sampler_flags(p: argparse.ArgumentParser, hidden: bool = False) -> None:
                    help=h(describe(SampleConfig, "remasking")))
     p.add_argument("--block-length", type=int, help=h(describe(SampleConfig, "block_length")))
     p.add_argument("--score-temperature", type=float, help=h(describe(SampleConfig, "score_temperature")))
+    p.add_argument("--commit", choices=choices(SampleConfig, "commit"), help=h(describe(SampleConfig, "commit")))
 
 
 def _sample_quality_flags(p: argparse.ArgumentParser, hidden: bool = False) -> None:

@@ -107,6 +107,9 @@ class DiffusionConfig(_Strict):
     recon_loss_weight: float = Field(1.0, ge=0)
     cond_drop_prob: float = Field(0.1, ge=0, le=1, description="drop the prompt (classifier-free guidance)")
     prompt_prob: float = Field(0.5, ge=0, le=1, description="fraction of sequences trained with a clean prompt prefix")
+    clean_subset_prob: float = Field(0.0, ge=0, le=1, description="fraction of the prompted sequences whose clean "
+                                     "tokens are a random subset of positions (each clean with a probability drawn "
+                                     "uniformly) instead of a prefix: infilling, and samplers that commit tokens")
     self_cond_prob: float = Field(0.5, ge=0, le=1)
 
 
@@ -163,6 +166,9 @@ class SampleConfig(_Strict):
     guidance_scale: float = Field(1.0, ge=0)
     eta: float = Field(0.0, ge=0, le=1)
     clamp: Literal["none", "soft", "hard"] = "none"
+    commit: Literal["none", "confidence", "random"] = Field(
+        "none", description="continuous: commit drawn tokens while denoising, the most confident (or random) first, "
+        "an even share per step; committed tokens condition the rest like a prompt")
     score_temperature: float = Field(1.0, gt=0, description="continuous logits models: the temperature of the token "
                                      "distribution whose expected latent is each step's x0 estimate (below 1: sharper "
                                      "estimates, fewer rare tokens)")

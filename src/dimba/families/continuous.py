@@ -16,6 +16,7 @@ from dimba.diffusion.schedules import stratified_times
 from dimba.families import gaussian_bound
 from dimba.families.base import Family, Generation, LikelihoodEstimate, masked_mean
 from dimba.samplers.categorical import sample_tokens
+from dimba.samplers.commit import CommitSampler
 from dimba.samplers.ddim import DDIMSampler
 from dimba.samplers.state import ModelOutput, SamplerState
 
@@ -103,7 +104,8 @@ class ContinuousGeneration(Generation):
     to the probability-weighted mean of the codebook under the head's logits (score
     interpolation, Dieleman et al. 2022), ``hard`` to the most likely token's latent (the
     clamping trick of Li et al. 2022), ``none`` keeps the regression output. A logits model estimates x0 as
-    the codebook latents averaged under softmax(logits / ``score_temperature``).
+    the codebook latents averaged under softmax(logits / ``score_temperature``). ``commit`` (confidence or
+    random) commits tokens while denoising (`dimba.samplers.commit`).
     """
 
     def __init__(self, family: "ContinuousFamily", model, prompt: torch.Tensor, seq_len: int, settings,
@@ -116,13 +118,17 @@ class ContinuousGeneration(Generation):
         self.prompt_mask = torch.arange(p + seq_len, device=prompt.device)[None].expand(n, -1) < p  # (N, L)
         self.z_prompt = model.encode(self.ids)  # (N, L, d): only the prompt positions are used
         sharpened = settings.score_temperature != 1.0 and model.config.prediction_type == "logits"
-        self.book = model.codebook() if settings.clamp != "none" or family.absorbing or sharpened else None  # (V, d)
+        self.committing = settings.commit != "none"
+        needs_book = settings.clamp != "none" or family.absorbing or sharpened or self.committing
+        self.book = model.codebook() if needs_book else None  # (V, d)
         self.guided = settings.guidance_scale != 1.0 and p > 0
         shape = (n, p + seq_len, model.d_x)
         z = torch.randn(shape, device=prompt.device, generator=generator)  # z_1: alpha_bar(1) = 0
         self.prompt_noise = torch.randn(shape, device=prompt.device, generator=generator)
         state = SamplerState(x=torch.where(self.prompt_mask[..., None], self.z_prompt, z), gen_start=p,
-                             masked=~self.prompt_mask if family.absorbing else None)  # hybrid: all absorbed
+                             masked=~self.prompt_mask if family.absorbing else None,  # hybrid: all absorbed
+                             clean=self.prompt_mask if self.committing else None,
+                             tokens=self.ids if self.committing else None)
         sampler = family.sampler(model, settings, self.book)
         sampler.set_timesteps(settings.num_steps, state)
         super().__init__(sampler, state)
@@ -130,7 +136,10 @@ class ContinuousGeneration(Generation):
 
     def predict(self, state: SamplerState, i: int) -> ModelOutput:
         """The (guided, clamped) x0 estimate at step i, the prompt's latent at its positions; the absorbing
-        families add the head's logits on it."""
+        families and committing samplers add the token logits. Committed tokens condition like the prompt."""
+        if state.clean is not None:  # the committed tokens join the clean prompt
+            self.prompt_mask, self.ids = state.clean, state.tokens
+            self.z_prompt = self.model.encode(self.ids)  # (N, L, d)
         model, s, keep = self.model, self.settings, self.prompt_mask[..., None]
         z, x_sc, masked = state.x, state.x0, state.masked
         tb = self.sampler.timesteps[i].expand(z.shape[0])  # (N,)
@@ -150,10 +159,16 @@ class ContinuousGeneration(Generation):
             logits = model.decode(x0)  # (N, L, V)
             x0 = logits.softmax(-1) @ self.book if s.clamp == "soft" else self.book[logits.argmax(-1)]  # (N, L, d)
         x0 = torch.where(keep, self.z_prompt, x0)
-        return ModelOutput(x0=x0, logits=model.decode(x0) if self.absorbing else None)
+        if self.absorbing:
+            return ModelOutput(x0=x0, logits=model.decode(x0))
+        if self.committing:
+            return ModelOutput(x0=x0, logits=model.decode(x0) if self._logits is None else self._logits)
+        return ModelOutput(x0=x0)
 
     def finish(self, state: SamplerState, generator: torch.Generator | None) -> torch.Tensor:
         """Tokens sampled from the model's distribution at the last step, the prompt kept: (N, L)."""
+        if state.clean is not None and bool(state.clean.all()):  # every token committed
+            return state.tokens
         s = self.settings
         logits = self.model.decode(state.x0) if self._logits is None else self._logits  # (N, L, V)
         out = sample_tokens(logits, s.temperature, s.top_k, s.top_p, generator)  # (N, L)
@@ -216,8 +231,12 @@ class ContinuousFamily(Family):
         return model.decode(info["x0_hat"])
 
     def sampler(self, model, settings, codebook: torch.Tensor | None):
-        """The sampler of `generation`: x0-DDIM with ``settings.eta``, its steps placed by the model's time warp."""
-        return DDIMSampler(model.schedule, settings.eta, model.time_warp)
+        """The sampler of `generation`: x0-DDIM with ``settings.eta``, its steps placed by the model's time warp;
+        with ``settings.commit``, committing tokens as it goes (`CommitSampler`)."""
+        ddim = DDIMSampler(model.schedule, settings.eta, model.time_warp)
+        if settings.commit == "none":
+            return ddim
+        return CommitSampler(ddim, codebook, settings.commit, settings.temperature, settings.top_k, settings.top_p)
 
     def generation(self, model, prompt, seq_len, settings, generator, eos_id, use_cache):
         return ContinuousGeneration(self, model, prompt, seq_len, settings, generator)

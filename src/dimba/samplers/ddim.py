@@ -46,7 +46,7 @@ class DDIMSampler:
 
     def move(self, state: SamplerState, x0_hat: torch.Tensor, i: int,
              generator: torch.Generator | None = None) -> torch.Tensor:
-        """z_s = a_s x0 + sqrt(1 - a_s^2 - sigma^2) eps_hat + sigma noise: (N, L, d), the prompt kept."""
+        """z_s = a_s x0 + sqrt(1 - a_s^2 - sigma^2) eps_hat + sigma noise: (N, L, d), the kept positions kept."""
         z_t = state.x
         t, s = self.grid[i], self.grid[i + 1]
         ab_t, ab_s = self.schedule.alpha_bar(t), self.schedule.alpha_bar(s)
@@ -56,4 +56,4 @@ class DDIMSampler:
         z_s = ab_s.sqrt() * x0_hat + dir_coef * eps_hat  # (N, L, d)
         if sigma > 0:
             z_s = z_s + sigma * torch.randn(z_t.shape, device=z_t.device, dtype=z_t.dtype, generator=generator)
-        return torch.where(state.prompt_positions()[:, None], z_t, z_s)  # (N, L, d)
+        return torch.where(state.kept()[..., None], z_t, z_s)  # (N, L, d)

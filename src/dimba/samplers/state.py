@@ -19,6 +19,9 @@ class SamplerState:
     x0: the last x0 estimate (N, L, d) of a Gaussian sampler (None before its first step).
     masked: (N, L) bool, the absorbed positions of the hybrid process (None elsewhere).
     finished: (N,) bool, the rows that ended at EOS (None where rows do not end early).
+    clean: (N, L) bool, positions no step changes, the prompt and tokens already committed, for samplers that
+        commit tokens as they go (None: the prompt alone, the positions before ``gen_start``).
+    tokens: (N, L) long, the ids at the ``clean`` positions (None without ``clean``).
     done: nothing is left to generate: the loop stops.
     """
 
@@ -27,6 +30,8 @@ class SamplerState:
     x0: torch.Tensor | None = None
     masked: torch.Tensor | None = None
     finished: torch.Tensor | None = None
+    clean: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
     done: bool = False
 
     def replace(self, **changes) -> "SamplerState":
@@ -36,6 +41,10 @@ class SamplerState:
     def prompt_positions(self) -> torch.Tensor:
         """(L,) bool: the positions of the clean prompt."""
         return torch.arange(self.x.shape[1], device=self.x.device) < self.gen_start
+
+    def kept(self) -> torch.Tensor:
+        """The positions no step changes: ``clean`` (N, L), or the prompt positions (L,)."""
+        return self.prompt_positions() if self.clean is None else self.clean
 
 
 @dataclass

@@ -23,14 +23,22 @@ class StepResult:
 
 
 def random_prompt_mask(batch: int, length: int, prob: float, device: torch.device,
-                       generator: torch.Generator | None = None) -> torch.Tensor | None:
-    """Per-sequence clean prompt prefixes: with probability ``prob`` a prefix of 1..L/2 tokens."""
+                       generator: torch.Generator | None = None, subset_prob: float = 0.0) -> torch.Tensor | None:
+    """Per-sequence clean prompts: with probability ``prob`` a prefix of 1..L/2 tokens, or, for a share
+    ``subset_prob`` of those sequences, a random subset of positions, each clean with a probability drawn uniformly
+    per sequence."""
     if prob <= 0:
         return None
     has = torch.rand(batch, device=device, generator=generator) < prob  # (B,)
     n = torch.randint(1, max(2, length // 2 + 1), (batch,), device=device, generator=generator)  # (B,)
     pos = torch.arange(length, device=device)[None]  # (1, L)
-    return (pos < n[:, None]) & has[:, None]  # (B, L)
+    clean = pos < n[:, None]  # (B, L)
+    if subset_prob > 0:
+        subset = torch.rand(batch, device=device, generator=generator) < subset_prob  # (B,)
+        rate = torch.rand(batch, 1, device=device, generator=generator)  # (B, 1)
+        scattered = torch.rand(batch, length, device=device, generator=generator) < rate  # (B, L)
+        clean = torch.where(subset[:, None], scattered, clean)
+    return clean & has[:, None]  # (B, L)
 
 
 def accumulate(ts) -> tuple[dict[str, torch.Tensor], bool]:
@@ -38,7 +46,8 @@ def accumulate(ts) -> tuple[dict[str, torch.Tensor], bool]:
     parameters); returns the loss parts of the last one, averaged over ranks, and whether every loss, on every
     rank, was finite.
 
-    Each sequence gets a random clean prompt prefix with probability ``diffusion.prompt_prob`` and has its prompt
+    Each sequence gets a random clean prompt (a prefix, or a subset of positions: ``diffusion.clean_subset_prob``)
+    with probability ``diffusion.prompt_prob`` and has its prompt
     dropped with probability ``diffusion.cond_drop_prob`` (classifier-free guidance). Under FSDP every forward
     pass gathers weights from all ranks, so all ranks must run the same passes: the self-conditioning coin (an
     extra no-grad pass) is then tossed once per micro-batch for all ranks, from a generator seeded by the
@@ -50,7 +59,8 @@ def accumulate(ts) -> tuple[dict[str, torch.Tensor], bool]:
         ids = next(ts.batches).to(fabric.device)  # (B, L)
         b, length = ids.shape
         drop = torch.rand(b, device=ids.device) < dc.cond_drop_prob  # (B,)
-        prompt_mask = random_prompt_mask(b, length, dc.prompt_prob, ids.device)  # (B, L) or None
+        prompt_mask = random_prompt_mask(b, length, dc.prompt_prob, ids.device,
+                                         subset_prob=dc.clean_subset_prob)  # (B, L) or None
         self_cond = None  # each rank tosses its own coin inside the loss
         if shared_coin:
             coin = torch.Generator().manual_seed(tc.seed + ts.step * tc.grad_accum + micro)
