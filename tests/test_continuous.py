@@ -116,7 +116,7 @@ def test_a_pretrained_token_vae_is_the_frozen_latent_space_of_a_run(corpus, tmp_
     assert metrics["acc"] > 0.5 and metrics["kl"] > 0  # tokens decode from their posterior means (chance: 1/300)
     run = tmp_path / "run"
     latent = ["model.latent_diffusion=true", "model.use_vae_latent=true", "model.d_latent=8",
-              f"model.vae_checkpoint={vae}"]
+              f"model.vae_checkpoint_path={vae}"]
     assert main(["train", "--data", str(corpus), "--max-steps", "4", "--out", str(run), "--quiet", *tiny, *latent]) == 0
     model, tokenizer = load_for_inference(run)
     assert (run / "tokenizer.json").read_text() == (vae / "tokenizer.json").read_text()  # the VAE's tokenizer

@@ -84,7 +84,7 @@ def test_a_fixed_latent_scale_is_not_calibrated(corpus, tmp_path, tiny):
 
 
 def test_runs_and_exports_of_earlier_versions_load(corpus, tmp_path, tiny, capsys):
-    """Earlier versions wrote no latent_scale, embed_init_std, logit_skip, time_warping or vae_checkpoint."""
+    """Earlier versions wrote no latent_scale, embed_init_std, logit_skip, time_warping or vae_checkpoint_path."""
     run, exported = tmp_path / "run", tmp_path / "exported"
     assert main(["train", "--data", str(corpus), "--max-steps", "2", "--out", str(run), "--quiet", *tiny]) == 0
     assert main(["export", str(run), "--out", str(exported)]) == 0
@@ -92,7 +92,7 @@ def test_runs_and_exports_of_earlier_versions_load(corpus, tmp_path, tiny, capsy
     capsys.readouterr()
     assert main(["generate", str(exported), *args]) == 0
     text = capsys.readouterr().out
-    new_keys = ("latent_scale", "embed_init_std", "logit_skip", "time_warping", "vae_checkpoint")
+    new_keys = ("latent_scale", "embed_init_std", "logit_skip", "time_warping", "vae_checkpoint_path")
     config = json.loads((exported / "config.json").read_text())
     (exported / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in new_keys}))
     lines = (run / "config.yaml").read_text().splitlines(keepends=True)

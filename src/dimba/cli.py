@@ -510,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = p.add_subparsers(dest="vverb", required=True).add_parser(
         "train", help="pre-train a TokenVAE on the tokens of a corpus",
         description="Writes OUT/model.safetensors, config.json and tokenizer.json; a model then uses it with "
-                    "model.latent_diffusion=true model.use_vae_latent=true model.vae_checkpoint=OUT (and the same "
+                    "model.latent_diffusion=true model.use_vae_latent=true model.vae_checkpoint_path=OUT (and the same "
                     "model.d_model and model.d_latent).")
     v.add_argument("--data", default="shakespeare")
     v.add_argument("--latent-dim", type=int, default=64, help="d_latent")

@@ -45,7 +45,7 @@ class ModelConfig(_Strict):
     d_latent: int | None = Field(None, gt=0)
     use_vae_latent: bool = Field(False, description="latent_diffusion: a TokenVAE's posterior mean is the latent "
                                  "(instead of a linear projection); pre-train one with `dimba vae train`")
-    vae_checkpoint: str | None = Field(None, description="a folder written by `dimba vae train`: a new run starts from "
+    vae_checkpoint_path: str | None = Field(None, description="a folder written by `dimba vae train`: a new run starts from "
                                        "its embedding, TokenVAE and head (frozen) and uses its tokenizer")
     latent_scale: float | None = Field(None, gt=0, description="the latent scale; None: calibrated on the first "
                                        "training batch so that the diffused latents have unit variance")
@@ -73,7 +73,7 @@ class ModelConfig(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> "ModelConfig":
         get_family(self.family).check_config(self)
-        if (self.use_vae_latent or self.vae_checkpoint) and not (self.use_vae_latent and self.latent_diffusion):
+        if (self.use_vae_latent or self.vae_checkpoint_path) and not (self.use_vae_latent and self.latent_diffusion):
             raise ValueError("a TokenVAE latent needs model.latent_diffusion=true and model.use_vae_latent=true "
                              "(with model.d_latent)")
         if self.latent_diffusion and self.d_latent is None:

@@ -76,14 +76,14 @@ def _no_weight_decay(model) -> set[str]:
 
 
 def _tokenizer(cfg: Config, run_dir: Path | None) -> Tokenizer | None:
-    """The run's own tokenizer (a resumed run), else ``data.tokenizer``, else that of ``model.vae_checkpoint``,
+    """The run's own tokenizer (a resumed run), else ``data.tokenizer``, else that of ``model.vae_checkpoint_path``,
     else None (one is trained)."""
     if run_dir is not None and (run_dir / "tokenizer.json").is_file():
         return Tokenizer.from_file(run_dir / "tokenizer.json")
     if cfg.data.tokenizer:
         return Tokenizer.from_file(cfg.data.tokenizer)
-    if cfg.model.vae_checkpoint:
-        return Tokenizer.from_file(vae_tokenizer_path(cfg.model.vae_checkpoint))
+    if cfg.model.vae_checkpoint_path:
+        return Tokenizer.from_file(vae_tokenizer_path(cfg.model.vae_checkpoint_path))
     return None
 
 
@@ -115,9 +115,9 @@ def _build_model(cfg: Config, data, state: dict | None, run_dir: Path | None, wo
         for block in model.backbone.blocks:
             block.compile()
     shards = state.get("sharded") if state is not None else None
-    if cfg.model.vae_checkpoint:  # a pre-trained latent space: loaded in a new run, frozen in every session
+    if cfg.model.vae_checkpoint_path:  # a pre-trained latent space: loaded in a new run, frozen in every session
         if state is None:
-            load_token_vae(model, cfg.model.vae_checkpoint)
+            load_token_vae(model, cfg.model.vae_checkpoint_path)
         freeze_token_vae(model)
     if state is None:
         if cfg.model.latent_scale is None:

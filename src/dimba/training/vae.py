@@ -1,5 +1,5 @@
 """`dimba vae train`: pre-train a TokenVAE (with the token embedding and output head it reads through) on the tokens
-of a corpus, and start a diffusion model from it (``model.vae_checkpoint``)."""
+of a corpus, and start a diffusion model from it (``model.vae_checkpoint_path``)."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def _vae_config(folder: Path) -> dict:
     except (OSError, ValueError):
         config = None
     if not isinstance(config, dict) or config.get("model_type") != VAE_TYPE:
-        raise CheckpointError(f"model.vae_checkpoint {str(folder)!r} is not a folder written by `dimba vae train`: "
+        raise CheckpointError(f"model.vae_checkpoint_path {str(folder)!r} is not a folder written by `dimba vae train`: "
                               "train one with `dimba vae train --out DIR`")
     return config
 
@@ -94,17 +94,17 @@ def load_token_vae(model, folder: str | Path) -> None:
     want = (model.config.vocab_size, model.config.d_model, model.d_x)
     got = (config.get("vocab_size"), config.get("d_model"), config.get("d_latent"))
     if want != got:
-        raise CheckpointError(f"model.vae_checkpoint {str(folder)!r} has vocabulary, d_model, d_latent {got} but the "
+        raise CheckpointError(f"model.vae_checkpoint_path {str(folder)!r} has vocabulary, d_model, d_latent {got} but the "
                               f"model {want}: set model.d_model and model.d_latent to the VAE's and use its tokenizer")
     try:
         with safe_open(str(folder / WEIGHTS), framework="pt") as f:
             names = set(f.keys())
         if not {"embedding.weight", "head_norm.weight"} <= names or not any(n.startswith("vae.") for n in names):
-            raise CheckpointError(f"model.vae_checkpoint {str(folder)!r} lacks the embedding, TokenVAE or head norm: "
+            raise CheckpointError(f"model.vae_checkpoint_path {str(folder)!r} lacks the embedding, TokenVAE or head norm: "
                                   "train it again with `dimba vae train`")
         load_model(model, str(folder / WEIGHTS), strict=False)
     except (SafetensorError, OSError, RuntimeError) as exc:
-        raise CheckpointError(f"model.vae_checkpoint {str(folder)!r}: unreadable weights ({exc}): train it again") \
+        raise CheckpointError(f"model.vae_checkpoint_path {str(folder)!r}: unreadable weights ({exc}): train it again") \
             from None
 
 
