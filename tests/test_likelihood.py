@@ -300,6 +300,17 @@ def test_cli_eval_json(family, tmp_path_factory, corpus, capsys, tiny):
     assert "bits/byte" in capsys.readouterr().out
 
 
+def test_cli_eval_defaults_to_the_runs_own_corpus(tmp_path_factory, corpus, capsys, tiny):
+    run = _train(tmp_path_factory, corpus, "ar", tiny)
+    results = []
+    for data in ([], ["--data", str(corpus)], ["--data", "shakespeare"]):
+        capsys.readouterr()
+        assert main(["eval", str(run), *data, "--json", "--max-tokens", "200"]) == 0
+        r = json.loads(capsys.readouterr().out)
+        results.append((r["bytes"], r["nll_nats_per_token"]))
+    assert results[0] == results[1] != results[2]
+
+
 def test_cli_eval_reverse_process_flags(tmp_path_factory, corpus, capsys, tiny):
     ar, cont = _train(tmp_path_factory, corpus, "ar", tiny), _train(tmp_path_factory, corpus, "continuous", tiny)
     for run, flags, words in ((ar, ["--t0", "0.5"], "--t0 does not apply to the ar family"), (cont, ["--t0", "1.5"], "(0, 1)"),

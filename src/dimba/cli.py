@@ -187,7 +187,8 @@ def _eval_blocks(args: argparse.Namespace, tokenizer, context: int):
     data_cfg = run_cfg.data if run_cfg is not None else None
     seq_len = data_cfg.seq_len if data_cfg else context
     val_fraction = data_cfg.val_fraction if data_cfg else 0.05
-    prepared = prepare_data(args.data, seq_len, val_fraction, tokenizer, tokenizer.vocab_size)
+    corpus = args.data or (data_cfg.corpus if data_cfg else "shakespeare")
+    prepared = prepare_data(corpus, seq_len, val_fraction, tokenizer, tokenizer.vocab_size)
     blocks = prepared.val if args.split == "val" else prepared.train  # (N, L)
     if args.max_tokens is not None:
         blocks = blocks[: max(1, math.ceil(args.max_tokens / blocks.shape[1]))]
@@ -442,7 +443,8 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="likelihood in bits per byte: exact NLL (ar) or an upper bound (diffusion "
                        "families)", description="The likelihood of --data (sample quality: dimba sample-quality).")
     p.add_argument("model", help="run directory or export folder")
-    p.add_argument("--data", default="shakespeare", help="corpus: 'shakespeare', a .txt/.jsonl file or a folder")
+    p.add_argument("--data", help="corpus: 'shakespeare', a .txt/.jsonl file or a folder (default: a run's own "
+                   "corpus; shakespeare for an export folder)")
     p.add_argument("--split", choices=["val", "train"], default="val")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--mc-samples", type=int, default=8, help="diffusion families: Monte Carlo samples per block")

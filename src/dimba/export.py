@@ -32,7 +32,7 @@ def _model_card(model, extra: str) -> str:
         f"`{cfg.backbone}` network ({model.num_parameters() / 1e6:.2f}M parameters, d_model={cfg.d_model}, "
         f"{cfg.num_denoiser_layers} layers, vocabulary {cfg.vocab_size}).\n\n"
         "```python\nfrom dimba import DIMBA, sample_from_model\nmodel = DIMBA.from_pretrained('PATH')\n```\n\n"
-        "or `dimba generate PATH --prompt \"ROMEO:\"`.\n" + family.model_card(cfg) + (f"\n{extra}\n" if extra else "")
+        "or `dimba generate PATH --prompt \"HAMLET:\"`.\n" + family.model_card(cfg) + (f"\n{extra}\n" if extra else "")
     )
 
 
