@@ -41,7 +41,25 @@ def test_the_skip_alone_reads_tokens_at_high_snr_and_knows_nothing_at_zero_snr()
             assert torch.allclose(x0, book.mean(0).expand_as(x0), atol=1e-5)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(logit_skip=False), dict(self_conditioning=True, time_warping=True)])
+def test_an_absorbed_position_has_no_skip_logits():
+    m = small(family="hybrid")
+    with torch.no_grad():  # only the Bayes logits of z_t are left
+        m.out_proj.weight.zero_()
+        m.out_proj.bias.zero_()
+    ids = torch.randint(3, V, (2, 16))
+    m.calibrate_latent_scale(ids)
+    t = torch.full((2,), 0.05)
+    ab = m.schedule.alpha_bar(t)  # (B,)
+    masked = torch.zeros(2, 16, dtype=torch.bool)
+    masked[:, ::2] = True  # (B, L): absorbed at even positions
+    z_t = ab.sqrt()[:, None, None] * m.encode(ids)  # (B, L, d): every latent, even an absorbed one, holds its token
+    x0, logits = m.interpret(m.denoise(z_t, t, m.condition(ids, t), masked=masked), z_t, ab, masked)
+    assert torch.equal(logits.argmax(-1)[~masked], ids[~masked])
+    assert torch.allclose(x0[masked], m.codebook().mean(0).expand_as(x0[masked]), atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(logit_skip=False), dict(self_conditioning=True, time_warping=True),
+                                dict(family="hybrid", self_conditioning=True)])
 def test_the_cross_entropy_objective_learns(kw):
     m = small(**kw).train()
     ids = (torch.arange(16)[None] * 5 + torch.arange(8)[:, None]) % (V - 3) + 3  # (8, 16) a periodic pattern

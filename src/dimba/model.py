@@ -212,13 +212,14 @@ class DIMBA(nn.Module):
         h = h + self.prompt_flag(flags)  # (B, L, D): which positions hold the clean prompt (or a mask)
         return self.out_proj(self.backbone(h, cond))  # (B, L, d_x)
 
-    def interpret(self, x_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def interpret(self, x_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar: torch.Tensor,
+                  masked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The x0 estimate (B, L, d_x) a network output implies, and for ``prediction_type="logits"`` the predicted
         token logits (B, L, V) (float32; else None). Logits prediction estimates x0 by score interpolation: the
         codebook latents averaged under softmax(logits); with ``logit_skip`` the logits include the Bayes logits
         of z_t under a uniform prior over the codebook, sqrt(ab) / (1 - ab) z_t . e_v (Gaussian q(z_t | x = v)
-        with equal-norm codebook latents), so the network learns what the context adds to them."""
+        with equal-norm codebook latents), so the network learns what the context adds to them; an absorbed
+        position (``masked`` (B, L) bool, hybrid family) has no latent and so no skip logits."""
         kind = self.config.prediction_type
         if kind == "v":
             return x0_from_v(z_t, x_pred, alpha_bar), None
@@ -228,6 +229,8 @@ class DIMBA(nn.Module):
         logits = self.decode(x_pred)  # (B, L, V)
         if self.config.logit_skip:
             ab = alpha_bar.float().reshape(-1, 1, 1)  # (B, 1, 1)
+            if masked is not None:
+                z_t = z_t.masked_fill(masked[..., None], 0.0)  # (B, L, d_x)
             logits = logits + ab.sqrt() / (1 - ab).clamp_min(1e-4) * (z_t.float() @ book.float().T)
         return logits.softmax(-1).to(book.dtype) @ book, logits
 
@@ -242,9 +245,9 @@ class DIMBA(nn.Module):
         self-conditioning, the network's own first estimate at the same z_t is fed back (two passes, as in Plaid's
         likelihood evaluation). ``t``, ``alpha_bar``: (B,)."""
         cond = self.condition(z_t.new_zeros(z_t.shape[:2], dtype=torch.long), t)  # (B, D): no prompt
-        x0, logits = self.interpret(self.denoise(z_t, t, cond, None, None, masked), z_t, alpha_bar)
+        x0, logits = self.interpret(self.denoise(z_t, t, cond, None, None, masked), z_t, alpha_bar, masked)
         if self.config.self_conditioning:
-            x0, logits = self.interpret(self.denoise(z_t, t, cond, None, x0, masked), z_t, alpha_bar)
+            x0, logits = self.interpret(self.denoise(z_t, t, cond, None, x0, masked), z_t, alpha_bar, masked)
         return x0, logits
 
     def forward(self, input_ids: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,

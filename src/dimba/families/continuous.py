@@ -145,11 +145,11 @@ class ContinuousGeneration(Generation):
         tb = self.sampler.timesteps[i].expand(z.shape[0])  # (N,)
         ab = model.schedule.alpha_bar(tb)  # (N,)
         cond = model.condition(self.ids, tb, self.prompt_mask)
-        x0, self._logits = model.interpret(model.denoise(z, tb, cond, self.prompt_mask, x_sc, masked), z, ab)
+        x0, self._logits = model.interpret(model.denoise(z, tb, cond, self.prompt_mask, x_sc, masked), z, ab, masked)
         if self.guided:
             z_u = torch.where(keep, q_sample(self.z_prompt, ab, self.prompt_noise), z)
             cond_u = model.condition(self.ids, tb, None, drop_cond=True)
-            x0_u, logits_u = model.interpret(model.denoise(z_u, tb, cond_u, None, x_sc, masked), z_u, ab)
+            x0_u, logits_u = model.interpret(model.denoise(z_u, tb, cond_u, None, x_sc, masked), z_u, ab, masked)
             x0 = x0_u + s.guidance_scale * (x0 - x0_u)  # (N, L, d)
             if logits_u is not None:
                 self._logits = logits_u + s.guidance_scale * (self._logits - logits_u)  # (N, L, V)
@@ -220,7 +220,7 @@ class ContinuousFamily(Family):
                 masked = masked & ~prompt_mask  # the clean prompt is never absorbed
         cond = model.condition(input_ids, t, prompt_mask, drop)
         x_pred = model.denoise(z_t, t, cond, prompt_mask, x_self_cond, masked)
-        x0_hat, logits = model.interpret(x_pred, z_t, alpha_bar)
+        x0_hat, logits = model.interpret(x_pred, z_t, alpha_bar, masked)
         info = {"z0": z0, "z_t": z_t, "alpha_bar": alpha_bar, "t": t, "x0_hat": x0_hat, "logits": logits,
                 "prompt_mask": prompt_mask, "masked": masked}
         return x_pred, noise, info

@@ -25,9 +25,9 @@ class HybridFamily(ContinuousFamily):
     absorbing = True
 
     def check_config(self, cfg) -> None:
-        if cfg.prediction_type != "x0":
-            raise ValueError("family=hybrid needs prediction_type=x0 (a masked position has no noisy latent to form v "
-                             "from)")
+        if cfg.prediction_type == "v":
+            raise ValueError("family=hybrid needs prediction_type=x0 or logits (a masked position has no noisy latent "
+                             "to form v from)")
 
     def draw_absorbed(self, model, input_ids: torch.Tensor, t: torch.Tensor,
                       generator: torch.Generator | None = None) -> torch.Tensor:
