@@ -1,4 +1,4 @@
-"""The hand-written causal conv + SiLU and gated RMSNorm equal the plain compositions they replace."""
+"""The hand-written conv + SiLU and gated RMSNorm equal the plain compositions they replace."""
 
 import subprocess
 import sys
@@ -7,14 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dimba.backbones.mixer_ops import causal_conv1d_silu, gated_rms_norm
+from dimba.backbones.mixer_ops import conv1d_silu, gated_rms_norm
 
 
-def _conv_reference(x, weight, bias):
-    """silu(nn.Conv1d with left padding K-1) in the (B, C, L) layout it wants, back to (B, L, C)."""
-    K, L = weight.shape[1], x.shape[1]
-    out = F.conv1d(x.transpose(1, 2), weight[:, None], bias, padding=K - 1, groups=x.shape[2])[..., :L]
-    return F.silu(out).transpose(1, 2)
+def _conv_reference(x, weight, bias, lookahead=0):
+    """silu(nn.functional.conv1d) over x zero-padded by K-1-lookahead steps before and lookahead after, in
+    the (B, C, L) layout it wants, back to (B, L, C)."""
+    K = weight.shape[1]
+    padded = F.pad(x.transpose(1, 2), (K - 1 - lookahead, lookahead))  # (B, C, L + K - 1)
+    return F.silu(F.conv1d(padded, weight[:, None], bias, groups=x.shape[2])).transpose(1, 2)
 
 
 def _grads(fn, inputs, dout):
@@ -23,23 +24,29 @@ def _grads(fn, inputs, dout):
     return out, torch.autograd.grad(out, inputs, dout)
 
 
+@pytest.mark.parametrize("lookahead", [0, 1, 3])
 @pytest.mark.parametrize("length", [1, 2, 3, 4, 37])
-def test_causal_conv_equals_conv1d(length):
+def test_conv_equals_conv1d(length, lookahead):
     torch.manual_seed(length)
     wide = torch.randn(2, length, 20, dtype=torch.float64)  # (B, L, 20): the conv reads a slice of it,
     x = wide[..., 3:15]  # (B, L, 12), non-contiguous like the slice of in_proj's output in the mixer
     weight, bias = torch.randn(12, 4, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
     dout = torch.randn(2, length, 12, dtype=torch.float64)
-    ref, ref_grads = _grads(_conv_reference, (x, weight, bias), dout)
-    out, grads = _grads(causal_conv1d_silu, (x, weight, bias), dout)
+    ref, ref_grads = _grads(lambda *a: _conv_reference(*a, lookahead), (x, weight, bias), dout)
+    out, grads = _grads(lambda *a: conv1d_silu(*a, lookahead), (x, weight, bias), dout)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
 
 
+def test_conv_rejects_a_lookahead_beyond_its_width():
+    with pytest.raises(ValueError, match="lookahead must be in"):
+        conv1d_silu(torch.randn(1, 5, 4), torch.randn(4, 4), None, lookahead=4)
+
+
 def test_causal_conv_is_causal():
     x = torch.randn(1, 10, 4, requires_grad=True)
-    out = causal_conv1d_silu(x, torch.randn(4, 4), None)
+    out = conv1d_silu(x, torch.randn(4, 4), None)
     out[0, 5].sum().backward()
     assert x.grad[0, 6:].abs().sum() == 0 and x.grad[0, 2:6].abs().sum() > 0 and x.grad[0, :2].abs().sum() == 0
 
@@ -91,3 +98,4 @@ def test_keep_freed_memory_stops_refaulting_large_blocks(system_malloc, monkeypa
         assert not applied and faults > 0.9
     else:  # the block comes back from the heap, already mapped (on most calls; glibc may move the heap top once)
         assert applied and faults < 0.1
+

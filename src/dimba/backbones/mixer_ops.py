@@ -1,6 +1,6 @@
 """The Mamba-2 mixer's two elementwise stages as autograd Functions with hand-written backward passes.
 
-Written with autograd from small ops, the causal depthwise convolution (+ SiLU) and the gated
+Written with autograd from small ops, the depthwise convolution over time (+ SiLU) and the gated
 RMSNorm cost as much as the mixer's matmuls on CPU: ``nn.Conv1d`` wants (B, C, L), so the
 (B, L, C) activations were copied to that layout and back in both passes, and each small op of
 the norm saved its own intermediate and made its own pass in the backward. These Functions work
@@ -16,22 +16,28 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 
-def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """SiLU of a causal depthwise convolution over time, in the (B, L, C) layout.
+def conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      lookahead: int = 0) -> torch.Tensor:
+    """SiLU of a depthwise convolution over time, in the (B, L, C) layout; causal unless ``lookahead``.
 
-    Equals ``silu(conv1d(x.transpose(1, 2), weight[:, None], bias, padding=K-1, groups=C)[..., :L])``
-    transposed back: out[:, t] = silu(bias + sum_k weight[:, k] * x[:, t - (K - 1) + k]), with zeros
-    before the sequence start.
+    out[:, t] = silu(bias + sum_k weight[:, k] * x[:, t - (K - 1 - lookahead) + k]), with zeros
+    outside the sequence: tap k reads ``lookahead - (K - 1 - k)`` steps ahead. With ``lookahead = 0``
+    this equals ``silu(conv1d(x.transpose(1, 2), weight[:, None], bias, padding=K-1, groups=C)[..., :L])``
+    transposed back; with ``lookahead = (K - 1) // 2`` the window is centred (one step more to the
+    past for even K).
 
     Args:
         x: (B, L, C); any strides (a slice of a wider projection is fine).
         weight: (C, K), the ``nn.Conv1d`` weight with its singleton dimension squeezed.
         bias: (C,) or None.
+        lookahead: future steps each output reads, 0 <= lookahead < K.
 
     Returns:
         (B, L, C), contiguous.
     """
-    return _CausalConvSiLU.apply(x, weight, bias)
+    if not 0 <= lookahead < weight.shape[1]:
+        raise ValueError(f"lookahead must be in [0, {weight.shape[1] - 1}] for a width-{weight.shape[1]} conv, got {lookahead}")
+    return _ConvSiLU.apply(x, weight, bias, lookahead)
 
 
 def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
@@ -50,39 +56,52 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group
     return _GatedRMSNorm.apply(y, z, weight, group_size, eps)
 
 
-class _CausalConvSiLU(torch.autograd.Function):
+class _ConvSiLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, lookahead):
         K, L = weight.shape[1], x.shape[1]
+        k0 = K - 1 - lookahead  # the tap that reads step t itself
         w = weight.to(x.dtype)  # (C, K)
-        pre = x * w[:, K - 1] if bias is None else torch.addcmul(bias.to(x.dtype), x, w[:, K - 1])  # (B, L, C)
-        for j in range(1, min(K, L + 1)):  # tap K-1-j reads the input j steps back
-            pre[:, j:].addcmul_(x[:, : L - j], w[:, K - 1 - j])  # (B, L - j, C)
+        pre = x * w[:, k0] if bias is None else torch.addcmul(bias.to(x.dtype), x, w[:, k0])  # (B, L, C)
+        for k, lo, hi, j in _taps(K, k0, L):  # outputs lo..hi-1 read the input j steps ahead
+            pre[:, lo:hi].addcmul_(x[:, lo + j: hi + j], w[:, k])  # (B, hi - lo, C)
         ctx.save_for_backward(x, weight, pre)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.k0 = bias is not None, k0
         return F.silu(pre)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
         x, weight, pre = ctx.saved_tensors
-        K, L = weight.shape[1], x.shape[1]
+        K, L, k0 = weight.shape[1], x.shape[1], ctx.k0
         w = weight.to(x.dtype)  # (C, K)
         g = torch.ops.aten.silu_backward(dout.contiguous(), pre)  # (B, L, C)  gradient of the pre-activation
-        dx = g * w[:, K - 1]  # (B, L, C)
+        dx = g * w[:, k0]  # (B, L, C)
         dw = torch.empty_like(weight)  # (C, K)
         # Weight gradient: products in a contiguous (B, L, C) buffer, zero where the tap reads padding,
         # then summed over B and L together (summing a strided slice instead is an order of magnitude slower).
         tmp = torch.mul(g, x)  # (B, L, C)
-        dw[:, K - 1] = tmp.view(-1, tmp.shape[-1]).sum(0)
-        for j in range(1, K):
-            if j < L:
-                dx[:, : L - j].addcmul_(g[:, j:], w[:, K - 1 - j])  # (B, L - j, C)
-                torch.mul(g[:, j:], x[:, : L - j], out=tmp[:, j:])
-            tmp[:, : min(j, L)] = 0
-            dw[:, K - 1 - j] = tmp.view(-1, tmp.shape[-1]).sum(0)
+        dw[:, k0] = tmp.view(-1, tmp.shape[-1]).sum(0)
+        for k, lo, hi, j in _taps(K, k0, L, keep_empty=True):
+            if lo < hi:
+                dx[:, lo + j: hi + j].addcmul_(g[:, lo:hi], w[:, k])  # (B, hi - lo, C)
+                torch.mul(g[:, lo:hi], x[:, lo + j: hi + j], out=tmp[:, lo:hi])
+            tmp[:, :lo] = 0
+            tmp[:, max(hi, lo):] = 0
+            dw[:, k] = tmp.view(-1, tmp.shape[-1]).sum(0)
         dbias = g.sum((0, 1)).to(weight.dtype) if ctx.has_bias else None
-        return dx, dw, dbias
+        return dx, dw, dbias, None
+
+
+def _taps(K: int, k0: int, L: int, keep_empty: bool = False):
+    """(k, lo, hi, j) for every tap k != k0, nearest first (the past first on ties): outputs lo..hi-1 read
+    the input j = k - k0 steps ahead. Taps that read only outside the sequence (lo >= hi) are left out
+    unless ``keep_empty``."""
+    for k in sorted(range(K), key=lambda k: (abs(k - k0), k > k0)):
+        j = k - k0
+        lo, hi = max(0, -j), min(L, L - j)
+        if k != k0 and (lo < hi or keep_empty):
+            yield k, lo, hi, j
 
 
 class _GatedRMSNorm(torch.autograd.Function):

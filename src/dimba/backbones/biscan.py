@@ -1,0 +1,252 @@
+"""Both directions of a bidirectional SSD scan in one pass: the quasiseparable mixing matrix, chunked.
+
+A forward scan over x and a reverse scan over the same x, summed, multiply x by one matrix M
+(Hwang et al. 2024, "Hydra"): its lower triangle (with the diagonal) is the forward scan's
+semiseparable matrix, its strict upper triangle the reverse scan's. Per head, with decays
+a_t = dt_t A <= 0 of each direction,
+
+    y_t = sum_{s <= t} C^f_t . B^f_s exp(a^f_{s+1} + ... + a^f_t) dt^f_s x_s       (forward, causal)
+        + sum_{s > t}  C^r_t . B^r_s exp(a^r_t + ... + a^r_{s-1}) dt^r_s x_s       (reverse, anti-causal)
+        + D x_t
+
+which is what a forward :func:`~dimba.backbones.ssm.selective_scan` plus a reverse one on the
+flipped sequence give, less the reverse scan's diagonal term: the diagonal (a token's own
+contribution) is counted once, by the forward direction and D.
+
+Chunked like :class:`dimba.backbones.ssd._ChunkedScan`, but both directions share the inside of
+each chunk: one Q x Q matrix per head holds the forward decays below the diagonal and the reverse
+decays above it, so the within-chunk product ``M @ x`` and its two backward products are made
+once instead of twice, and x, dy and dx are laid out once. Only the states passed between chunks
+(forwards for one direction, backwards for the other) are per direction. No flipped copies of
+the inputs or outputs are made.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from dimba.backbones.ssd import (
+    _check_inputs, _flat_baddbmm_, _heads_last, _pass_states, _pass_states_backward, _to_compute_dtype,
+)
+
+
+def chunked_bidirectional_scan(
+    x: torch.Tensor,
+    dt_fwd: torch.Tensor,
+    dt_rev: torch.Tensor,
+    A_fwd: torch.Tensor,
+    A_rev: torch.Tensor,
+    B_fwd: torch.Tensor,
+    C_fwd: torch.Tensor,
+    B_rev: torch.Tensor,
+    C_rev: torch.Tensor,
+    D: torch.Tensor | None = None,
+    *,
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """Forward plus reverse SSD scan of one input, pure PyTorch, any device (formula in the module docstring).
+
+    Args:
+        x: inputs (batch, L, H, P), shared by both directions.
+        dt_fwd, dt_rev: positive step sizes (batch, L, H) of each direction, after softplus.
+        A_fwd, A_rev: negative per-head decay rates (H,).
+        B_fwd, C_fwd, B_rev, C_rev: (batch, L, G, N), G dividing H.
+        D: optional per-head skip (H,).
+        chunk_size: chunk length Q; L need not be a multiple of it.
+
+    Returns:
+        y (batch, L, H, P) in the dtype of ``x``; computed in float32 (float64 for float64 inputs).
+        The backward pass is hand-derived and does not support double backward.
+    """
+    _check_inputs(x, dt_fwd, A_fwd, B_fwd, C_fwd, D, None)
+    _check_inputs(x, dt_rev, A_rev, B_rev, C_rev, D, None)
+    batch, length, H, P = x.shape
+    G, N = B_fwd.shape[2:]
+    R, Q = H // G, chunk_size
+    x_, dtf, dtr, Af, Ar, Bf, Cf, Br, Cr, D_ = _to_compute_dtype(
+        x, dt_fwd, dt_rev, A_fwd, A_rev, B_fwd, C_fwd, B_rev, C_rev, D)
+    pad = -length % Q
+    if pad:  # padded steps have x = 0 and dt = 0: they add nothing and decay nothing, in either direction
+        x_, dtf, dtr, Bf, Cf, Br, Cr = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+                                        for t in (x_, dtf, dtr, Bf, Cf, Br, Cr))
+    n_chunks = (length + pad) // Q
+    with torch.autocast(x.device.type, enabled=False):
+        y = _BidirectionalChunkedScan.apply(
+            x_.reshape(batch, n_chunks, Q, G, R, P),
+            dtf.reshape(batch, n_chunks, Q, G, R),
+            dtr.reshape(batch, n_chunks, Q, G, R),
+            Af.reshape(G, R),
+            Ar.reshape(G, R),
+            *(t.reshape(batch, n_chunks, Q, G, N) for t in (Bf, Cf, Br, Cr)),
+            None if D_ is None else D_.reshape(G, R),
+        )
+    return y.view(batch, n_chunks * Q, H, P)[:, :length].to(x.dtype)  # (b, L, H, P)
+
+
+class _BidirectionalChunkedScan(torch.autograd.Function):
+    """Both directions of SSD on padded, chunked inputs, with a hand-derived backward pass.
+
+    Layouts as in ``_ChunkedScan``: x (b, c, Q, G, R, P), dt (b, c, Q, G, R), A (G, R), B and C
+    (b, c, Q, G, N), D (G, R) or None; head-major work tensors (b, c, G, R, Q, ...). Per chunk and
+    head, with prefix sums s_t = a^f_1 + ... + a^f_t and suffix sums r_t = a^r_t + ... + a^r_Q:
+
+        Y = (LD o CB) x  +  diag(exp(s)) C^f hf_in^T  +  diag(exp(r)) C^r hr_in^T  +  D x
+        LD[t, j] = exp(s_t - s_j) dt^f_j (j <= t),  exp(r_t - r_j) dt^r_j (j > t)
+        CB = tril(C^f B^f^T) + triu(C^r B^r^T, 1)
+        written states  S^f = x^T diag(exp(s_Q - s) dt^f) B^f,  S^r = x^T diag(exp(r_1 - r) dt^r) B^r
+        hf_in(c + 1) = exp(s_Q) hf_in(c) + S^f(c),  hr_in(c - 1) = exp(r_1) hr_in(c) + S^r(c)
+
+    ``LD`` is built as exp of its logarithm (dt folded in as log dt), in one Q x Q tensor per head,
+    and saved for the backward pass together with CB and the entering states.
+    """
+
+    @staticmethod
+    def forward(ctx, x, dtf, dtr, Af, Ar, Bf, Cf, Br, Cr, D):
+        x_h = x.permute(0, 1, 3, 4, 2, 5).contiguous()  # (b, c, G, R, Q, P)
+        dtf_h, dtr_h = dtf.permute(0, 1, 3, 4, 2), dtr.permute(0, 1, 3, 4, 2)  # (b, c, G, R, Q) each
+        s, r = _log_decays(dtf_h, dtr_h, Af, Ar)  # (b, c, G, R, Q) each
+        Bfg, Cfg, Brg, Crg = (t.transpose(2, 3) for t in (Bf, Cf, Br, Cr))  # (b, c, G, Q, N) each
+        CB = torch.tril(Cfg @ Bfg.transpose(-1, -2))  # (b, c, G, Q, Q)
+        CB += torch.triu(Crg @ Brg.transpose(-1, -2), 1)
+        LD = _decay_dt_matrix(s, r, dtf_h, dtr_h)  # (b, c, G, R, Q, Q)
+        Y = (LD * CB.unsqueeze(3)) @ x_h  # (b, c, G, R, Q, P)
+        hf = _states_forward(Y, x_h, Bfg, Cfg, s, s[..., -1:] - s, dtf_h, s[..., -1], reverse=False)
+        hr = _states_forward(Y, x_h, Brg, Crg, r, r[..., :1] - r, dtr_h, r[..., 0], reverse=True)
+        y = _heads_last(Y)  # (b, c, Q, G, R, P)
+        if D is not None:
+            y.addcmul_(x, D[..., None])
+        ctx.save_for_backward(x, dtf, dtr, Af, Ar, Bf, Cf, Br, Cr, D, hf, hr, CB, LD)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        with torch.autocast(dy.device.type, enabled=False):
+            return _BidirectionalChunkedScan._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
+        x, dtf, dtr, Af, Ar, Bf, Cf, Br, Cr, D, hf, hr, CB, LD = ctx.saved_tensors
+        x_h = x.permute(0, 1, 3, 4, 2, 5).contiguous()  # (b, c, G, R, Q, P)
+        dtf_h, dtr_h = dtf.permute(0, 1, 3, 4, 2), dtr.permute(0, 1, 3, 4, 2)  # (b, c, G, R, Q) each
+        s, r = _log_decays(dtf_h, dtr_h, Af, Ar)  # (b, c, G, R, Q) each
+        Bfg, Cfg, Brg, Crg = (t.transpose(2, 3) for t in (Bf, Cf, Br, Cr))  # (b, c, G, Q, N) each
+        dY = dy.permute(0, 1, 3, 4, 2, 5).contiguous()  # (b, c, G, R, Q, P)
+
+        # Inside the chunks: Y = M x with M = LD o CB, and log LD = segment sums + log dt.
+        dx_h = (LD * CB.unsqueeze(3)).transpose(-1, -2) @ dY  # (b, c, G, R, Q, P)
+        dLD = (dY @ x_h.transpose(-1, -2)).mul_(LD)  # (b, c, G, R, Q, Q)  dM o LD
+        dCB = dLD.sum(3)  # (b, c, G, Q, Q)
+        ds, dr, ddtf, ddtr = _log_matrix_grads(dLD.mul_(CB.unsqueeze(3)), dtf_h, dtr_h)  # dM o M
+        del dLD
+        dCBf, dCBr = torch.tril(dCB), dCB.triu_(1)  # (b, c, G, Q, Q) each
+        dCf, dBf = dCBf @ Bfg, dCBf.transpose(-1, -2) @ Cfg  # (b, c, G, Q, N) each
+        dCr, dBr = dCBr @ Brg, dCBr.transpose(-1, -2) @ Crg  # (b, c, G, Q, N) each
+
+        # Between the chunks, per direction.
+        fwd = _states_backward(dY, dx_h, x_h, Bfg, Cfg, hf, s, s[..., -1:] - s, dtf_h, s[..., -1], reverse=False)
+        rev = _states_backward(dY, dx_h, x_h, Brg, Crg, hr, r, r[..., :1] - r, dtr_h, r[..., 0], reverse=True)
+        for grads, d_log, ddt, end in ((fwd, ds, ddtf, -1), (rev, dr, ddtr, 0)):
+            dB, dC, dlog_E, dlog_w, ddt_states, dlog_gamma = grads
+            d_log += dlog_E - dlog_w  # log E = s (or r); log w = s_Q - s (or r_1 - r)
+            d_log[..., end] += dlog_w.sum(-1) + dlog_gamma
+            ddt += ddt_states
+        dBf, dCf, dBr, dCr = dBf + fwd[0], dCf + fwd[1], dBr + rev[0], dCr + rev[1]
+
+        # s = cumsum(dt^f A^f) and r = reverse cumsum(dt^r A^r).
+        daf, dar = ds.flip(-1).cumsum(-1).flip(-1), dr.cumsum(-1)  # (b, c, G, R, Q) each
+        ddtf += daf * Af[..., None]
+        ddtr += dar * Ar[..., None]
+        dAf, dAr = (daf * dtf_h).sum((0, 1, 4)), (dar * dtr_h).sum((0, 1, 4))  # (G, R) each
+        dx = _heads_last(dx_h)  # (b, c, Q, G, R, P)
+        dD = None
+        if D is not None:
+            dx.addcmul_(dy, D[..., None])
+            dD = torch.mul(dy, x, out=dY.view(x.shape)).sum(-1).sum((0, 1, 2))  # (G, R)  (dY: scratch)
+        return (dx, ddtf.permute(0, 1, 4, 2, 3), ddtr.permute(0, 1, 4, 2, 3), dAf, dAr,
+                *(t.transpose(2, 3) for t in (dBf, dCf, dBr, dCr)), dD)
+
+
+def _log_decays(dtf_h: torch.Tensor, dtr_h: torch.Tensor, Af: torch.Tensor, Ar: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Within-chunk prefix sums s of the forward log decays and suffix sums r of the reverse ones.
+
+    dt (b, c, G, R, Q), A (G, R) -> s, r (b, c, G, R, Q): s_t = a_1 + ... + a_t, r_t = a_t + ... + a_Q.
+    """
+    s = (dtf_h * Af[..., None]).cumsum(-1)
+    r = (dtr_h * Ar[..., None]).flip(-1).cumsum(-1).flip(-1)
+    return s, r
+
+
+def _decay_dt_matrix(s: torch.Tensor, r: torch.Tensor, dtf: torch.Tensor, dtr: torch.Tensor) -> torch.Tensor:
+    """LD (..., Q, Q): exp(s_t - s_j) dt^f_j on and below the diagonal, exp(r_t - r_j) dt^r_j above it.
+
+    Computed as exp(s_t - (s_j - log dt_j)), clamped below at log(tiny) + 1 like
+    ``ssd._decay_matrix``: entries too small for a normal float stay at ~1e-37 instead of turning
+    subnormal (negligible, and much faster on CPU). dt = 0 (padding) is read as dt = tiny.
+    """
+    tiny = torch.finfo(s.dtype).tiny
+    lower = s[..., :, None] - (s - dtf.clamp_min(tiny).log())[..., None, :]  # (..., Q, Q)
+    upper = r[..., :, None] - (r - dtr.clamp_min(tiny).log())[..., None, :]  # (..., Q, Q)
+    Q = s.shape[-1]
+    on_or_below = torch.ones(Q, Q, dtype=torch.bool, device=s.device).tril_()  # (Q, Q)
+    return torch.where(on_or_below, lower, upper, out=lower).clamp_min_(math.log(tiny) + 1.0).exp_()
+
+
+def _log_matrix_grads(dseg: torch.Tensor, dtf: torch.Tensor, dtr: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of s, r, dt^f and dt^r from dseg (..., Q, Q), the gradient of log LD; dseg is overwritten.
+
+    log LD[t, j] = s_t - s_j + log dt^f_j below and on the diagonal, r_t - r_j + log dt^r_j above
+    it: row sums go to s_t (r_t), column sums are taken from s_j (r_j) and, divided by dt_j, are
+    the gradient of dt_j (a sum of terms that each carry the factor dt_j, so the division is exact).
+    """
+    row_all, col_all = dseg.sum(-1), dseg.sum(-2)  # (..., Q) each
+    low = dseg.tril_()  # (..., Q, Q)
+    row_low, col_low = low.sum(-1), low.sum(-2)  # (..., Q) each
+    col_up = col_all - col_low
+    tiny = torch.finfo(dseg.dtype).tiny
+    return (row_low - col_low, row_all - row_low - col_up,
+            col_low / dtf.clamp_min(tiny), col_up / dtr.clamp_min(tiny))
+
+
+def _states_forward(Y: torch.Tensor, x_h: torch.Tensor, Bg: torch.Tensor, Cg: torch.Tensor, log_E: torch.Tensor,
+                    log_w: torch.Tensor, dt: torch.Tensor, log_gamma: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """One direction's states between chunks: adds diag(E) C h_in^T to Y in place; returns h_in.
+
+    x_h (b, c, G, R, Q, P); Bg, Cg (b, c, G, Q, N); log_E, log_w, dt (b, c, G, R, Q) where E scales the
+    read-out of the entering state and w dt the writes into the leaving state; log_gamma (b, c, G, R)
+    the log decay across each chunk. ``reverse``: states pass from the last chunk to the first.
+    Returns the state entering each chunk (b, c, G, R, P, N).
+    """
+    work = Bg.unsqueeze(3) * (log_w.exp() * dt)[..., None]  # (b, c, G, R, Q, N)  diag(w dt) B
+    h = x_h.transpose(-1, -2) @ work  # (b, c, G, R, P, N)  state written by each chunk
+    _pass_states(h, log_gamma, None, reverse=reverse)  # -> state entering each chunk
+    torch.mul(Cg.unsqueeze(3), log_E.exp()[..., None], out=work)  # (b, c, G, R, Q, N)  diag(E) C
+    _flat_baddbmm_(Y, work, h.transpose(-1, -2))
+    return h
+
+
+def _states_backward(dY, dx_h, x_h, Bg, Cg, h, log_E, log_w, dt, log_gamma, reverse):
+    """Backward of :func:`_states_forward` given dY; adds to dx_h in place.
+
+    Returns dB, dC (b, c, G, Q, N) and the gradients of log_E, log_w, dt (b, c, G, R, Q) and of
+    log_gamma (b, c, G, R).
+    """
+    E, v = log_E.exp(), log_w.exp() * dt  # (b, c, G, R, Q) each
+    work = Cg.unsqueeze(3) * E[..., None]  # (b, c, G, R, Q, N)  diag(E) C
+    dh = dY.transpose(-1, -2) @ work  # (b, c, G, R, P, N)  gradient of the entering states
+    dEC = dY @ h  # (b, c, G, R, Q, N)
+    dlog_E = E * torch.mul(dEC, Cg.unsqueeze(3), out=work).sum(-1)  # (b, c, G, R, Q)
+    dC = dEC.mul_(E[..., None]).sum(3)  # (b, c, G, Q, N)
+    _, dlog_gamma = _pass_states_backward(dh, h, log_gamma, torch.zeros_like(h[:, 0]), reverse=reverse)
+    torch.mul(Bg.unsqueeze(3), v[..., None], out=work)  # (b, c, G, R, Q, N)  diag(w dt) B
+    _flat_baddbmm_(dx_h, work, dh.transpose(-1, -2))
+    dBv = x_h @ dh  # (b, c, G, R, Q, N)
+    dv = torch.mul(dBv, Bg.unsqueeze(3), out=work).sum(-1)  # (b, c, G, R, Q)
+    dB = dBv.mul_(v[..., None]).sum(3)  # (b, c, G, Q, N)
+    return dB, dC, dlog_E, dv * v, dv * log_w.exp(), dlog_gamma
