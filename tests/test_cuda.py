@@ -12,11 +12,13 @@ import warnings
 
 import pytest
 import torch
+from test_biscan import biscan_inputs, quasiseparable_reference, with_grads
 from test_ssm import assert_rel_close, run_with_grads, scan_inputs
 
 from dimba.backbones import Block, ssm
+from dimba.backbones.bimamba import SharedBiMamba2
 from dimba.backbones.mamba import BiMamba2, Mamba2Mixer
-from dimba.backbones.ssm import selective_scan
+from dimba.backbones.ssm import bidirectional_scan, conv_silu, selective_scan
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 needs_mamba_ssm = pytest.mark.skipif(ssm.mamba_chunk_scan_combined is None, reason="needs mamba_ssm")
@@ -189,3 +191,72 @@ def test_bf16_autocast_block_is_finite_and_close_to_float32():
     (grad_h,) = torch.autograd.grad(y16.float().square().mean(), h)
     assert torch.isfinite(y16).all() and torch.isfinite(grad_h).all()
     assert_rel_close(y16.float().detach().cpu(), y32.detach().cpu(), 5e-2, "bf16 output")
+
+
+@needs_mamba_ssm
+@pytest.mark.parametrize("length,groups", [(300, 2), (37, 1)])
+def test_bidirectional_scan_is_one_mamba_ssm_call_and_matches_float64(monkeypatch, length, groups):
+    calls = count_calls(monkeypatch, ssm, "mamba_chunk_scan_combined")
+    inputs = biscan_inputs(length=length, heads=8, headdim=16, d_state=16, groups=groups)
+    y_ref, grads_ref = with_grads(quasiseparable_reference, inputs)  # CPU, float64
+    y, grads = with_grads(bidirectional_scan, on_cuda(inputs), chunk_size=32)
+    assert len(calls) == 1, "both directions should take one mamba_chunk_scan_combined call"
+    assert y.is_cuda and y.dtype == torch.float32
+    assert_rel_close(y.cpu(), y_ref, TF32, "y")
+    for name, g in grads.items():
+        assert_rel_close(g.cpu(), grads_ref[name], TF32, f"d{name}")
+
+
+def test_bidirectional_scan_without_mamba_ssm_warns_once_and_matches_cpu(monkeypatch):
+    monkeypatch.setattr(ssm, "mamba_chunk_scan_combined", None)
+    ssm._warn_pure_pytorch_on_cuda.cache_clear()
+    inputs = {k: v.float() for k, v in biscan_inputs(length=100, heads=4, headdim=16, d_state=16, groups=2).items()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = [with_grads(bidirectional_scan, on_cuda(inputs), chunk_size=32) for _ in range(2)]
+    assert len([w for w in caught if "mamba_ssm is not installed" in str(w.message)]) == 1
+    ref = with_grads(bidirectional_scan, inputs, chunk_size=32)
+    for y, grads in got:
+        assert_rel_close(y.cpu(), ref[0], 1e-5, "y")
+        for name, g in grads.items():
+            assert_rel_close(g.cpu(), ref[1][name], 1e-5, f"d{name}")
+
+
+@needs_causal_conv1d
+@pytest.mark.parametrize("lookahead", [1, 3])
+def test_conv_with_lookahead_uses_causal_conv1d_and_matches_cpu(monkeypatch, lookahead):
+    calls = count_calls(monkeypatch, ssm, "causal_conv1d_fn")
+    gen = torch.Generator().manual_seed(0)
+    x, weight, bias = torch.randn(2, 37, 36, generator=gen), torch.randn(36, 4, generator=gen), torch.randn(36, generator=gen)
+    dout = torch.randn(2, 37, 36, generator=gen)
+    results = []
+    for device in ("cpu", "cuda"):
+        leaves = [t.to(device, copy=True).requires_grad_() for t in (x, weight, bias)]
+        out = conv_silu(*leaves, lookahead=lookahead)  # (B, L, C)
+        results.append([out.detach().cpu()] + [g.cpu() for g in torch.autograd.grad(out, leaves, dout.to(device))])
+    assert calls, "conv_silu did not use causal_conv1d on CUDA"
+    for name, got, ref in zip(("output", "dx", "dweight", "dbias"), results[1], results[0]):
+        assert_rel_close(got, ref, 1e-5, name)
+
+
+@pytest.mark.parametrize("ngroups", [1, 2])
+def test_shared_bimamba_on_cuda_matches_cpu(ngroups):
+    torch.manual_seed(0)
+    layer = SharedBiMamba2(64, **mixer_kwargs(ngroups))
+    u = torch.randn(2, 77, 64)  # (B, L, D)
+    y_cpu, grads_cpu = output_and_grads(layer, u)
+    y_cuda, grads_cuda = output_and_grads(copy.deepcopy(layer).cuda(), u.cuda())
+    assert_rel_close(y_cuda, y_cpu, TF32, "y")
+    for name, g in grads_cuda.items():
+        assert_rel_close(g, grads_cpu[name], TF32, f"d{name}")
+
+
+def test_shared_bimamba_padding_on_cuda_matches_each_row_alone():
+    torch.manual_seed(0)
+    layer = SharedBiMamba2(64, **mixer_kwargs(1)).cuda()
+    u = torch.randn(3, 90, 64, device="cuda")  # (B, L, D)
+    lengths = torch.tensor([90, 41, 7], device="cuda")
+    with torch.no_grad():
+        out = layer(u, lengths)  # (B, L, D)
+        for i, n in enumerate(lengths.tolist()):
+            assert_rel_close(out[i, :n].cpu(), layer(u[i: i + 1, :n])[0].cpu(), TF32, f"row {i}")

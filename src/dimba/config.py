@@ -61,7 +61,20 @@ class ModelConfig(_Strict):
     expand: int = Field(2, gt=0, description="Mamba-2 inner width = expand * d_model")
     d_conv: int = Field(4, gt=0)
     chunk_size: int = Field(64, gt=0, description="SSD chunk length")
-    tie_reverse: bool = False
+    tie_reverse: bool = Field(False, description="bimamba=separate: one set of weights for both directions' mixers")
+    bimamba: Literal["shared", "separate"] = Field(
+        "shared", description="the bidirectional mamba2 block: shared (one mixer, shared projections, both scans in "
+        "one call) or separate (two whole mixers, the block of every model before this setting existed; a config "
+        "that sets tie_reverse but not bimamba, as all those models' saved configs do, gets separate)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _saved_before_bimamba(cls, data: Any) -> Any:
+        """Configs saved before ``bimamba`` existed list every field but it, tie_reverse included: they had
+        the separate block, and keep it so that their checkpoints load and give the same outputs."""
+        if isinstance(data, dict) and "tie_reverse" in data and "bimamba" not in data:
+            return {**data, "bimamba": "separate"}
+        return data
 
     @field_validator("family")
     @classmethod
@@ -80,6 +93,9 @@ class ModelConfig(_Strict):
             raise ValueError("latent_diffusion=true needs model.d_latent (e.g. model.d_latent=64)")
         if self.backbone == "transformer" and self.d_model % self.num_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}: change one of them")
+        if self.tie_reverse and self.bimamba == "shared":
+            raise ValueError("tie_reverse=true ties the two mixers of bimamba=separate: set model.bimamba=separate "
+                             "(the shared block has one mixer already)")
         if self.backbone == "mamba2" and (self.expand * self.d_model) % self.headdim:
             raise ValueError(
                 f"expand*d_model={self.expand * self.d_model} is not divisible by headdim={self.headdim}: change one of them"

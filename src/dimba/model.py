@@ -96,7 +96,7 @@ class DIMBA(nn.Module):
             cfg.backbone, d, cfg.num_denoiser_layers, cond_dim=d, conditioning_type=cfg.conditioning_type,
             bidirectional=cfg.bidirectional and not family.causal, num_heads=cfg.num_heads, d_state=cfg.d_state,
             d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim, chunk_size=cfg.chunk_size,
-            tie_reverse=cfg.tie_reverse,
+            tie_reverse=cfg.tie_reverse, bimamba=cfg.bimamba,
         )
         self.out_proj = nn.Linear(d, self.d_x) if family.latent else None
         self.head_norm = RMSNorm(d)

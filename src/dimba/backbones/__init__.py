@@ -1,9 +1,12 @@
 """Denoiser backbones: (B, L, D) hidden states + a conditioning vector (B, C) -> (B, L, D).
 
-A backbone knows nothing of noise, masks, schedules or losses. A new mixer is one file plus
-one entry in `MIXERS`. A causal backbone (``bidirectional=False``) also decodes one token at a
-time in O(1) work per token and layer for Mamba-2 (O(position) for attention) with
-:meth:`Backbone.allocate_cache`, :meth:`Backbone.prefill` and :meth:`Backbone.step`.
+A backbone knows nothing of noise, masks, schedules or losses. Its mixers keep one contract
+(:mod:`dimba.backbones.mixer`): ``forward`` with optional per-row ``lengths`` (right padding never
+changes the outputs at real positions), and ``allocate_state`` / ``prefill`` / ``step`` for causal
+decoding. A new mixer is one file plus one entry in `MIXERS`. A causal backbone
+(``bidirectional=False``) decodes one token at a time in O(1) work per token and layer for Mamba-2
+(O(position) for attention) with :meth:`Backbone.allocate_cache`, :meth:`Backbone.prefill` and
+:meth:`Backbone.step`.
 """
 
 from __future__ import annotations
@@ -14,16 +17,27 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dimba.backbones.bimamba import SharedBiMamba2
 from dimba.backbones.layers import Modulation, RMSNorm, SwiGLU
 from dimba.backbones.mamba import BiMamba2, Mamba2Mixer
 from dimba.backbones.transformer import Attention
 
+BIMAMBA_BLOCKS = ("shared", "separate")  # model.bimamba: SharedBiMamba2, or BiMamba2 (two mixers, the older block)
+
 
 def _mamba2(d_model: int, bidirectional: bool, **kw) -> nn.Module:
     mixer_kw = {k: kw[k] for k in ("d_state", "d_conv", "expand", "headdim", "chunk_size")}
-    if bidirectional:
-        return BiMamba2(d_model, tie_reverse=kw["tie_reverse"], **mixer_kw)
-    return Mamba2Mixer(d_model, **mixer_kw)
+    if not bidirectional:
+        return Mamba2Mixer(d_model, **mixer_kw)
+    bimamba = kw.get("bimamba", "shared")
+    if bimamba not in BIMAMBA_BLOCKS:
+        raise ValueError(f"unknown bimamba {bimamba!r}: choose one of {', '.join(BIMAMBA_BLOCKS)}")
+    if bimamba == "separate":
+        return BiMamba2(d_model, tie_reverse=kw.get("tie_reverse", False), **mixer_kw)
+    if kw.get("tie_reverse"):
+        raise ValueError("tie_reverse=True shares the weights of bimamba='separate''s two mixers: "
+                         "use bimamba='separate' (the shared block has one mixer already)")
+    return SharedBiMamba2(d_model, **mixer_kw)
 
 
 def _transformer(d_model: int, bidirectional: bool, **kw) -> nn.Module:
@@ -51,44 +65,25 @@ class Block(nn.Module):
             self.mod2 = Modulation(d_model, cond_dim, conditioning_type)
             self.mlp = SwiGLU(d_model)
 
-    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """h (B, L, D), c (B, C) -> (B, L, D)."""
-        h = h + self.mixer(self.mod1(self.norm1(h), c))  # (B, L, D)
+    def forward(self, h: torch.Tensor, c: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """h (B, L, D), c (B, C) -> (B, L, D); ``lengths`` (B,) or None: real tokens per row."""
+        h = h + self.mixer(self.mod1(self.norm1(h), c), lengths)  # (B, L, D)
         return self._mlp(h, c)
 
     def allocate_state(self, batch: int, max_len: int, device: torch.device | None = None,
-                       dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Empty decoding state of the causal mixer: a KV cache of ``max_len`` positions for
-        attention, the (conv, SSM) recurrent state for Mamba-2 (which ignores ``max_len``)."""
-        if isinstance(self.mixer, Attention):
-            return self.mixer.allocate_cache(batch, max_len, device, dtype)
-        return self.mixer.allocate_state(batch, device, dtype)
+                       dtype: torch.dtype | None = None):
+        """Empty decoding state of the causal mixer for up to ``max_len`` positions: a KV cache for
+        attention, the (conv, SSM) recurrent state for Mamba-2 (whose size does not depend on ``max_len``)."""
+        return self.mixer.allocate_state(batch, max_len, device, dtype)
 
-    def prefill(self, h: torch.Tensor, c: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """:meth:`forward` on a prompt h (B, P, D) at positions 0..P-1 that also fills ``state``.
-
-        Attention fills its KV cache in one parallel pass; Mamba-2 steps its mixer token by token.
-        """
-        x = self.mod1(self.norm1(h), c)  # (B, P, D)
-        if isinstance(self.mixer, Attention):
-            y, state = self.mixer.prefill(x, state)  # (B, P, D)
-        else:
-            ys = []
-            for t in range(x.shape[1]):
-                y_t, state = self.mixer.step(x[:, t], state)  # (B, D)
-                ys.append(y_t)
-            y = torch.stack(ys, dim=1)  # (B, P, D)
+    def prefill(self, h: torch.Tensor, c: torch.Tensor, state) -> tuple[torch.Tensor, object]:
+        """:meth:`forward` on a prompt h (B, P, D) at positions 0..P-1 that also fills ``state``."""
+        y, state = self.mixer.prefill(self.mod1(self.norm1(h), c), state)  # (B, P, D)
         return self._mlp(h + y, c), state
 
-    def step(self, h_t: torch.Tensor, c: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], pos: int
-             ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def step(self, h_t: torch.Tensor, c: torch.Tensor, state, pos: int) -> tuple[torch.Tensor, object]:
         """:meth:`forward` for the one token h_t (B, D) at position ``pos`` -> (B, D), new state."""
-        x_t = self.mod1(self.norm1(h_t), c)  # (B, D)
-        if isinstance(self.mixer, Attention):
-            y_t, state = self.mixer.step(x_t, state, pos)  # (B, D)
-        else:
-            y_t, state = self.mixer.step(x_t, state)  # (B, D)
+        y_t, state = self.mixer.step(self.mod1(self.norm1(h_t), c), state, pos)  # (B, D)
         return self._mlp(h_t + y_t, c), state
 
     def _mlp(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -115,8 +110,12 @@ class Backbone(nn.Module):
         self.bidirectional = bidirectional
         self.gradient_checkpointing = False
 
-    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, c: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """h (B, L, D), c (B, C) -> (B, L, D) after the final norm.
+
+        ``lengths`` (B,) int: the number of real tokens of each row, the rest being right padding.
+        Outputs at real positions then equal those of each row run alone, in both directions;
+        outputs at padded positions are unspecified. None: every position is real.
 
         With ``gradient_checkpointing`` (training with gradients), each block's activations are
         recomputed in the backward pass instead of stored.
@@ -124,9 +123,9 @@ class Backbone(nn.Module):
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:
-                h = checkpoint(block, h, c, use_reentrant=False)  # (B, L, D)
+                h = checkpoint(block, h, c, lengths, use_reentrant=False)  # (B, L, D)
             else:
-                h = block(h, c)  # (B, L, D)
+                h = block(h, c, lengths)  # (B, L, D)
         return self.norm(h)
 
     def allocate_cache(self, batch: int, max_len: int, device: torch.device | None = None,

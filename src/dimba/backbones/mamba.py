@@ -1,4 +1,4 @@
-"""Mamba-2 mixers: the causal :class:`Mamba2Mixer` and the bidirectional :class:`BiMamba2`.
+"""Mamba-2 mixers: the causal :class:`Mamba2Mixer` and the two-mixer bidirectional :class:`BiMamba2`.
 
 :class:`Mamba2Mixer` follows ``mamba_ssm.modules.mamba2.Mamba2`` (Dao & Gu 2024) with identical
 parameter names and shapes, so a checkpoint trained on GPU with ``mamba_ssm`` loads on CPU:
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dimba.backbones.mixer import BidirectionalMixer, reverse_rows
 from dimba.backbones.mixer_ops import gated_rms_norm
 from dimba.backbones.ssm import conv_silu, selective_scan
 
@@ -74,11 +75,29 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(d_inner, group_size=d_inner // ngroups)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        """u: (B, L, D) -> (B, L, D)."""
+    def forward(self, u: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """u: (B, L, D) -> (B, L, D). ``lengths`` is accepted for the mixer contract and not needed:
+        right padding comes after every real position, so a causal mixer never reads it."""
+        return self._mix(u)[0]
+
+    def prefill(self, u: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`forward` on u (B, P, D) continuing from ``state`` (in one parallel pass) -> (y, new state).
+
+        From :meth:`allocate_state`'s empty state this is the prompt at positions 0..P-1; decoding
+        goes on with :meth:`step`. ``state`` is not modified.
+        """
+        return self._mix(u, state)
+
+    def _mix(self, u: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
+             ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The mixer on u (B, L, D) from ``state`` (None: the sequence start) -> (y, state after u or None)."""
         H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
         z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, H], dim=-1)
-        x, B, C = self._causal_conv(xBC).split([self.d_inner, G * N, G * N], dim=-1)
+        history = 0 if state is None else self.d_conv - 1
+        if history:  # the conv reads the last d_conv - 1 inputs before u
+            xBC = torch.cat([state[0].transpose(1, 2).to(xBC.dtype), xBC], dim=1)  # (B, history + L, C)
+        x, B, C = self._causal_conv(xBC)[:, history:].split([self.d_inner, G * N, G * N], dim=-1)
         y = selective_scan(
             x.unflatten(-1, (H, P)),  # (B, L, H, P)
             F.softplus(dt + self.dt_bias),  # (B, L, H)
@@ -87,12 +106,19 @@ class Mamba2Mixer(nn.Module):
             C.unflatten(-1, (G, N)),  # (B, L, G, N)
             self.D,
             chunk_size=self.chunk_size,
-        )  # (B, L, H, P)
-        return self.out_proj(self.norm(y.flatten(-2), z))  # (B, L, D)
+            initial_state=None if state is None else state[1],
+            return_final_state=state is not None,
+        )  # (B, L, H, P), with the final state (B, H, P, N) when state is given
+        if state is None:
+            return self.out_proj(self.norm(y.flatten(-2), z)), None  # (B, L, D)
+        y, h = y
+        conv_state = xBC[:, xBC.shape[1] - history:].transpose(1, 2).to(state[0].dtype)  # (B, C, d_conv - 1)
+        return self.out_proj(self.norm(y.flatten(-2), z)), (conv_state, h)  # (B, L, D)
 
-    def allocate_state(self, batch: int, device: torch.device | None = None,
+    def allocate_state(self, batch: int, max_len: int | None = None, device: torch.device | None = None,
                        dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero recurrent state for :meth:`step`, as before the first token.
+        """Zero recurrent state for :meth:`step`, as before the first token; its size does not depend
+        on ``max_len`` (accepted for the mixer contract).
 
         Returns ``(conv_state, ssm_state)``: the last ``d_conv - 1`` conv inputs
         (batch, conv_dim, d_conv - 1) in the dtype of the weights (or ``dtype``), and the SSM state
@@ -106,9 +132,11 @@ class Mamba2Mixer(nn.Module):
         ssm_state = torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device, dtype=ssm_dtype)
         return conv_state, ssm_state
 
-    def step(self, u_t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+    def step(self, u_t: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], pos: int | None = None
              ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """One causal recurrent step in O(1) time and memory: u_t (B, D) -> (y_t (B, D), new state).
+
+        ``pos`` is accepted for the mixer contract; the state alone carries the position.
 
         ``state`` comes from :meth:`allocate_state` or a previous call and is not modified. Stepping
         through a sequence token by token gives the outputs of :meth:`forward` on the whole sequence.
@@ -135,13 +163,15 @@ class Mamba2Mixer(nn.Module):
         return conv_silu(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias)  # (B, L, C)
 
 
-class BiMamba2(nn.Module):
-    """Bidirectional Mamba-2: a forward mixer plus a mixer run on the time-reversed sequence.
+class BiMamba2(BidirectionalMixer):
+    """Bidirectional Mamba-2 from two whole mixers: a forward one plus one run on the time-reversed sequence.
 
+    The block of ``model.bimamba = "separate"`` (every model before :class:`~dimba.backbones.bimamba.SharedBiMamba2`).
     The reverse output is flipped back and combined with the forward one by addition
     (``combine="add"``) or by concatenation and a linear map 2D -> D (``combine="concat"``,
     ``combine_proj``). With ``tie_reverse=True`` both directions share ``forward_mixer`` and run as
-    one batched call. Every output position depends on the whole sequence.
+    one batched call. Every output position depends on the whole sequence; with ``lengths`` each
+    row is reversed within its real tokens, so the reverse mixer starts at the last real one.
 
     Args:
         d_model: model width D.
@@ -158,14 +188,14 @@ class BiMamba2(nn.Module):
         self.reverse_mixer = None if tie_reverse else Mamba2Mixer(d_model, **mixer_kwargs)
         self.combine_proj = nn.Linear(2 * d_model, d_model, bias=False) if combine == "concat" else None
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        """u: (B, L, D) -> (B, L, D)."""
-        u_rev = u.flip(1)  # (B, L, D)
+    def forward(self, u: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """u: (B, L, D) -> (B, L, D); ``lengths`` (B,): real tokens per row (see :mod:`dimba.backbones.mixer`)."""
+        u_rev = reverse_rows(u, lengths)  # (B, L, D)
         if self.reverse_mixer is None:
             y_fwd, y_rev = self.forward_mixer(torch.cat([u, u_rev], dim=0)).chunk(2, dim=0)  # (B, L, D) each
         else:
             y_fwd, y_rev = self.forward_mixer(u), self.reverse_mixer(u_rev)  # (B, L, D) each
-        y_rev = y_rev.flip(1)  # (B, L, D), back in the original order
+        y_rev = reverse_rows(y_rev, lengths)  # (B, L, D), back in the original order
         if self.combine_proj is None:
             return y_fwd + y_rev
         return self.combine_proj(torch.cat([y_fwd, y_rev], dim=-1))  # (B, L, D)

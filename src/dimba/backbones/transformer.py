@@ -1,7 +1,7 @@
 """Attention mixer: multi-head self-attention with rotary positions and SDPA, bidirectional or causal.
 
 A causal :class:`Attention` also decodes incrementally with a key/value cache:
-:meth:`Attention.allocate_cache`, :meth:`Attention.prefill` and :meth:`Attention.step`.
+:meth:`Attention.allocate_state`, :meth:`Attention.prefill` and :meth:`Attention.step`.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dimba.backbones.mixer import real_positions
 
 
 def rotary_tables(length: int, head_dim: int, device: torch.device, base: float = 10_000.0,
@@ -32,7 +34,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    """Self-attention mixer with the interface of every mixer: (B, L, D) -> (B, L, D)."""
+    """Self-attention mixer with the contract of every mixer (:mod:`dimba.backbones.mixer`): (B, L, D) -> (B, L, D)."""
 
     def __init__(self, d_model: int, num_heads: int, causal: bool = False):
         super().__init__()
@@ -46,13 +48,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, L, D) -> (B, L, D)."""
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, L, D) -> (B, L, D). With ``lengths`` (B,), bidirectional attention masks the keys after
+        each row's real tokens; causal attention never reads right padding and needs no mask."""
         q, k, v = self._rotated_qkv(x, start=0)  # (B, H, L, Dh) each
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, Dh)
+        mask = None
+        if lengths is not None and not self.causal:
+            mask = real_positions(lengths, x.shape[1])[:, None, None, :]  # (B, 1, 1, L): keys to attend to
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)  # (B, H, L, Dh)
         return self._output(y)  # (B, L, D)
 
-    def allocate_cache(self, batch: int, max_len: int, device: torch.device | None = None,
+    def allocate_state(self, batch: int, max_len: int, device: torch.device | None = None,
                        dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Empty key/value cache ``(k, v)``, each (batch, H, max_len, Dh), for up to ``max_len`` positions.
 

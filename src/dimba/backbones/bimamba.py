@@ -1,0 +1,90 @@
+"""The shared-projection bidirectional Mamba-2 mixer: one mixer, two scan directions, one scan call.
+
+Ideas from Hydra (Hwang et al. 2024) and Caduceus' BiMamba (Schiff et al. 2024). Where
+:class:`~dimba.backbones.mamba.BiMamba2` runs two whole Mamba-2 mixers (two input and output
+projections, convolutions and gated norms), :class:`SharedBiMamba2` has one of each and splits only
+what must differ per direction: B, C, dt, dt_bias and A. The forward and reverse scans read the
+same x and run as one call (:func:`dimba.backbones.ssm.bidirectional_scan`); their sum, a
+quasiseparable mixing matrix applied to x, goes through the one gated norm and output projection.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dimba.backbones.mamba import GatedRMSNorm, _inverse_softplus_log_uniform
+from dimba.backbones.mixer import BidirectionalMixer, real_positions
+from dimba.backbones.ssm import bidirectional_scan, conv_silu
+
+
+class SharedBiMamba2(BidirectionalMixer):
+    """Bidirectional Mamba-2 mixer with shared projections: (B, L, D) -> (B, L, D).
+
+    in_proj -> (z, xBC, dt) with xBC = (x, B_fwd, C_fwd, B_rev, C_rev) and dt = (dt_fwd, dt_rev);
+    xBC -> depthwise conv centred on each position (``(d_conv - 1) // 2`` steps ahead) -> SiLU;
+    y = bidirectional_scan(x, softplus(dt + dt_bias), A = -exp(A_log), B, C, D): position t reads
+    positions <= t through the forward scan and > t through the reverse one;
+    out = out_proj(norm(y * silu(z))).
+
+    With ``lengths`` (B,), the positions after each row's last real token are zeroed at the
+    conv's input, at x and at dt, so they add nothing and decay nothing in either direction: real
+    positions get the outputs of the row run alone (and the padding's dt, which can be anything,
+    never enters the scan's sums of log decays).
+
+    Args:
+        d_model: model width D.
+        d_state: state size N per head and direction.
+        d_conv: convolution width.
+        expand: d_inner = expand * d_model.
+        headdim: head size P; H = d_inner / P heads.
+        ngroups: number G of B/C groups shared by the heads (must divide H).
+        chunk_size: chunk length of the scan.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 64, d_conv: int = 4, expand: int = 2, headdim: int = 64,
+                 ngroups: int = 1, chunk_size: int = 64):
+        super().__init__()
+        d_inner = expand * d_model
+        if d_inner % headdim:
+            raise ValueError(f"d_inner = expand * d_model = {d_inner} is not divisible by headdim = {headdim}")
+        nheads = d_inner // headdim
+        if nheads % ngroups:
+            raise ValueError(f"ngroups = {ngroups} must divide the number of heads {nheads} (d_inner / headdim)")
+        self.d_inner, self.d_state, self.headdim = d_inner, d_state, headdim
+        self.nheads, self.ngroups, self.chunk_size, self.d_conv = nheads, ngroups, chunk_size, d_conv
+        self.conv_dim = d_inner + 4 * ngroups * d_state  # channels of xBC: x and both directions' B, C
+
+        self.in_proj = nn.Linear(d_model, d_inner + self.conv_dim + 2 * nheads, bias=False)  # -> z, xBC, dt
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim)
+        self.dt_bias = nn.Parameter(torch.cat([_inverse_softplus_log_uniform(nheads, 1e-3, 1e-1) for _ in range(2)]))
+        self.A_log = nn.Parameter(torch.empty(2 * nheads).uniform_(1.0, 16.0).log())  # (2H,): forward, reverse
+        self.D = nn.Parameter(torch.ones(nheads))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+        self.norm = GatedRMSNorm(d_inner, group_size=d_inner // ngroups)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def forward(self, u: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """u: (B, L, D) -> (B, L, D); ``lengths`` (B,): real tokens per row (see :mod:`dimba.backbones.mixer`)."""
+        H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
+        z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, 2 * H], dim=-1)
+        keep = None if lengths is None else real_positions(lengths, u.shape[1])[..., None].to(xBC.dtype)  # (B, L, 1)
+        if keep is not None:
+            xBC = xBC * keep  # (B, L, conv_dim)
+        xBC = conv_silu(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, lookahead=(self.d_conv - 1) // 2)
+        x, B_fwd, C_fwd, B_rev, C_rev = xBC.split([self.d_inner] + [G * N] * 4, dim=-1)
+        dt = F.softplus(dt + self.dt_bias)  # (B, L, 2H)
+        if keep is not None:
+            x, dt = x * keep, dt * keep  # (B, L, d_inner), (B, L, 2H)
+        A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))  # (2H,)
+        y = bidirectional_scan(
+            x.unflatten(-1, (H, P)),  # (B, L, H, P)
+            dt[..., :H], dt[..., H:],  # (B, L, H) each
+            A[:H], A[H:],  # (H,) each
+            *(t.unflatten(-1, (G, N)) for t in (B_fwd, C_fwd, B_rev, C_rev)),  # (B, L, G, N) each
+            self.D,
+            chunk_size=self.chunk_size,
+        )  # (B, L, H, P)
+        return self.out_proj(self.norm(y.flatten(-2), z))  # (B, L, D)
