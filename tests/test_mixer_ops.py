@@ -99,3 +99,11 @@ def test_keep_freed_memory_stops_refaulting_large_blocks(system_malloc, monkeypa
     else:  # the block comes back from the heap, already mapped (on most calls; glibc may move the heap top once)
         assert applied and faults < 0.1
 
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+@pytest.mark.parametrize("system_malloc", ["", "1"])
+def test_importing_dimba_keeps_freed_memory_for_library_users(system_malloc, monkeypatch):
+    monkeypatch.setenv("DIMBA_SYSTEM_MALLOC", system_malloc)
+    code = "import dimba, dimba.malloc; print(dimba.malloc.freed_memory_kept())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ("False" if system_malloc else "True")
