@@ -25,7 +25,7 @@ def _grads(fn, inputs, dout):
 
 
 @pytest.mark.parametrize("lookahead", [0, 1, 3])
-@pytest.mark.parametrize("length", [1, 2, 3, 4, 37])
+@pytest.mark.parametrize("length", [1, 2, 3, 4, 37, 150])  # 150: three blocks of the conv
 def test_conv_equals_conv1d(length, lookahead):
     torch.manual_seed(length)
     wide = torch.randn(2, length, 20, dtype=torch.float64)  # (B, L, 20): the conv reads a slice of it,
