@@ -24,6 +24,7 @@ the inputs or outputs are made.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -114,12 +115,11 @@ class _BidirectionalChunkedScan(torch.autograd.Function):
         CB += torch.triu(Crg @ Brg.transpose(-1, -2), 1)
         LD = _decay_dt_matrix(s, r, dtf_h, dtr_h)  # (b, c, G, R, Q, Q)
         Y = (LD * CB.unsqueeze(3)) @ x_h  # (b, c, G, R, Q, P)
-        hf = _states_forward(Y, x_h, Bfg, Cfg, s, s[..., -1:] - s, dtf_h, s[..., -1], reverse=False)
-        hr = _states_forward(Y, x_h, Brg, Crg, r, r[..., :1] - r, dtr_h, r[..., 0], reverse=True)
+        h = _states_forward(Y, x_h, _directions(Bfg, Cfg, Brg, Crg, s, r, dtf_h, dtr_h))  # (b, c, G, R, P, 2N)
         y = _heads_last(Y)  # (b, c, Q, G, R, P)
         if D is not None:
             y.addcmul_(x, D[..., None])
-        ctx.save_for_backward(x, dtf, dtr, Af, Ar, Bf, Cf, Br, Cr, D, hf, hr, CB, LD)
+        ctx.save_for_backward(x, dtf, dtr, Af, Ar, Bf, Cf, Br, Cr, D, h, CB, LD)
         return y
 
     @staticmethod
@@ -130,7 +130,7 @@ class _BidirectionalChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dy):
-        x, dtf, dtr, Af, Ar, Bf, Cf, Br, Cr, D, hf, hr, CB, LD = ctx.saved_tensors
+        x, dtf, dtr, Af, Ar, Bf, Cf, Br, Cr, D, h, CB, LD = ctx.saved_tensors
         x_h = x.permute(0, 1, 3, 4, 2, 5).contiguous()  # (b, c, G, R, Q, P)
         dtf_h, dtr_h = dtf.permute(0, 1, 3, 4, 2), dtr.permute(0, 1, 3, 4, 2)  # (b, c, G, R, Q) each
         s, r = _log_decays(dtf_h, dtr_h, Af, Ar)  # (b, c, G, R, Q) each
@@ -147,9 +147,8 @@ class _BidirectionalChunkedScan(torch.autograd.Function):
         dCf, dBf = dCBf @ Bfg, dCBf.transpose(-1, -2) @ Cfg  # (b, c, G, Q, N) each
         dCr, dBr = dCBr @ Brg, dCBr.transpose(-1, -2) @ Crg  # (b, c, G, Q, N) each
 
-        # Between the chunks, per direction.
-        fwd = _states_backward(dY, dx_h, x_h, Bfg, Cfg, hf, s, s[..., -1:] - s, dtf_h, s[..., -1], reverse=False)
-        rev = _states_backward(dY, dx_h, x_h, Brg, Crg, hr, r, r[..., :1] - r, dtr_h, r[..., 0], reverse=True)
+        # Between the chunks.
+        fwd, rev = _states_backward(dY, dx_h, x_h, h, _directions(Bfg, Cfg, Brg, Crg, s, r, dtf_h, dtr_h))
         for grads, d_log, ddt, end in ((fwd, ds, ddtf, -1), (rev, dr, ddtr, 0)):
             dB, dC, dlog_E, dlog_w, ddt_states, dlog_gamma = grads
             d_log += dlog_E - dlog_w  # log E = s (or r); log w = s_Q - s (or r_1 - r)
@@ -214,39 +213,83 @@ def _log_matrix_grads(dseg: torch.Tensor, dtf: torch.Tensor, dtr: torch.Tensor
             col_low / dtf.clamp_min(tiny), col_up / dtr.clamp_min(tiny))
 
 
-def _states_forward(Y: torch.Tensor, x_h: torch.Tensor, Bg: torch.Tensor, Cg: torch.Tensor, log_E: torch.Tensor,
-                    log_w: torch.Tensor, dt: torch.Tensor, log_gamma: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """One direction's states between chunks: adds diag(E) C h_in^T to Y in place; returns h_in.
+class _Direction(NamedTuple):
+    """One direction's terms between chunks: B, C (b, c, G, Q, N); log_E, the log scaling of the read-out
+    of the entering state, log_w, that of the writes into the leaving one, and dt (b, c, G, R, Q);
+    log_gamma (b, c, G, R), the log decay across each chunk; ``reverse``: states pass last chunk first."""
 
-    x_h (b, c, G, R, Q, P); Bg, Cg (b, c, G, Q, N); log_E, log_w, dt (b, c, G, R, Q) where E scales the
-    read-out of the entering state and w dt the writes into the leaving state; log_gamma (b, c, G, R)
-    the log decay across each chunk. ``reverse``: states pass from the last chunk to the first.
-    Returns the state entering each chunk (b, c, G, R, P, N).
+    B: torch.Tensor
+    C: torch.Tensor
+    log_E: torch.Tensor
+    log_w: torch.Tensor
+    dt: torch.Tensor
+    log_gamma: torch.Tensor
+    reverse: bool
+
+
+def _directions(Bf, Cf, Br, Cr, s, r, dtf, dtr) -> tuple[_Direction, _Direction]:
+    """The forward and reverse directions' terms (layouts of `_Direction`) from the prefix sums s and suffix sums r."""
+    return (_Direction(Bf, Cf, s, s[..., -1:] - s, dtf, s[..., -1], False),
+            _Direction(Br, Cr, r, r[..., :1] - r, dtr, r[..., 0], True))
+
+
+def _states_forward(Y: torch.Tensor, x_h: torch.Tensor, dirs: tuple[_Direction, _Direction]) -> torch.Tensor:
+    """Both directions' states between chunks: adds diag(E) C h_in^T of each to Y in place; returns h_in.
+
+    The two directions are side by side along the state dimension (N forward, then N reverse), so
+    each product is made once for both, with a doubled width. x_h (b, c, G, R, Q, P); returns the
+    state entering each chunk (b, c, G, R, P, 2N).
     """
-    work = Bg.unsqueeze(3) * (log_w.exp() * dt)[..., None]  # (b, c, G, R, Q, N)  diag(w dt) B
-    h = x_h.transpose(-1, -2) @ work  # (b, c, G, R, P, N)  state written by each chunk
-    _pass_states(h, log_gamma, None, reverse=reverse)  # -> state entering each chunk
-    torch.mul(Cg.unsqueeze(3), log_E.exp()[..., None], out=work)  # (b, c, G, R, Q, N)  diag(E) C
+    f, r = dirs
+    work = _side_by_side((f.B, f.log_w.exp() * f.dt), (r.B, r.log_w.exp() * r.dt))  # (b, c, G, R, Q, 2N)
+    h = x_h.transpose(-1, -2) @ work  # (b, c, G, R, P, 2N)  state written by each chunk
+    for d, half in zip(dirs, _halves(f.B.shape[-1])):
+        _pass_states(h[..., half], d.log_gamma, None, reverse=d.reverse)  # -> state entering each chunk
+    _side_by_side((f.C, f.log_E.exp()), (r.C, r.log_E.exp()), out=work)  # (b, c, G, R, Q, 2N)  diag(E) C
     _flat_baddbmm_(Y, work, h.transpose(-1, -2))
     return h
 
 
-def _states_backward(dY, dx_h, x_h, Bg, Cg, h, log_E, log_w, dt, log_gamma, reverse):
+def _states_backward(dY, dx_h, x_h, h, dirs):
     """Backward of :func:`_states_forward` given dY; adds to dx_h in place.
 
-    Returns dB, dC (b, c, G, Q, N) and the gradients of log_E, log_w, dt (b, c, G, R, Q) and of
-    log_gamma (b, c, G, R).
+    Returns per direction dB, dC (b, c, G, Q, N), the gradients of log_E, log_w and dt
+    (b, c, G, R, Q) and of log_gamma (b, c, G, R).
     """
-    E, v = log_E.exp(), log_w.exp() * dt  # (b, c, G, R, Q) each
-    work = Cg.unsqueeze(3) * E[..., None]  # (b, c, G, R, Q, N)  diag(E) C
-    dh = dY.transpose(-1, -2) @ work  # (b, c, G, R, P, N)  gradient of the entering states
-    dEC = dY @ h  # (b, c, G, R, Q, N)
-    dlog_E = E * torch.mul(dEC, Cg.unsqueeze(3), out=work).sum(-1)  # (b, c, G, R, Q)
-    dC = dEC.mul_(E[..., None]).sum(3)  # (b, c, G, Q, N)
-    _, dlog_gamma = _pass_states_backward(dh, h, log_gamma, torch.zeros_like(h[:, 0]), reverse=reverse)
-    torch.mul(Bg.unsqueeze(3), v[..., None], out=work)  # (b, c, G, R, Q, N)  diag(w dt) B
+    f, r = dirs
+    E, v = (f.log_E.exp(), r.log_E.exp()), (f.log_w.exp() * f.dt, r.log_w.exp() * r.dt)  # (b, c, G, R, Q) each
+    work = _side_by_side((f.C, E[0]), (r.C, E[1]))  # (b, c, G, R, Q, 2N)  diag(E) C
+    dh = dY.transpose(-1, -2) @ work  # (b, c, G, R, P, 2N)  gradient of the entering states
+    dEC = dY @ h  # (b, c, G, R, Q, 2N)
+    halves = _halves(f.B.shape[-1])
+    zeros = torch.zeros_like(h[:, 0, ..., halves[0]])  # (b, G, R, P, N): nothing reads the final states
+    out = []
+    for d, Ed, half in zip(dirs, E, halves):
+        dlog_E = Ed * (dEC[..., half] * d.C.unsqueeze(3)).sum(-1)  # (b, c, G, R, Q)
+        dC = (dEC[..., half] * Ed[..., None]).sum(3)  # (b, c, G, Q, N)
+        _, dlog_gamma = _pass_states_backward(dh[..., half], h[..., half], d.log_gamma, zeros, reverse=d.reverse)
+        out.append([dC, dlog_E, dlog_gamma])
+    _side_by_side((f.B, v[0]), (r.B, v[1]), out=work)  # (b, c, G, R, Q, 2N)  diag(w dt) B
     _flat_baddbmm_(dx_h, work, dh.transpose(-1, -2))
-    dBv = x_h @ dh  # (b, c, G, R, Q, N)
-    dv = torch.mul(dBv, Bg.unsqueeze(3), out=work).sum(-1)  # (b, c, G, R, Q)
-    dB = dBv.mul_(v[..., None]).sum(3)  # (b, c, G, Q, N)
-    return dB, dC, dlog_E, dv * v, dv * log_w.exp(), dlog_gamma
+    dBv = x_h @ dh  # (b, c, G, R, Q, 2N)
+    grads = []
+    for (dC, dlog_E, dlog_gamma), d, vd, half in zip(out, dirs, v, halves):
+        dv = (dBv[..., half] * d.B.unsqueeze(3)).sum(-1)  # (b, c, G, R, Q)
+        dB = (dBv[..., half] * vd[..., None]).sum(3)  # (b, c, G, Q, N)
+        grads.append((dB, dC, dlog_E, dv * vd, dv * d.log_w.exp(), dlog_gamma))
+    return grads
+
+
+def _side_by_side(first, second, out=None) -> torch.Tensor:
+    """[diag(a) M | diag(a') M'] per head from pairs (M (b, c, G, Q, N), a (b, c, G, R, Q)): (b, c, G, R, Q, 2N)."""
+    (m1, a1), (m2, a2) = first, second
+    N = m1.shape[-1]
+    out = m1.new_empty(*a1.shape, 2 * N) if out is None else out
+    torch.mul(m1.unsqueeze(3), a1[..., None], out=out[..., :N])
+    torch.mul(m2.unsqueeze(3), a2[..., None], out=out[..., N:])
+    return out
+
+
+def _halves(N: int) -> tuple[slice, slice]:
+    """The forward and the reverse direction's half of a doubled state dimension."""
+    return slice(0, N), slice(N, 2 * N)
