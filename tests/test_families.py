@@ -215,6 +215,19 @@ def test_hybrid_generation_runs_end_to_end():
     assert out.shape == (2, 12) and (out[:, :2] == torch.tensor([4, 5])).all() and not (out == 2).any()
 
 
+@pytest.mark.parametrize("family", ["continuous", "hybrid"])
+def test_latent_sampling_never_draws_mask(family):
+    """[MASK] is never a clean token: a head that loves it still never puts it in a sample (the final
+    draw, the hybrid sampler's revealed tokens), nor at temperature 0 (the argmax)."""
+    m = model(family)
+    decode = m.decode
+    m.decode = lambda z: decode(z).index_fill(-1, torch.tensor([2]), 50.0)  # (B, L, V)
+    for temperature in (1.0, 0.0):
+        out = sample_from_model(m, [4, 5], seq_len=10, num_steps=4, num_samples=2, temperature=temperature,
+                                generator=torch.Generator().manual_seed(0))
+        assert out.shape == (2, 12) and not (out == 2).any()
+
+
 def test_forward_refuses_token_families():
     with pytest.raises(ValueError, match="token_logits"):
         model("masked")(torch.randint(3, V, (1, 24)), torch.tensor([0.5]))

@@ -160,9 +160,10 @@ class ContinuousGeneration(Generation):
             x0 = logits.softmax(-1) @ self.book if s.clamp == "soft" else self.book[logits.argmax(-1)]  # (N, L, d)
         x0 = torch.where(keep, self.z_prompt, x0)
         if self.absorbing:
-            return ModelOutput(x0=x0, logits=model.decode(x0))
+            return ModelOutput(x0=x0, logits=self._clean_token_logits(model.decode(x0)))
         if self.committing:
-            return ModelOutput(x0=x0, logits=model.decode(x0) if self._logits is None else self._logits)
+            return ModelOutput(x0=x0, logits=self._clean_token_logits(model.decode(x0) if self._logits is None
+                                                                      else self._logits))
         return ModelOutput(x0=x0)
 
     def finish(self, state: SamplerState, generator: torch.Generator | None) -> torch.Tensor:
@@ -171,8 +172,16 @@ class ContinuousGeneration(Generation):
             return state.tokens
         s = self.settings
         logits = self.model.decode(state.x0) if self._logits is None else self._logits  # (N, L, V)
-        out = sample_tokens(logits, s.temperature, s.top_k, s.top_p, generator)  # (N, L)
+        out = sample_tokens(self._clean_token_logits(logits), s.temperature, s.top_k, s.top_p, generator)  # (N, L)
         return torch.where(self.prompt_mask, self.ids, out)
+
+    def _clean_token_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The token logits (N, L, V) with [MASK] at -inf: it is never a clean token, so never drawn (the
+        final tokens, the hybrid sampler's revealed tokens, the committed ones), nor the argmax."""
+        mask_id = self.model.mask_id
+        if mask_id >= logits.shape[-1]:
+            return logits
+        return logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))  # (N, L, V)
 
 
 class ContinuousFamily(Family):
