@@ -1,11 +1,11 @@
 """One bidirectional Mamba-2 layer against one bidirectional transformer layer, forward+backward on CPU.
 
-    python bench/backbone.py [--png bench/backbone.png] [--lengths 512 2048] [--breakdown]
+    python bench/backbone.py [--png bench/backbone.png] [--lengths 512 2048] [--threads 1] [--breakdown]
 
 Layers are ``dimba.backbones.Block``s at d_model 256 with the default mixer settings (d_state 64,
 headdim 64, expand 2): ``mamba`` (SharedBiMamba2, the default bidirectional block), ``mamba-separate``
 (BiMamba2 with untied directions, the block before it) and ``transformer`` (Attention, 4 heads, +
-SwiGLU MLP). Batch 8; L = 128, 512, 2048, 8192; 1 thread. Every (layer, L) point runs in its own
+SwiGLU MLP). Batch 8; L = 128, 512, 2048, 8192; 1 thread (``--threads``). Every (layer, L) point runs in its own
 subprocess, one after the other, which reports its median time and its peak RSS (``ru_maxrss``)
 together with the RSS just before the first forward pass, so that one point's allocations cannot
 inflate another's. Each point also gets its FLOPs (products only: matmuls, the scans' batched
@@ -100,9 +100,9 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def run_point(kind: str, length: int, repeats: int, api: bool = False) -> dict:
+def run_point(kind: str, length: int, repeats: int, api: bool = False, threads: int = 1) -> dict:
     """Times forward+backward of one layer (or one-layer model) at one length, inside a fresh subprocess."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     module, run = layer_pass(kind, length, BATCH, api)
     rss_before = _rss_mib()
     times = []
@@ -129,7 +129,7 @@ def run_point(kind: str, length: int, repeats: int, api: bool = False) -> dict:
     }
 
 
-def breakdown(length: int, passes: int = 3) -> dict:
+def breakdown(length: int, passes: int = 3, threads: int = 1) -> dict:
     """Seconds per forward+backward pass of the new block, by kind of work (profiler self times).
 
     projections: the dense matmuls (in_proj, out_proj, the modulation); scan: the bidirectional scan's
@@ -138,7 +138,7 @@ def breakdown(length: int, passes: int = 3) -> dict:
     """
     from torch.profiler import profile
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     _, run = layer_pass("mamba", length, BATCH, api=False)
     run()
     with profile() as prof:
@@ -174,19 +174,22 @@ def main() -> None:
     ap.add_argument("--breakdown-point", type=int, metavar="L", help=argparse.SUPPRESS)
     ap.add_argument("--skip", nargs="*", default=[], metavar="KIND:L", help="points not to run, e.g. transformer:8192")
     ap.add_argument("--breakdown", action="store_true", help="also profile the new block at L = 512 and 2048")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in every timed process")
     args = ap.parse_args()
     if args.api_point:  # a user's process: dimba sets the allocator itself, if it does
-        print(json.dumps(run_point(args.api_point[0], int(args.api_point[1]), REPEATS[int(args.api_point[1])], api=True)))
+        kind, length = args.api_point[0], int(args.api_point[1])
+        print(json.dumps(run_point(kind, length, REPEATS[length], api=True, threads=args.threads)))
         return
     keep_freed_memory()  # as importing dimba.backbones does (DIMBA_SYSTEM_MALLOC=1: glibc defaults)
     if args.point:
         kind, length = args.point[0], int(args.point[1])
-        print(json.dumps(run_point(kind, length, REPEATS[length])))
+        print(json.dumps(run_point(kind, length, REPEATS[length], threads=args.threads)))
         return
     if args.breakdown_point:
-        print(json.dumps(breakdown(args.breakdown_point)))
+        print(json.dumps(breakdown(args.breakdown_point, threads=args.threads)))
         return
 
+    threads = ["--threads", str(args.threads)]
     groups = {"layer": (KINDS, "--point", False), "api": (tuple(API_BACKBONES), "--api-point", True)}
     points: dict[str, dict[str, dict[int, dict]]] = {g: {k: {} for k in kinds} for g, (kinds, _, _) in groups.items()}
     for length in args.lengths:
@@ -194,14 +197,14 @@ def main() -> None:
             for kind in kinds:
                 if f"{kind}:{length}" in args.skip or f"{group}:{kind}:{length}" in args.skip:
                     continue
-                points[group][kind][length] = _subprocess([flag, kind, str(length)], clean_env)
+                points[group][kind][length] = _subprocess([flag, kind, str(length), *threads], clean_env)
                 print(group, kind, length, points[group][kind][length], file=sys.stderr, flush=True)
-    out = {"batch": BATCH, "d_model": D_MODEL, "points": points, "skipped": args.skip,
+    out = {"batch": BATCH, "d_model": D_MODEL, "threads": args.threads, "points": points, "skipped": args.skip,
            "median_s": {g: {k: {L: round(v["median_s"], 4) for L, v in pts.items()} for k, pts in kinds.items()}
                         for g, kinds in points.items()},
            "speedup_over_transformer": {g: _speedups(kinds) for g, kinds in points.items()}}
     if args.breakdown:
-        out["breakdown"] = [_subprocess(["--breakdown-point", str(L)], False) for L in (512, 2048)]
+        out["breakdown"] = [_subprocess(["--breakdown-point", str(L), *threads], False) for L in (512, 2048)]
     print(json.dumps(out, indent=2))
     if args.png:
         draw(out, args.png)
@@ -233,7 +236,7 @@ def draw(out: dict, path: str) -> None:
             ax2.plot(Ls, [pts[L]["peak_rss_mib"] for L in Ls], style, label=label)
             ax3.plot(Ls, [pts[L]["gflop_per_s"] for L in Ls], style, label=label)
     ax1.set(xscale="log", yscale="log", xlabel="L", ylabel="forward+backward, median s",
-            title=f"batch {out['batch']}, d_model {out['d_model']}, 1 thread")
+            title=f"batch {out['batch']}, d_model {out['d_model']}, {out['threads']} thread(s)")
     ax2.set(xscale="log", yscale="log", xlabel="L", ylabel="peak RSS, MiB", title="peak RSS of the subprocess")
     ax3.set(xscale="log", xlabel="L", ylabel="GFLOP/s (counted products)", ylim=(0, None),
             title="rate of the counted matmul, scan and attention FLOPs")
