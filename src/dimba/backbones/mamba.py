@@ -167,26 +167,20 @@ class BiMamba2(BidirectionalMixer):
     """Bidirectional Mamba-2 from two whole mixers: a forward one plus one run on the time-reversed sequence.
 
     The block of ``model.bimamba = "separate"`` (every model before :class:`~dimba.backbones.bimamba.SharedBiMamba2`).
-    The reverse output is flipped back and combined with the forward one by addition
-    (``combine="add"``) or by concatenation and a linear map 2D -> D (``combine="concat"``,
-    ``combine_proj``). With ``tie_reverse=True`` both directions share ``forward_mixer`` and run as
+    The reverse output is flipped back and added to the forward one. With ``tie_reverse=True`` both directions share ``forward_mixer`` and run as
     one batched call. Every output position depends on the whole sequence; with ``lengths`` each
     row is reversed within its real tokens, so the reverse mixer starts at the last real one.
 
     Args:
         d_model: model width D.
         tie_reverse: share the mixer weights between the two directions.
-        combine: ``"add"`` or ``"concat"``.
         **mixer_kwargs: passed to :class:`Mamba2Mixer`.
     """
 
-    def __init__(self, d_model: int, tie_reverse: bool = False, combine: str = "add", **mixer_kwargs):
+    def __init__(self, d_model: int, tie_reverse: bool = False, **mixer_kwargs):
         super().__init__()
-        if combine not in ("add", "concat"):
-            raise ValueError(f"unknown combine {combine!r}: use 'add' or 'concat'")
         self.forward_mixer = Mamba2Mixer(d_model, **mixer_kwargs)
         self.reverse_mixer = None if tie_reverse else Mamba2Mixer(d_model, **mixer_kwargs)
-        self.combine_proj = nn.Linear(2 * d_model, d_model, bias=False) if combine == "concat" else None
 
     def forward(self, u: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """u: (B, L, D) -> (B, L, D); ``lengths`` (B,): real tokens per row (see :mod:`dimba.backbones.mixer`)."""
@@ -195,10 +189,7 @@ class BiMamba2(BidirectionalMixer):
             y_fwd, y_rev = self.forward_mixer(torch.cat([u, u_rev], dim=0)).chunk(2, dim=0)  # (B, L, D) each
         else:
             y_fwd, y_rev = self.forward_mixer(u), self.reverse_mixer(u_rev)  # (B, L, D) each
-        y_rev = reverse_rows(y_rev, lengths)  # (B, L, D), back in the original order
-        if self.combine_proj is None:
-            return y_fwd + y_rev
-        return self.combine_proj(torch.cat([y_fwd, y_rev], dim=-1))  # (B, L, D)
+        return y_fwd + reverse_rows(y_rev, lengths)  # (B, L, D): the reverse output back in the original order
 
 
 def _inverse_softplus_log_uniform(n: int, low: float, high: float) -> torch.Tensor:
