@@ -27,7 +27,7 @@ def test_config_file_merges_over_preset(tmp_path):
     ("trian.lr=1", ["unknown config key 'trian'"]),
     ("train.lr=abc", ["train.lr", "valid number"]),
     ("model.d_model=0", ["model.d_model", "greater than 0"]),
-    ("model.backbone=lstm", ["model.backbone"]),
+    ("model.backbone=lstm", ["model.backbone", "unknown backbone 'lstm'", "mamba2, transformer"]),
     ("train.max_steps=1.5", ["train.max_steps"]),
     ("noequals", ["KEY=VALUE"]),
 ])
@@ -45,6 +45,33 @@ def test_inconsistent_sizes_rejected():
         load_config("tiny", None, ["model.backbone=transformer", "model.num_heads=3"])
     with pytest.raises(ConfigError, match="d_latent"):
         load_config("tiny", None, ["model.latent_diffusion=true"])
+
+
+def test_a_registered_backbone_is_one_registry_line(monkeypatch):
+    """A backbone added to dimba.backbones.MIXERS is accepted by the config, checked by its own rule, offered
+    by the CLI and built by DIMBA, with no other file touched."""
+    import torch
+
+    from dimba import DIMBA
+    from dimba.backbones import MIXERS, BackboneSpec
+    from dimba.backbones.transformer import Attention
+    from dimba.config import choices
+    from dimba.config import ModelConfig
+
+    def check(cfg):
+        if cfg.num_heads != 2:
+            raise ValueError("attn2 needs model.num_heads=2")
+
+    spec = BackboneSpec(lambda d, bidirectional, **kw: Attention(d, 2, causal=not bidirectional), False, check)
+    monkeypatch.setitem(MIXERS, "attn2", spec)
+    assert "attn2" in choices(ModelConfig, "backbone")
+    cfg = load_config("tiny", None, ["model.backbone=attn2", "model.num_heads=2"])
+    with pytest.raises(ConfigError, match="attn2 needs model.num_heads=2"):
+        load_config("tiny", None, ["model.backbone=attn2", "model.num_heads=4"])
+    model = DIMBA(40, family="masked", backbone="attn2", d_model=16, num_heads=2, num_denoiser_layers=1)
+    assert isinstance(model.backbone.blocks[0].mixer, Attention) and model.backbone.blocks[0].mlp is None
+    assert model.token_logits(torch.randint(3, 40, (1, 8))).shape == (1, 8, 40)
+    assert cfg.model.backbone == "attn2"
 
 
 def test_missing_and_invalid_files(tmp_path):

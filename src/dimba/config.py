@@ -9,6 +9,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dimba.backbones import MIXERS, backbone_names
 from dimba.errors import ConfigError, first_line
 from dimba.families import family_names, get_family
 
@@ -28,7 +29,8 @@ class ModelConfig(_Strict):
         "or ar (causal next-token: the autoregressive yardstick; the backbone is made causal), or a registered family")
     d_model: int = Field(256, gt=0)
     num_denoiser_layers: int = Field(4, gt=0)
-    backbone: Literal["mamba2", "transformer"] = "mamba2"
+    backbone: str = Field("mamba2", description="the denoiser network: mamba2 or transformer, or a backbone "
+                          "registered in dimba.backbones.MIXERS")
     bidirectional: bool = True
     num_diffusion_steps: int = Field(1000, gt=0)
     schedule: Literal["cosine", "linear"] = "cosine"
@@ -83,6 +85,13 @@ class ModelConfig(_Strict):
             raise ValueError(f"unknown family {name!r}: choose one of {', '.join(family_names())}")
         return name
 
+    @field_validator("backbone")
+    @classmethod
+    def _registered_backbone(cls, name: str) -> str:
+        if name not in backbone_names():
+            raise ValueError(f"unknown backbone {name!r}: choose one of {', '.join(backbone_names())}")
+        return name
+
     @model_validator(mode="after")
     def _consistent(self) -> "ModelConfig":
         get_family(self.family).check_config(self)
@@ -91,15 +100,7 @@ class ModelConfig(_Strict):
                              "(with model.d_latent)")
         if self.latent_diffusion and self.d_latent is None:
             raise ValueError("latent_diffusion=true needs model.d_latent (e.g. model.d_latent=64)")
-        if self.backbone == "transformer" and self.d_model % self.num_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}: change one of them")
-        if self.tie_reverse and self.bimamba == "shared":
-            raise ValueError("tie_reverse=true ties the two mixers of bimamba=separate: set model.bimamba=separate "
-                             "(the shared block has one mixer already)")
-        if self.backbone == "mamba2" and (self.expand * self.d_model) % self.headdim:
-            raise ValueError(
-                f"expand*d_model={self.expand * self.d_model} is not divisible by headdim={self.headdim}: change one of them"
-            )
+        MIXERS[self.backbone].check(self)
         return self
 
     # a mapping of the fields, so that DIMBA(**model.config) builds the same model
@@ -357,6 +358,8 @@ def choices(section: type[BaseModel], name: str) -> list[str]:
     """The values a `Literal` setting ``section.name`` takes (what the CLI offers as its choices)."""
     if section is ModelConfig and name == "family":
         return family_names()
+    if section is ModelConfig and name == "backbone":
+        return backbone_names()
     return [str(v) for v in get_args(section.model_fields[name].annotation) if v is not None]
 
 

@@ -11,7 +11,7 @@ decoding. A new mixer is one file plus one entry in `MIXERS`. A causal backbone
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -45,15 +45,44 @@ def _mamba2(d_model: int, bidirectional: bool, **kw) -> nn.Module:
     return SharedBiMamba2(d_model, **mixer_kw)
 
 
+def _check_mamba2(cfg: Any) -> None:
+    if cfg.tie_reverse and cfg.bimamba == "shared":
+        raise ValueError("tie_reverse=true ties the two mixers of bimamba=separate: set model.bimamba=separate "
+                         "(the shared block has one mixer already)")
+    if (cfg.expand * cfg.d_model) % cfg.headdim:
+        raise ValueError(f"expand*d_model={cfg.expand * cfg.d_model} is not divisible by headdim={cfg.headdim}: "
+                         "change one of them")
+
+
 def _transformer(d_model: int, bidirectional: bool, **kw) -> nn.Module:
     return Attention(d_model, kw["num_heads"], causal=not bidirectional)
 
 
-# name -> (mixer factory, whether each block also has an MLP)
-MIXERS: dict[str, tuple[Callable[..., nn.Module], bool]] = {
-    "mamba2": (_mamba2, False),
-    "transformer": (_transformer, True),
+def _check_transformer(cfg: Any) -> None:
+    if cfg.d_model % cfg.num_heads:
+        raise ValueError(f"d_model={cfg.d_model} is not divisible by num_heads={cfg.num_heads}: change one of them")
+
+
+class BackboneSpec(NamedTuple):
+    """A registered backbone: its mixer ``factory(d_model, bidirectional, **model settings)``, whether each
+    block also has an MLP, and ``check(model_config)``, which raises ValueError (one line naming the fix)
+    on settings this backbone cannot build."""
+
+    factory: Callable[..., nn.Module]
+    mlp: bool
+    check: Callable[[Any], None]
+
+
+# model.backbone name -> its spec: a new backbone is one mixer file plus one line here
+MIXERS: dict[str, BackboneSpec] = {
+    "mamba2": BackboneSpec(_mamba2, False, _check_mamba2),
+    "transformer": BackboneSpec(_transformer, True, _check_transformer),
 }
+
+
+def backbone_names() -> list[str]:
+    """The names ``model.backbone`` accepts."""
+    return list(MIXERS)
 
 
 class Block(nn.Module):
@@ -106,9 +135,9 @@ class Backbone(nn.Module):
         super().__init__()
         if name not in MIXERS:
             raise ValueError(f"unknown backbone {name!r}: choose one of {', '.join(MIXERS)}")
-        factory, mlp = MIXERS[name]
+        spec = MIXERS[name]
         self.blocks = nn.ModuleList(
-            Block(factory(d_model, bidirectional, **mixer_kwargs), d_model, cond_dim, conditioning_type, mlp)
+            Block(spec.factory(d_model, bidirectional, **mixer_kwargs), d_model, cond_dim, conditioning_type, spec.mlp)
             for _ in range(num_layers)
         )
         self.norm = RMSNorm(d_model)
