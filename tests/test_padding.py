@@ -89,3 +89,22 @@ def test_reverse_rows_reverses_within_each_length():
     assert out[..., 0].tolist() == [[3, 2, 1, 0, 4, 5], [11, 10, 9, 8, 7, 6]]
     torch.testing.assert_close(reverse_rows(out, lengths), x, rtol=0, atol=0)
     torch.testing.assert_close(reverse_rows(x, None), x.flip(1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backbone", ["mamba2", "transformer"])
+def test_model_token_logits_of_a_padded_batch_equal_each_row_alone(backbone):
+    """DIMBA.token_logits(lengths=...): the trunk hands the lengths to its backbone."""
+    from dimba import DIMBA
+
+    torch.manual_seed(0)
+    model = DIMBA(40, family="masked", backbone=backbone, d_model=D_MODEL, num_denoiser_layers=2, num_heads=2,
+                  **SMALL).double().eval()
+    perturb(model.backbone)
+    gen = torch.Generator().manual_seed(2)
+    batch = torch.randint(3, 40, (len(LENGTHS), max(LENGTHS)), generator=gen)  # (B, L): random padding tokens
+    lengths = torch.tensor(LENGTHS)
+    with torch.no_grad():
+        out = model.token_logits(batch, lengths=lengths)  # (B, L, V)
+        for i, n in enumerate(LENGTHS):
+            alone = model.token_logits(batch[i : i + 1, :n])  # (1, n, V)
+            torch.testing.assert_close(out[i, :n], alone[0], rtol=0, atol=1e-10)

@@ -194,11 +194,13 @@ class DIMBA(nn.Module):
 
     # ----- denoiser -----------------------------------------------------------------------
     def denoise(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, prompt_mask: torch.Tensor | None = None,
-                x_self_cond: torch.Tensor | None = None, masked: torch.Tensor | None = None) -> torch.Tensor:
+                x_self_cond: torch.Tensor | None = None, masked: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Raw network output (x0, v or the latent the head reads logits from, per ``prediction_type``) for a noisy
         latent (B, L, d_x).
 
-        ``masked`` (B, L) bool (hybrid family) marks absorbed positions; their latent is ignored.
+        ``masked`` (B, L) bool (hybrid family) marks absorbed positions; their latent is ignored. ``lengths`` (B,):
+        real positions per row, the rest right padding that never changes the outputs at real positions.
         """
         if masked is not None:
             z_t = z_t.masked_fill(masked[..., None], 0.0)  # an absorbed token carries no latent
@@ -210,7 +212,7 @@ class DIMBA(nn.Module):
         if masked is not None:
             flags = flags.masked_fill(masked, 2)  # (B, L)
         h = h + self.prompt_flag(flags)  # (B, L, D): which positions hold the clean prompt (or a mask)
-        return self.out_proj(self.backbone(h, cond))  # (B, L, d_x)
+        return self.out_proj(self.backbone(h, cond, lengths))  # (B, L, d_x)
 
     def interpret(self, x_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar: torch.Tensor,
                   masked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -274,14 +276,15 @@ class DIMBA(nn.Module):
         return self.head(self.head_norm(h)).float()
 
     def token_logits(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor | None = None,
-                     drop_cond: bool | torch.Tensor = False) -> torch.Tensor:
+                     drop_cond: bool | torch.Tensor = False, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Raw float32 logits (B, L, V) of the token families on ids (B, L) that may hold [MASK].
 
         The clean prompt (``prompt_mask``) also conditions through the pooled summary; with a causal
-        backbone (ar) position l predicts token l + 1.
+        backbone (ar) position l predicts token l + 1. ``lengths`` (B,): real tokens per row, the rest
+        right padding, which never changes the logits at real positions (variable-length batches).
         """
         cond = self.condition(input_ids, torch.zeros((), device=input_ids.device), prompt_mask, drop_cond)  # (B, D)
-        return self._head_logits(self.backbone(self._token_input(input_ids), cond))  # (B, L, V)
+        return self._head_logits(self.backbone(self._token_input(input_ids), cond, lengths))  # (B, L, V)
 
     def allocate_cache(self, batch: int, max_len: int | None = None) -> list:
         """An empty decoding cache for `ar_step` (causal backbone), for up to ``max_len`` positions."""
