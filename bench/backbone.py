@@ -1,12 +1,12 @@
 """One bidirectional Mamba-2 layer against one bidirectional transformer layer, forward+backward on CPU.
 
-    python bench/backbone.py [--png bench/backbone.png] [--lengths 512 2048] [--threads 1] [--breakdown]
+    python bench/backbone.py [--png bench/backbone.png] [--lengths 512 2048] [--threads 1] [--warmup 1] [--breakdown]
 
 Layers are ``dimba.backbones.Block``s at d_model 256 with the default mixer settings (d_state 64,
 headdim 64, expand 2): ``mamba`` (SharedBiMamba2, the default bidirectional block), ``mamba-separate``
 (BiMamba2 with untied directions, the block before it) and ``transformer`` (Attention, 4 heads, +
 SwiGLU MLP). Batch 8; L = 128, 512, 2048, 8192; 1 thread (``--threads``). Every (layer, L) point runs in its own
-subprocess, one after the other, which reports its median time and its peak RSS (``ru_maxrss``)
+subprocess, one after the other, which reports its median time (after ``--warmup`` untimed passes) and its peak RSS (``ru_maxrss``)
 together with the RSS just before the first forward pass, so that one point's allocations cannot
 inflate another's. Each point also gets its FLOPs (products only: matmuls, the scans' batched
 products, attention), counted by ``torch.utils.flop_counter`` on one untimed pass.
@@ -100,17 +100,17 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def run_point(kind: str, length: int, repeats: int, api: bool = False, threads: int = 1) -> dict:
+def run_point(kind: str, length: int, repeats: int, api: bool = False, threads: int = 1, warmup: int = 1) -> dict:
     """Times forward+backward of one layer (or one-layer model) at one length, inside a fresh subprocess."""
     torch.set_num_threads(threads)
     module, run = layer_pass(kind, length, BATCH, api)
     rss_before = _rss_mib()
     times = []
-    for i in range(repeats + 1):  # the first pass is a warm-up
+    for i in range(repeats + warmup):  # the first passes are warm-ups
         module.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         run()
-        if i:
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the counting pass
     flops = count_flops(kind, length, api)
@@ -120,6 +120,7 @@ def run_point(kind: str, length: int, repeats: int, api: bool = False, threads: 
         "gflop_per_s": round(flops / 1e9 / statistics.median(times), 1),
         "min_s": min(times),
         "repeats": repeats,
+        "warmup": warmup,
         "params": sum(p.numel() for p in module.parameters()),
         "rss_before_mib": round(rss_before, 1),
         "peak_rss_mib": round(peak_rss, 1),
@@ -175,21 +176,22 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[], metavar="KIND:L", help="points not to run, e.g. transformer:8192")
     ap.add_argument("--breakdown", action="store_true", help="also profile the new block at L = 512 and 2048")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in every timed process")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed passes before the timed ones in every point")
     args = ap.parse_args()
     if args.api_point:  # a user's process: dimba sets the allocator itself, if it does
         kind, length = args.api_point[0], int(args.api_point[1])
-        print(json.dumps(run_point(kind, length, REPEATS[length], api=True, threads=args.threads)))
+        print(json.dumps(run_point(kind, length, REPEATS[length], api=True, threads=args.threads, warmup=args.warmup)))
         return
     keep_freed_memory()  # as importing dimba.backbones does (DIMBA_SYSTEM_MALLOC=1: glibc defaults)
     if args.point:
         kind, length = args.point[0], int(args.point[1])
-        print(json.dumps(run_point(kind, length, REPEATS[length], threads=args.threads)))
+        print(json.dumps(run_point(kind, length, REPEATS[length], threads=args.threads, warmup=args.warmup)))
         return
     if args.breakdown_point:
         print(json.dumps(breakdown(args.breakdown_point, threads=args.threads)))
         return
 
-    threads = ["--threads", str(args.threads)]
+    threads = ["--threads", str(args.threads), "--warmup", str(args.warmup)]
     groups = {"layer": (KINDS, "--point", False), "api": (tuple(API_BACKBONES), "--api-point", True)}
     points: dict[str, dict[str, dict[int, dict]]] = {g: {k: {} for k in kinds} for g, (kinds, _, _) in groups.items()}
     for length in args.lengths:
@@ -199,7 +201,7 @@ def main() -> None:
                     continue
                 points[group][kind][length] = _subprocess([flag, kind, str(length), *threads], clean_env)
                 print(group, kind, length, points[group][kind][length], file=sys.stderr, flush=True)
-    out = {"batch": BATCH, "d_model": D_MODEL, "threads": args.threads, "points": points, "skipped": args.skip,
+    out = {"batch": BATCH, "d_model": D_MODEL, "threads": args.threads, "warmup": args.warmup, "points": points, "skipped": args.skip,
            "median_s": {g: {k: {L: round(v["median_s"], 4) for L, v in pts.items()} for k, pts in kinds.items()}
                         for g, kinds in points.items()},
            "speedup_over_transformer": {g: _speedups(kinds) for g, kinds in points.items()}}
