@@ -169,7 +169,7 @@ class SampleConfig(_Strict):
     commit: Literal["none", "confidence", "random"] = Field(
         "none", description="continuous: commit drawn tokens while denoising, the most confident (or random) first, "
         "an even share per step; committed tokens condition the rest like a prompt")
-    score_temperature: float = Field(1.0, gt=0, description="continuous logits models: the temperature of the token "
+    score_temperature: float = Field(0.5, gt=0, description="continuous logits models: the temperature of the token "
                                      "distribution whose expected latent is each step's x0 estimate (below 1: sharper "
                                      "estimates, fewer rare tokens)")
     remasking: Literal["ancestral", "low_confidence", "random"] = Field(

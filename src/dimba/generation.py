@@ -59,7 +59,7 @@ def sample_from_model(model, prompt_ids: Sequence[int] | torch.Tensor | None = N
                       num_samples: int = 1, clamp: str = "none", generator: torch.Generator | None = None,
                       callback: Callback | None = None, remasking: str = "low_confidence",
                       block_length: int | None = None, eos_id: int | None = None, use_cache: bool = True,
-                      device: torch.device | str | None = None, score_temperature: float = 1.0) -> torch.Tensor:
+                      device: torch.device | str | None = None, score_temperature: float = 0.5) -> torch.Tensor:
     """Generate ``seq_len`` tokens after a prompt; returns ids (N, P + seq_len).
 
     Per family (``model.family``):
