@@ -451,13 +451,14 @@ def _add_generate(sub) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     """`dimba serve MODEL`: the HTTP API and the live page, until interrupted."""
     try:
-        from dimba.serve.server import run_server
+        from dimba.serve.server import Options, run_server
     except ImportError as exc:
         raise UsageError(f"dimba serve needs the {exc.name} package: pip install 'dimba[serve]'") from None
     if args.request_timeout <= 0 or args.batch_wait < 0:
         raise UsageError("--request-timeout must be above 0 and --batch-wait at least 0")
-    run_server(args.model, _run_sample_config(args.model), args.host, args.port, args.max_batch, args.max_queue,
-               args.max_tokens, args.max_steps, args.request_timeout, args.batch_wait, args.allow_remote, args.name)
+    options = Options(args.host, args.port, args.max_batch, args.max_queue, args.max_tokens, args.max_steps,
+                      args.request_timeout, args.batch_wait, args.allow_remote, args.name)
+    run_server(args.model, _run_sample_config(args.model), options)
     return 0
 
 

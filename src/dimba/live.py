@@ -42,7 +42,8 @@ def render_row(prompt: str, pieces: list[str], kinds: str, confidence: list[floa
     """The rich Text of one canvas row: the prompt (dim), then each position by its kind."""
     from rich.text import Text
 
-    text = Text(prompt, style="dim")
+    text = Text()
+    text.append(prompt, style="dim")
     for piece, kind, p in zip(pieces, kinds, confidence):
         if kind == END:
             break

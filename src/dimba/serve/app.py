@@ -172,6 +172,7 @@ def create_app(served: Served, engine: Engine) -> FastAPI:
         await asyncio.to_thread(engine.close, 5.0)
 
     app = FastAPI(title="dimba", summary="A diffusion language model, served", lifespan=lifespan)
+    app.state.served, app.state.engine = served, engine
     _install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     pieces = Pieces(served.tokenizer)

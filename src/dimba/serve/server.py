@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from dimba.config import SampleConfig
@@ -44,33 +45,56 @@ def listen(host: str, port: int) -> socket.socket:
                          "free one) or --host") from None
 
 
-def _url(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+@dataclass
+class Options:
+    """How `dimba serve` serves: where it listens, how it batches and what one request may ask (the CLI flags)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 32
+    max_queue: int = 64
+    max_tokens: int | None = None
+    max_steps: int = 1024
+    timeout: float = 120.0
+    batch_wait: float = 0.01
+    allow_remote: bool = False
+    name: str | None = None
 
 
-def run_server(model_path: str, defaults: SampleConfig, host: str = "127.0.0.1", port: int = 8000,
-               max_batch: int = 32, max_queue: int = 64, max_tokens: int | None = None, max_steps: int = 1024,
-               timeout: float = 120.0, batch_wait: float = 0.01, allow_remote: bool = False,
-               name: str | None = None) -> None:
-    """Serve the model of ``model_path`` (a run or an export folder) until interrupted; ``defaults`` are its
-    sampler settings. Prints the address on stderr once listening."""
+def prepare(model_path: str, defaults: SampleConfig, options: Options, start: bool = True):
+    """Load the model of ``model_path`` (a run or an export folder; ``defaults`` its sampler settings) and bind the
+    listening socket: the uvicorn `Server`, the socket and the `Engine` (started unless ``start`` is False).
+    One-line `UsageError`s for a bad address, a busy port or a model that cannot be loaded."""
     import uvicorn
 
     from dimba.serve.app import create_app
 
-    check_address(host, port, allow_remote)
+    check_address(options.host, options.port, options.allow_remote)
     model, tokenizer = load_for_inference(model_path)
     context = model.config.context_length or 256
-    limits = Limits(max_tokens=min(max_tokens or context, context), max_steps=max_steps, max_n=max_batch,
-                    timeout=timeout)
-    served = Served(model, tokenizer, name or Path(model_path).resolve().name, defaults, limits)
-    sock = listen(host, port)
-    engine = Engine(model, tokenizer.eos_id, max_batch, max_queue, batch_wait)
-    engine.start()
-    params = sum(p.numel() for p in model.parameters())
-    print(f"dimba: serving {served.name} ({model.family} family, {params / 1e6:.2f}M parameters) at {_url(sock)} "
-          f"(max batch {max_batch}); Ctrl-C stops", file=sys.stderr, flush=True)
+    limits = Limits(max_tokens=min(options.max_tokens or context, context), max_steps=options.max_steps,
+                    max_n=options.max_batch, timeout=options.timeout)
+    served = Served(model, tokenizer, options.name or Path(model_path).resolve().name, defaults, limits)
+    sock = listen(options.host, options.port)
+    engine = Engine(model, tokenizer.eos_id, options.max_batch, options.max_queue, options.batch_wait)
+    if start:
+        engine.start()
     config = uvicorn.Config(create_app(served, engine), log_level="warning", access_log=False,
                             timeout_graceful_shutdown=3)
-    uvicorn.Server(config).run(sockets=[sock])
+    return uvicorn.Server(config), sock, engine
+
+
+def url_of(sock: socket.socket) -> str:
+    """The http URL of a listening socket."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+def run_server(model_path: str, defaults: SampleConfig, options: Options) -> None:
+    """Serve the model of ``model_path`` until interrupted (see `prepare`); prints the address on stderr once
+    listening."""
+    server, sock, engine = prepare(model_path, defaults, options)
+    app = server.config.app
+    print(f"dimba: serving {app.state.served.name} ({app.state.served.model.family} family) at {url_of(sock)} "
+          f"(max batch {engine.max_batch}); Ctrl-C stops", file=sys.stderr, flush=True)
+    server.run(sockets=[sock])
