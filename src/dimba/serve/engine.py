@@ -77,9 +77,14 @@ class Job:
         """Nobody waits for this job any more: drop it from the queue, or stop computing it."""
         self._cancelled.set()
 
+    @property
+    def cancelled(self) -> bool:
+        """Whether `cancel` was called."""
+        return self._cancelled.is_set()
+
     def wanted(self, now: float) -> bool:
         """Not cancelled, before its deadline and not ended."""
-        return not self._cancelled.is_set() and now < self.deadline and not self._ended
+        return not self.cancelled and now < self.deadline and not self._ended
 
     def end(self, kind: str, payload: Any) -> None:
         """Deliver the job's outcome (once)."""
@@ -173,11 +178,13 @@ class Engine:
                     self._cond.notify_all()
 
     def _drop_unwanted(self, now: float) -> None:
-        """Remove cancelled and expired jobs from the queue, telling the expired ones."""
+        """Remove cancelled and expired jobs from the queue, telling the expired ones (a cancelled job's client is
+        gone)."""
         for job in [j for j in self._waiting if not j.wanted(now)]:
             self._waiting.remove(job)
             self.counts["dropped"] += 1
-            job.end("error", Expired("the request waited in the queue past its time limit"))
+            if not job.cancelled:
+                job.end("error", Expired("the request waited in the queue past its time limit"))
 
     def _next_group(self) -> list[Job] | None:
         """The next group to run (None once closed), taken out of the queue."""
