@@ -60,7 +60,7 @@ async function loadModel() {
     `context ${d.context_length} tokens`;
   $("sampler").replaceChildren(...Object.entries(d.sampler).map(([name, spec]) => control(name, spec)));
   $("max_tokens").max = d.limits.max_tokens;
-  $("max_tokens").value = Math.min(64, d.limits.max_tokens);
+  $("max_tokens").value = Math.max(1, Math.min(64, Math.floor(d.limits.max_tokens / 2))); // room for a prompt
   setState("idle");
 }
 
