@@ -457,7 +457,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.request_timeout <= 0 or args.batch_wait < 0:
         raise UsageError("--request-timeout must be above 0 and --batch-wait at least 0")
     options = Options(args.host, args.port, args.max_batch, args.max_queue, args.max_tokens, args.max_steps,
-                      args.request_timeout, args.batch_wait, args.allow_remote, args.name)
+                      args.request_timeout, args.batch_wait, args.allow_remote, args.name, args.threads)
     run_server(args.model, _run_sample_config(args.model), options)
     return 0
 
@@ -480,6 +480,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--batch-wait", type=float, default=0.01, help="seconds the oldest request waits for others to "
                    "join its batch")
     p.add_argument("--name", help="the model id of the API (default: the folder name)")
+    p.add_argument("--threads", type=int, help="torch threads for the model (default: one per core; on a machine "
+                   "shared with other work, fewer avoid oversubscription)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -581,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_ranges(args: argparse.Namespace) -> None:
     for name in ("length", "num_samples", "vocab_size", "max_steps", "block_length", "mc_samples", "max_tokens",
-                 "batch_size", "samples", "latent_dim", "d_model", "max_batch", "max_queue"):
+                 "batch_size", "samples", "latent_dim", "d_model", "max_batch", "max_queue", "threads"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

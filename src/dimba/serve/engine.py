@@ -4,8 +4,9 @@ groups, one model call per denoising step for the whole group.
 Jobs that can share one canvas (the same prompt length, canvas length and sampler settings, and no seed of their
 own) are grouped oldest first, up to ``max_batch`` rows (a job of n completions is n rows), and generated as one
 batch: `dimba.generation.generate_ids` with one prompt per row. A job with a seed runs alone, so that it gets what
-`dimba generate --seed` gives. When the oldest job arrived less than ``batch_wait`` seconds ago and the batch is
-not full, the worker waits for others to join.
+`dimba generate --seed` gives. When the oldest job arrived, or the previous group ended, less than ``batch_wait``
+seconds ago and the batch is not full, the worker waits for others to join (the clients of the group that just
+ended send their next requests then).
 
 A job leaves the queue when it is cancelled (its client went away) or its deadline passes; a running group stops
 at its next step once none of its jobs is wanted any more. Nothing a job does stops the worker: an unexpected
@@ -124,6 +125,7 @@ class Engine:
         self._running: list[Job] = []
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._free_since = 0.0  # when the previous group ended (time.monotonic)
 
     def start(self) -> None:
         """Start the worker thread (once)."""
@@ -175,6 +177,7 @@ class Engine:
             finally:
                 with self._cond:
                     self._running = []
+                    self._free_since = time.monotonic()
                     self._cond.notify_all()
 
     def _drop_unwanted(self, now: float) -> None:
@@ -203,7 +206,7 @@ class Engine:
                     if job.key == head.key and rows + job.n <= self.max_batch:
                         group.append(job)
                         rows += job.n
-                wait = head.arrived + self.batch_wait - now
+                wait = max(head.arrived, self._free_since) + self.batch_wait - now
                 if wait > 0 and rows < self.max_batch and head.seed is None:
                     self._cond.wait(wait)
                     continue

@@ -6,6 +6,8 @@ import ipaddress
 import socket
 import sys
 from dataclasses import dataclass
+
+import torch
 from pathlib import Path
 
 from dimba.config import SampleConfig
@@ -59,6 +61,7 @@ class Options:
     batch_wait: float = 0.01
     allow_remote: bool = False
     name: str | None = None
+    threads: int | None = None  # torch's intra-op threads (None: torch's default, one per core)
 
 
 def prepare(model_path: str, defaults: SampleConfig, options: Options, start: bool = True):
@@ -70,6 +73,8 @@ def prepare(model_path: str, defaults: SampleConfig, options: Options, start: bo
     from dimba.serve.app import create_app
 
     check_address(options.host, options.port, options.allow_remote)
+    if options.threads:
+        torch.set_num_threads(options.threads)
     model, tokenizer = load_for_inference(model_path)
     context = model.config.context_length or 256
     limits = Limits(max_tokens=min(options.max_tokens or context, context), max_steps=options.max_steps,
