@@ -101,6 +101,7 @@ function draw(k) {
   const frame = frames[k];
   $("canvas").replaceChildren(...frame.canvas.map(rowElement));
   $("step").textContent = `step ${frame.step}/${frame.numSteps}${frame.final ? " · final" : ""}`;
+  $("elapsed").textContent = `${frame.elapsed.toFixed(2)} s`;
   $("replay").value = k;
 }
 
@@ -115,14 +116,13 @@ function onEvent(data) {
   if (msg.error) return showError(msg.error.message);
   const d = msg.dimba;
   if (!msg.usage) {
-    frames.push({ step: d.step, numSteps: d.num_steps, canvas: d.canvas });
+    frames.push({ step: d.step, numSteps: d.num_steps, canvas: d.canvas, elapsed: d.elapsed_s });
     $("replay").max = frames.length - 1;
     draw(frames.length - 1);
-    $("elapsed").textContent = `${d.elapsed_s.toFixed(2)} s`;
     return;
   }
   const last = frames.length ? frames[frames.length - 1] : { step: d.steps, numSteps: d.steps };
-  frames.push({ step: last.step, numSteps: last.numSteps, canvas: d.canvas, final: true });
+  frames.push({ step: last.step, numSteps: last.numSteps, canvas: d.canvas, final: true, elapsed: d.latency_s });
   $("replay").max = frames.length - 1;
   draw(frames.length - 1);
   $("final").textContent = msg.choices.map((c) => promptText + c.text).join("\n\n");
