@@ -148,6 +148,29 @@ def test_bad_fields_are_4xx_json_and_the_server_stays_up(server, body, status, w
     _healthy(client)
 
 
+FIELDS = ["model", "prompt", "max_tokens", "n", "seed", "stop", "stream", "temperature", "top_p", "top_k", "steps",
+          "guidance", "eta", "remasking", "block_length", "clamp", "score_temperature", "commit"]
+
+
+def test_the_request_fields_are_these():
+    from dimba.serve.schema import CompletionRequest
+
+    assert sorted(CompletionRequest.model_fields) == sorted(FIELDS)
+
+
+@pytest.mark.parametrize("field", FIELDS)
+@pytest.mark.parametrize("value", [{"a": 1}, [[1]], "seven"])
+def test_every_field_refuses_a_wrong_type(server, field, value):
+    client, _ = server
+    if value == "seven" and field in ("model", "prompt", "stop", "remasking", "clamp", "commit"):
+        value = 7  # a string is right for these: a number is wrong
+    reply = client.post("/v1/completions", json={"prompt": "ROMEO:", field: value})
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == field and field in error["message"]
+    _healthy(client)
+
+
 RAW = [  # (raw body, status, words)
     (b'{"prompt": "ROMEO:", ', 400, "not valid JSON"),
     (b'{"prompt": "\xff\xfe"}', 400, "not UTF-8"),

@@ -115,9 +115,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-_SAMPLE_FLAGS = SAMPLE_NAMES
-
-
 def _run_config(model_path: str) -> Config | None:
     """The config.yaml of a run directory; None for an export folder (which has none)."""
     run_cfg = Path(model_path) / "config.yaml"
@@ -135,12 +132,12 @@ def _sample_settings(args: argparse.Namespace) -> SampleConfig:
     from pydantic import ValidationError
 
     base = _run_sample_config(args.model)
-    given = {field: getattr(args, flag) for flag, field in _SAMPLE_FLAGS.items() if getattr(args, flag, None) is not None}
+    given = {field: getattr(args, flag) for flag, field in SAMPLE_NAMES.items() if getattr(args, flag, None) is not None}
     try:
         return SampleConfig(**{**base.model_dump(), **given})
     except ValidationError as err:
         first = err.errors()[0]
-        flag = next(f for f, field in _SAMPLE_FLAGS.items() if field == first["loc"][0])
+        flag = next(f for f, field in SAMPLE_NAMES.items() if field == first["loc"][0])
         raise UsageError(f"--{flag.replace('_', '-')} {first['input']!r}: {first['msg']}") from None
 
 
@@ -255,7 +252,7 @@ def cmd_sample_quality(args: argparse.Namespace) -> int:
 
 
 # eval flags of the old `eval --samples` spelling, meaningful with --samples only
-_SAMPLE_QUALITY_FLAGS = ("judge", "references", "prompt", "length", *(f for f in _SAMPLE_FLAGS if f != "clamp"))
+_SAMPLE_QUALITY_FLAGS = ("judge", "references", "prompt", "length", *(f for f in SAMPLE_NAMES if f != "clamp"))
 
 
 def _print_likelihood(result: dict, split: str) -> None:
