@@ -227,6 +227,18 @@ def slow_server(serving, corpus, tiny, tmp_path_factory):
             yield client, engine
 
 
+def test_a_continuous_model_offers_its_own_controls_and_streams_estimates(slow_server):
+    client, _ = slow_server
+    sampler = client.get("/v1/models").json()["data"][0]["dimba"]["sampler"]
+    assert {"steps", "eta", "clamp", "score_temperature", "commit"} <= set(sampler) and "remasking" not in sampler
+    body = {"prompt": "ROMEO:", "max_tokens": 8, "steps": 4, "stream": True, "eta": 1.0, "clamp": "hard"}
+    with client.stream("POST", "/v1/completions", json=body) as reply:
+        events = _events(reply.iter_lines())
+    kinds = "".join(row["kinds"] for e in events[:-2] for row in e["dimba"]["canvas"])
+    # no masks on a Gaussian canvas: every position shows its rounded estimate, new where it changed ("n")
+    assert len(events) == 4 + 2 and set(kinds) <= set("nex")
+
+
 def test_a_client_that_drops_mid_stream_frees_its_place(slow_server):
     client, engine = slow_server
     before = engine.counts["abandoned_groups"]
@@ -240,13 +252,13 @@ def test_a_client_that_drops_mid_stream_frees_its_place(slow_server):
 
 def test_a_client_that_drops_while_waiting_for_a_completion_frees_its_place(slow_server):
     client, engine = slow_server
-    before = engine.counts["abandoned_groups"]
+    before, completed = engine.counts["abandoned_groups"], engine.counts["completed"]
     body = {"prompt": "ROMEO:", "max_tokens": 30, "steps": 2000}
     with pytest.raises(httpx.ReadTimeout):  # the client gives up on a long generation and closes the connection
         client.post("/v1/completions", json=body, timeout=0.3)
     _wait_for(lambda: engine.counts["abandoned_groups"] == before + 1, "the dropped request's group to stop")
     _wait_for(lambda: (lambda h: h["queued"] == 0 and h["running"] == 0)(_healthy(client)), "an empty queue")
-    assert engine.counts["completed"] == 0
+    assert engine.counts["completed"] == completed
 
 
 def test_full_queue_and_request_time_limit_are_503(serving, masked_run):

@@ -6,9 +6,9 @@ import ipaddress
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from pathlib import Path
 
 from dimba.config import SampleConfig
 from dimba.errors import UsageError
