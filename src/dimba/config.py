@@ -177,6 +177,13 @@ class SampleConfig(_Strict):
     block_length: int | None = Field(None, gt=0, description="masked family: semi-autoregressive blocks of this many tokens")
 
 
+# the short names of the sampler settings (`dimba generate` flags, `dimba serve` request fields) -> SampleConfig fields
+SAMPLE_NAMES = {"steps": "num_steps", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+                "guidance": "guidance_scale", "eta": "eta", "clamp": "clamp", "remasking": "remasking",
+                "block_length": "block_length", "score_temperature": "score_temperature",
+                "commit": "commit"}
+
+
 class Config(_Strict):
     """The whole tree: model / diffusion / data / train / sample."""
 
