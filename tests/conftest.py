@@ -33,3 +33,44 @@ def metrics():
             rows = list(csv.DictReader(f))
         return rows if column is None else [float(r[column]) for r in rows if r.get(column)]
     return read
+
+
+@pytest.fixture(scope="session")
+def masked_run(tmp_path_factory, corpus, tiny):
+    """A tiny masked-family run (32-token context), trained for a few steps: what the serve tests serve."""
+    from dimba.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "masked"
+    assert main(["train", "--family", "masked", "--data", str(corpus), "--max-steps", "10", "--out", str(out),
+                 "--quiet", *tiny]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def serving():
+    """``serving(model_path, start=True, **options)``: a context manager running `dimba serve` on a free loopback
+    port in a thread (the same `prepare` as the CLI), yielding (base URL, engine); ``options`` are
+    `dimba.serve.server.Options` fields, ``start=False`` leaves the engine's worker stopped."""
+    import threading
+    import time
+    from contextlib import contextmanager
+
+    from dimba.config import SampleConfig
+    from dimba.serve.server import Options, prepare, url_of
+
+    @contextmanager
+    def run(model_path, start=True, **options):
+        server, sock, engine = prepare(str(model_path), SampleConfig(), Options(port=0, **options), start=start)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.started, "the server did not start"
+        try:
+            yield url_of(sock).rstrip("/"), engine
+        finally:
+            server.should_exit = True
+            thread.join(10)
+            engine.close(5)
+    return run

@@ -86,7 +86,9 @@ def test_a_fixed_latent_scale_is_not_calibrated(corpus, tmp_path, tiny):
 def test_runs_and_exports_of_earlier_versions_load(corpus, tmp_path, tiny, capsys):
     """Earlier versions wrote no latent_scale, embed_init_std, logit_skip, time_warping or vae_checkpoint_path."""
     run, exported = tmp_path / "run", tmp_path / "exported"
-    assert main(["train", "--data", str(corpus), "--max-steps", "2", "--out", str(run), "--quiet", *tiny]) == 0
+    earlier_recipe = ("model.prediction_type=x0", "model.logit_skip=false", "model.time_warping=false")
+    assert main(["train", "--data", str(corpus), "--max-steps", "2", "--out", str(run), "--quiet", *tiny,
+                 *earlier_recipe]) == 0
     assert main(["export", str(run), "--out", str(exported)]) == 0
     args = ["--prompt", "ROMEO:", "--length", "8", "--steps", "3", "--seed", "0"]
     capsys.readouterr()

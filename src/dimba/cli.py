@@ -1,5 +1,5 @@
-"""`dimba train | generate | eval | sample-quality | bench | export | tokenizer`: a thin map from verbs to library
-functions. Choices and help of the config-backed flags come from the config (`dimba.config.choices`)."""
+"""`dimba train | generate | eval | sample-quality | bench | export | tokenizer | serve`: a thin map from verbs to
+library functions. Choices and help of the config-backed flags come from the config (`dimba.config.choices`)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from dimba.config import (Config, ModelConfig, SampleConfig, TrainConfig, apply_overrides, choices, describe,
-                          dump_yaml, load_config, load_run_config)
+from dimba.config import (SAMPLE_NAMES, Config, ModelConfig, SampleConfig, TrainConfig, apply_overrides, choices,
+                          describe, dump_yaml, load_config, load_run_config)
 from dimba.errors import CheckpointError, DataError, DimbaError, UsageError
 from dimba.loading import load_for_inference
 from dimba.malloc import keep_freed_memory
@@ -115,11 +115,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-_SAMPLE_FLAGS = {"steps": "num_steps", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
-                 "guidance": "guidance_scale", "eta": "eta", "clamp": "clamp", "remasking": "remasking",
-                 "block_length": "block_length", "score_temperature": "score_temperature", "commit": "commit"}
-
-
 def _run_config(model_path: str) -> Config | None:
     """The config.yaml of a run directory; None for an export folder (which has none)."""
     run_cfg = Path(model_path) / "config.yaml"
@@ -137,12 +132,12 @@ def _sample_settings(args: argparse.Namespace) -> SampleConfig:
     from pydantic import ValidationError
 
     base = _run_sample_config(args.model)
-    given = {field: getattr(args, flag) for flag, field in _SAMPLE_FLAGS.items() if getattr(args, flag, None) is not None}
+    given = {field: getattr(args, flag) for flag, field in SAMPLE_NAMES.items() if getattr(args, flag, None) is not None}
     try:
         return SampleConfig(**{**base.model_dump(), **given})
     except ValidationError as err:
         first = err.errors()[0]
-        flag = next(f for f, field in _SAMPLE_FLAGS.items() if field == first["loc"][0])
+        flag = next(f for f, field in SAMPLE_NAMES.items() if field == first["loc"][0])
         raise UsageError(f"--{flag.replace('_', '-')} {first['input']!r}: {first['msg']}") from None
 
 
@@ -161,14 +156,25 @@ def _prompt_and_length(args: argparse.Namespace, model, tokenizer) -> tuple[list
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from dimba.generation import generate_texts
+    from contextlib import nullcontext
+
+    from dimba.generation import completions, generate_ids
 
     sc = _sample_settings(args)
     model, tokenizer = load_for_inference(args.model)
     prompt, length = _prompt_and_length(args, model, tokenizer)
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    texts = generate_texts(model, tokenizer, prompt, length, sc, num_samples=args.num_samples, generator=gen)
+    view = None
+    if args.show:  # the canvas at every step on stderr; stdout stays the text alone
+        from dimba.live import LiveView
+
+        view = LiveView(model, tokenizer, args.prompt, length, args.num_samples)
+    with view if view is not None else nullcontext():
+        ids = generate_ids(model, prompt, length, sc, args.num_samples, gen, tokenizer.eos_id, on_step=view)
+        if view is not None:
+            view.finish(ids, len(prompt))
+    texts = completions(ids, tokenizer, len(prompt), length)
     for i, text in enumerate(texts):
         if args.num_samples > 1:
             print(f"===== sample {i} =====")
@@ -246,7 +252,7 @@ def cmd_sample_quality(args: argparse.Namespace) -> int:
 
 
 # eval flags of the old `eval --samples` spelling, meaningful with --samples only
-_SAMPLE_QUALITY_FLAGS = ("judge", "references", "prompt", "length", *(f for f in _SAMPLE_FLAGS if f != "clamp"))
+_SAMPLE_QUALITY_FLAGS = ("judge", "references", "prompt", "length", *(f for f in SAMPLE_NAMES if f != "clamp"))
 
 
 def _print_likelihood(result: dict, split: str) -> None:
@@ -431,10 +437,49 @@ def _add_generate(sub) -> None:
     p.add_argument("--length", type=int, help="new tokens (default: fill the context)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--show", action="store_true", help="draw the canvas at every step on stderr (masks, newly "
+                   "committed tokens, confidence as colour); needs pip install 'dimba[serve]'")
     _sampler_flags(p)
     _setting(p, "--clamp", SampleConfig, "clamp",
              help="continuous: move x0 estimates onto the token embeddings at every step")
     p.set_defaults(func=cmd_generate)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`dimba serve MODEL`: the HTTP API and the live page, until interrupted."""
+    try:
+        from dimba.serve.server import Options, run_server
+    except ImportError as exc:
+        raise UsageError(f"dimba serve needs the {exc.name} package: pip install 'dimba[serve]'") from None
+    if args.request_timeout <= 0 or args.batch_wait < 0:
+        raise UsageError("--request-timeout must be above 0 and --batch-wait at least 0")
+    options = Options(args.host, args.port, args.max_batch, args.max_queue, args.max_tokens, args.max_steps,
+                      args.request_timeout, args.batch_wait, args.allow_remote, args.name, args.threads)
+    run_server(args.model, _run_sample_config(args.model), options)
+    return 0
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over HTTP: an OpenAI-style completions API and a live page of "
+                       "the denoising", description="Listens on loopback unless --allow-remote; the page is at /, "
+                       "the API at /v1/completions and /v1/models. Sampler fields left out take the run's `sample` "
+                       "config (defaults for an export folder).")
+    p.add_argument("model", help="run directory or export folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--allow-remote", action="store_true", help="allow a --host other than loopback (no authentication)")
+    p.add_argument("--max-batch", type=int, default=32, help="rows generated together in one batch (1: one request "
+                   "at a time); also the most completions (n) one request may ask")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more are answered 503")
+    p.add_argument("--max-tokens", type=int, help="new tokens one request may ask at most (default: the context)")
+    p.add_argument("--max-steps", type=int, default=1024, help="denoising steps one request may ask at most")
+    p.add_argument("--request-timeout", type=float, default=120.0, help="seconds from arrival to answer; past it 503")
+    p.add_argument("--batch-wait", type=float, default=0.01, help="seconds the oldest request waits for others to "
+                   "join its batch")
+    p.add_argument("--name", help="the model id of the API (default: the folder name)")
+    p.add_argument("--threads", type=int, help="torch threads for the model (default: one per core; on a machine "
+                   "shared with other work, fewer avoid oversubscription)")
+    p.set_defaults(func=cmd_serve)
 
 
 def _add_eval(sub) -> None:
@@ -502,7 +547,7 @@ def _add_bench(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dimba", description="Diffusion language models with bidirectional Mamba denoisers.")
     sub = parser.add_subparsers(dest="verb", required=True)
-    for add in (_add_train, _add_generate, _add_eval, _add_sample_quality, _add_bench):
+    for add in (_add_train, _add_generate, _add_eval, _add_sample_quality, _add_bench, _add_serve):
         add(sub)
     p = sub.add_parser("export", help="write config.json + model.safetensors + tokenizer.json from a run (EMA weights)")
     p.add_argument("run")
@@ -535,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_ranges(args: argparse.Namespace) -> None:
     for name in ("length", "num_samples", "vocab_size", "max_steps", "block_length", "mc_samples", "max_tokens",
-                 "batch_size", "samples", "latent_dim", "d_model"):
+                 "batch_size", "samples", "latent_dim", "d_model", "max_batch", "max_queue", "threads"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

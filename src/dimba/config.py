@@ -186,12 +186,19 @@ class SampleConfig(_Strict):
     commit: Literal["none", "confidence", "random"] = Field(
         "none", description="continuous: commit drawn tokens while denoising, the most confident (or random) first, "
         "an even share per step; committed tokens condition the rest like a prompt")
-    score_temperature: float = Field(1.0, gt=0, description="continuous logits models: the temperature of the token "
+    score_temperature: float = Field(0.5, gt=0, description="continuous logits models: the temperature of the token "
                                      "distribution whose expected latent is each step's x0 estimate (below 1: sharper "
                                      "estimates, fewer rare tokens)")
     remasking: Literal["ancestral", "low_confidence", "random"] = Field(
         "low_confidence", description="masked family: which masked tokens are committed at each step")
     block_length: int | None = Field(None, gt=0, description="masked family: semi-autoregressive blocks of this many tokens")
+
+
+# the short names of the sampler settings (`dimba generate` flags, `dimba serve` request fields) -> SampleConfig fields
+SAMPLE_NAMES = {"steps": "num_steps", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+                "guidance": "guidance_scale", "eta": "eta", "clamp": "clamp", "remasking": "remasking",
+                "block_length": "block_length", "score_temperature": "score_temperature",
+                "commit": "commit"}
 
 
 class Config(_Strict):

@@ -3,35 +3,59 @@
 The model's family builds a `dimba.families.Generation` (its sampler, the initial canvas and its model calls:
 guidance, self-conditioning, caches); `run` drives it step by step, calling back after each step and stopping
 when the state is done (no [MASK] left, every row at EOS). Samplers are pure step functions
-(`dimba.samplers.state`).
+(`dimba.samplers.state`). A step observer (``on_step``) sees each `Step` whole: the states before and after it
+and the model output it was taken with (the live views of `dimba.live` and `dimba.serve`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
 from dimba.config import SampleConfig
 from dimba.families import Generation
+from dimba.samplers.state import ModelOutput, SamplerState
 from dimba.special_tokens import EOS_ID
 
 Callback = Callable[[int, "torch.Tensor | float", torch.Tensor], None]
 
 
-def run(gen: Generation, generator: torch.Generator | None = None, callback: Callback | None = None) -> torch.Tensor:
+@dataclass
+class Step:
+    """One step of the loop, as a step observer sees it: step ``i`` of ``num_steps`` at time ``t``
+    (``sampler.timesteps[i]``) moved ``before`` to ``state`` with the model's ``output`` on ``before``."""
+
+    i: int
+    num_steps: int
+    t: "torch.Tensor | float"
+    before: SamplerState
+    state: SamplerState
+    output: ModelOutput
+
+
+StepObserver = Callable[[Step], None]
+
+
+def run(gen: Generation, generator: torch.Generator | None = None, callback: Callback | None = None,
+        on_step: StepObserver | None = None) -> torch.Tensor:
     """Step ``gen`` to the end: the generated ids (N, P + new).
 
     ``callback(i, t, x)`` follows every step i at time t (``sampler.timesteps[i]``), x being the x0 estimate
-    (Gaussian samplers) or the canvas of ids (token samplers).
+    (Gaussian samplers) or the canvas of ids (token samplers); ``on_step(step)`` gets the whole `Step`.
+    An exception raised by either stops the loop and propagates.
     """
     state, sampler = gen.state, gen.sampler
     for i in range(sampler.num_steps):
         if state.done:
             break
-        state = sampler.step(state, gen.predict(state, i), i, generator)
+        output = gen.predict(state, i)
+        before, state = state, sampler.step(state, output, i, generator)
         if callback is not None:
             callback(i, sampler.timesteps[i], state.x0 if state.x0 is not None else state.x)
+        if on_step is not None:
+            on_step(Step(i, sampler.num_steps, sampler.timesteps[i], before, state, output))
     return gen.finish(state, generator)
 
 
@@ -59,7 +83,7 @@ def sample_from_model(model, prompt_ids: Sequence[int] | torch.Tensor | None = N
                       num_samples: int = 1, clamp: str = "none", generator: torch.Generator | None = None,
                       callback: Callback | None = None, remasking: str = "low_confidence",
                       block_length: int | None = None, eos_id: int | None = None, use_cache: bool = True,
-                      device: torch.device | str | None = None, score_temperature: float = 1.0) -> torch.Tensor:
+                      device: torch.device | str | None = None, score_temperature: float = 0.5) -> torch.Tensor:
     """Generate ``seq_len`` tokens after a prompt; returns ids (N, P + seq_len).
 
     Per family (``model.family``):
@@ -89,32 +113,40 @@ def sample_from_model(model, prompt_ids: Sequence[int] | torch.Tensor | None = N
 @torch.no_grad()
 def generate(model, prompt_ids: Sequence[int] | torch.Tensor | None, seq_len: int, settings: SampleConfig,
              num_samples: int = 1, generator: torch.Generator | None = None, callback: Callback | None = None,
-             eos_id: int | None = None, use_cache: bool = True, device: torch.device | str | None = None
-             ) -> torch.Tensor:
-    """`sample_from_model` with the sampler settings of a `SampleConfig`: ids (N, P + seq_len)."""
+             eos_id: int | None = None, use_cache: bool = True, device: torch.device | str | None = None,
+             on_step: StepObserver | None = None) -> torch.Tensor:
+    """`sample_from_model` with the sampler settings of a `SampleConfig`: ids (N, P + seq_len); ``prompt_ids``
+    may also be one prompt per row (N, P). ``on_step`` observes every `Step` (see `run`)."""
     model.eval()
     prompt = _prompt_tensor(prompt_ids, num_samples, _device(model, device))  # (N, P)
     return run(model.family.generation(model, prompt, seq_len, settings, generator, eos_id, use_cache), generator,
-               callback)
+               callback, on_step)
 
 
-def generate_ids(model, prompt_ids: Sequence[int], length: int, sample: SampleConfig, num_samples: int = 1,
-                 generator: torch.Generator | None = None, eos_id: int = EOS_ID) -> torch.Tensor:
+def canvas_length(model, prompt_len: int, length: int) -> int:
+    """New positions the model generates for ``length`` wanted tokens after a prompt of ``prompt_len``
+    (`Family.canvas_length`): the diffusion families denoise the training context (the only length they were
+    trained on), which is cut to ``length`` afterwards; ar generates ``length``."""
+    return model.family.canvas_length(model.config.context_length or 256, prompt_len, length)
+
+
+def generate_ids(model, prompt_ids: Sequence[int] | torch.Tensor, length: int, sample: SampleConfig,
+                 num_samples: int = 1, generator: torch.Generator | None = None, eos_id: int = EOS_ID,
+                 on_step: StepObserver | None = None) -> torch.Tensor:
     """Ids (N, P + canvas) of ``num_samples`` generations with the settings of a `SampleConfig` ``sample``,
-    stopping a row at ``eos_id`` (masked, ar); `generated_ids` keeps the first ``length`` new tokens.
-
-    The canvas is the family's (`Family.canvas_length`): the diffusion families denoise the training context
-    (the only length they were trained on), which is cut to ``length`` afterwards; ar generates ``length``.
-    """
-    canvas = model.family.canvas_length(model.config.context_length or 256, len(prompt_ids), length)
-    return generate(model, prompt_ids, canvas, sample, num_samples, generator, eos_id=eos_id)
+    stopping a row at ``eos_id`` (masked, ar); `generated_ids` keeps the first ``length`` new tokens. The
+    canvas is `canvas_length`'s; ``prompt_ids`` is one prompt (P,) or one per row (N, P); ``on_step`` observes
+    every `Step`."""
+    canvas = canvas_length(model, torch.as_tensor(prompt_ids).shape[-1], length)
+    return generate(model, prompt_ids, canvas, sample, num_samples, generator, eos_id=eos_id, on_step=on_step)
 
 
 def generate_texts(model, tokenizer, prompt_ids: Sequence[int], length: int, sample: SampleConfig,
-                   num_samples: int = 1, generator: torch.Generator | None = None) -> list[str]:
+                   num_samples: int = 1, generator: torch.Generator | None = None,
+                   on_step: StepObserver | None = None) -> list[str]:
     """Texts of ``num_samples`` generations with the settings of a `SampleConfig` ``sample``: the prompt
     plus at most ``length`` new tokens, cut at the first EOS (see `generate_ids`)."""
-    ids = generate_ids(model, prompt_ids, length, sample, num_samples, generator, tokenizer.eos_id)
+    ids = generate_ids(model, prompt_ids, length, sample, num_samples, generator, tokenizer.eos_id, on_step)
     return completions(ids, tokenizer, len(prompt_ids), length)
 
 

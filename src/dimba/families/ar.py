@@ -82,6 +82,7 @@ class ARFamily(Family):
     prompt_conditioned = False
     has_steps = False
     exact_likelihood = True
+    sample_settings = ("temperature", "top_k", "top_p")
 
     def loss(self, model, input_ids, dc, t=None, prompt_mask=None, drop_cond=False, self_cond_prob=None, noise=None,
              generator=None):

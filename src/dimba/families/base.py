@@ -75,6 +75,8 @@ class Family:
     has_steps: bool = True  # generation takes a number of denoising steps
     exact_likelihood: bool = False  # `likelihood` is the exact NLL, not a bound: such a model can judge gen-PPL
     likelihood_options: tuple[str, ...] = ()  # settings of the estimator `likelihood` takes (dimba eval flags)
+    # the `SampleConfig` fields its generation reads (the sampler controls `dimba serve` offers)
+    sample_settings: tuple[str, ...] = ("num_steps", "temperature", "top_k", "top_p", "guidance_scale")
 
     def check_config(self, cfg) -> None:
         """Raise ValueError (one line naming the fix) if the `ModelConfig` ``cfg`` does not suit this family."""

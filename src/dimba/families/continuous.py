@@ -194,6 +194,7 @@ class ContinuousFamily(Family):
     time_conditioned = True
     metrics = ("loss", "mse", "ce", "recon", "acc")
     likelihood_options = ("t0", "clamp")
+    sample_settings = Family.sample_settings + ("eta", "clamp", "score_temperature", "commit")
     absorbing = False  # whether tokens may also be absorbed ([MASK], no latent): the hybrid process
 
     def draw_absorbed(self, model, input_ids: torch.Tensor, t: torch.Tensor,

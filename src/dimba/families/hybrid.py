@@ -23,6 +23,8 @@ class HybridFamily(ContinuousFamily):
     description = "A hybrid (per-token masked or Gaussian) diffusion language model"
     input_flags = 3
     absorbing = True
+    # no commit: the hybrid sampler reveals absorbed tokens itself
+    sample_settings = tuple(s for s in ContinuousFamily.sample_settings if s != "commit")
 
     def check_config(self, cfg) -> None:
         if cfg.prediction_type == "v":

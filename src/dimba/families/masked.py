@@ -130,6 +130,7 @@ class MaskedFamily(Family):
 
     name = "masked"
     description = "A masked ([MASK] absorbing-state) diffusion language model"
+    sample_settings = Family.sample_settings + ("remasking", "block_length")
 
     def loss(self, model, input_ids, dc, t=None, prompt_mask=None, drop_cond=False, self_cond_prob=None, noise=None,
              generator=None):
