@@ -16,7 +16,8 @@ import torch
 from dimba.config import (SAMPLE_NAMES, Config, ModelConfig, SampleConfig, TrainConfig, apply_overrides, choices,
                           describe, dump_yaml, load_config, load_run_config)
 from dimba.errors import CheckpointError, DataError, DimbaError, UsageError
-from dimba.loading import load_for_inference
+from dimba.io import as_disk_error
+from dimba.loading import load_for_inference, sample_defaults
 from dimba.malloc import keep_freed_memory
 
 
@@ -121,17 +122,11 @@ def _run_config(model_path: str) -> Config | None:
     return load_run_config(run_cfg) if run_cfg.is_file() else None
 
 
-def _run_sample_config(model_path: str) -> SampleConfig:
-    """The `sample` config of a run (defaults for an export folder)."""
-    cfg = _run_config(model_path)
-    return cfg.sample if cfg is not None else SampleConfig()
-
-
 def _sample_settings(args: argparse.Namespace) -> SampleConfig:
-    """The run's `sample` config (defaults for an export folder), overridden by the flags given."""
+    """The run's `sample` config (an export folder's sampler defaults), overridden by the flags given."""
     from pydantic import ValidationError
 
-    base = _run_sample_config(args.model)
+    base = sample_defaults(args.model)
     given = {field: getattr(args, flag) for flag, field in SAMPLE_NAMES.items() if getattr(args, flag, None) is not None}
     try:
         return SampleConfig(**{**base.model_dump(), **given})
@@ -307,8 +302,8 @@ def cmd_bench_sweep(args: argparse.Namespace) -> int:
     check_sweepable(model)
     _, length = _prompt_and_length(args, model, tokenizer)
     torch.manual_seed(args.seed)
-    result = sweep(model, tokenizer, judge, judge_tokenizer, steps, _run_sample_config(args.model),
-                   _run_sample_config(args.judge), args.samples, length, args.seed, _vocabulary(args.model))
+    result = sweep(model, tokenizer, judge, judge_tokenizer, steps, sample_defaults(args.model),
+                   sample_defaults(args.judge), args.samples, length, args.seed, _vocabulary(args.model))
     result = {"model": args.model, "judge": args.judge, **result}
     print(json.dumps(result))
     if paths is not None:
@@ -335,11 +330,34 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_options(args: argparse.Namespace) -> dict:
+    return {"evaluate": args.eval, "mc_samples": args.mc_samples, "seed": args.seed, "max_tokens": args.max_tokens}
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    model, tokenizer = load_for_inference(args.run)
-    out = model.save_pretrained(args.out, tokenizer=tokenizer)
+    from dimba.publish import export_model
+
+    out = export_model(args.run, args.out, **_export_options(args))
     print(f"exported to {out}")
     return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """`dimba push RUN_OR_EXPORT --repo-id OWNER/NAME`: upload an export folder (a run is exported first)."""
+    from dimba.publish import push_model
+
+    url = push_model(args.model, args.repo_id, args.private, **_export_options(args))
+    print(f"pushed to {url}")
+    return 0
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    """`dimba lm-eval ARGS`: lm_eval's command line with the dimba model and tasks (`dimba.evaluation.harness`)."""
+    try:
+        from dimba.evaluation.harness import run_cli
+    except ImportError as exc:
+        raise UsageError(f"dimba lm-eval needs lm-evaluation-harness ({exc}): pip install 'dimba[lmeval]'") from None
+    return run_cli(args.args)
 
 
 def cmd_vae_train(args: argparse.Namespace) -> int:
@@ -431,7 +449,8 @@ def _add_train(sub) -> None:
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a run or an export folder",
-                       description="Sampler flags left out take the run's `sample` config (defaults for an export folder).")
+                       description="Sampler flags left out take the run's `sample` config (an export folder's "
+                       "sample_config.json).")
     p.add_argument("model", help="run directory or export folder")
     p.add_argument("--prompt", default="")
     p.add_argument("--length", type=int, help="new tokens (default: fill the context)")
@@ -455,7 +474,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("--request-timeout must be above 0 and --batch-wait at least 0")
     options = Options(args.host, args.port, args.max_batch, args.max_queue, args.max_tokens, args.max_steps,
                       args.request_timeout, args.batch_wait, args.allow_remote, args.name, args.threads)
-    run_server(args.model, _run_sample_config(args.model), options)
+    run_server(args.model, sample_defaults(args.model), options)
     return 0
 
 
@@ -544,15 +563,39 @@ def _add_bench(sub) -> None:
     b.set_defaults(func=cmd_bench_train)
 
 
+def _card_flags(p: argparse.ArgumentParser) -> None:
+    """--eval and its settings: the model card of an exported run records its bits per byte."""
+    p.add_argument("--eval", action="store_true", help="measure the likelihood of the run's validation split (as "
+                   "dimba eval) and record it in the model card")
+    p.add_argument("--mc-samples", type=int, default=8, help="--eval, diffusion families: Monte Carlo samples per block")
+    p.add_argument("--seed", type=int, default=0, help="--eval: the seed of the estimator")
+    p.add_argument("--max-tokens", type=int, help="--eval: only the first blocks holding this many tokens")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dimba", description="Diffusion language models with bidirectional Mamba denoisers.")
     sub = parser.add_subparsers(dest="verb", required=True)
     for add in (_add_train, _add_generate, _add_eval, _add_sample_quality, _add_bench, _add_serve):
         add(sub)
-    p = sub.add_parser("export", help="write config.json + model.safetensors + tokenizer.json from a run (EMA weights)")
+    p = sub.add_parser("export", help="write config.json + model.safetensors + tokenizer.json + sample_config.json + "
+                       "README.md (the model card) from a run (EMA weights)")
     p.add_argument("run")
     p.add_argument("--out", required=True)
+    _card_flags(p)
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("push", help="upload a run (exported first) or an export folder to the Hugging Face Hub",
+                       description="Needs a token (`hf auth login` or HF_TOKEN) and the network.")
+    p.add_argument("model", help="run directory or export folder")
+    p.add_argument("--repo-id", required=True, help="the Hub model repository OWNER/NAME (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    _card_flags(p)
+    p.set_defaults(func=cmd_push)
+    p = sub.add_parser("lm-eval", help="lm-evaluation-harness: lm_eval's command line with the dimba model and "
+                       "tasks", add_help=False, prefix_chars="\0",  # every argument goes to lm_eval, --help too
+                       description="e.g. dimba lm-eval --model dimba --model_args pretrained=RUN --tasks "
+                       "dimba_continuation --device cpu")
+    p.add_argument("args", nargs="*", help="lm_eval's arguments")
+    p.set_defaults(func=cmd_lm_eval)
     p = sub.add_parser("vae", help="the TokenVAE latent of the continuous family")
     v = p.add_subparsers(dest="vverb", required=True).add_parser(
         "train", help="pre-train a TokenVAE on the tokens of a corpus",
@@ -595,6 +638,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except DimbaError as exc:
         print(f"dimba: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a write no dimba code expected to fail: a full disk, a read-only folder
+        error = as_disk_error(exc)
+        if error is None:
+            raise
+        print(f"dimba: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dimba: interrupted", file=sys.stderr)
