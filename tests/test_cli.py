@@ -36,7 +36,8 @@ def test_generate_from_run_and_export_agree(run, tmp_path, capsys):
     assert from_run.startswith("ROMEO:")
     assert main(["export", str(run), "--out", str(tmp_path / "exp")]) == 0
     capsys.readouterr()
-    assert {p.name for p in (tmp_path / "exp").iterdir()} == {"config.json", "model.safetensors", "tokenizer.json", "README.md"}
+    assert {p.name for p in (tmp_path / "exp").iterdir()} == {"config.json", "model.safetensors", "tokenizer.json",
+                                                        "sample_config.json", "README.md"}
     assert main(["generate", str(tmp_path / "exp"), *args]) == 0
     assert capsys.readouterr().out == from_run
     assert main(["generate", str(tmp_path / "exp"), *args[:-1], "4"]) == 0

@@ -159,6 +159,7 @@ class DimbaLM(LM):
         ids = generate_ids(self.model, block[:context], new, settings, 1, self._generator(), self.tokenizer.eos_id)
         return ids[0, context:context + new].tolist() == block[context:]
 
+    @torch.no_grad()
     def score(self, ids: list[int], start: int) -> tuple[float, bool]:
         """log p(ids[start:] | ids[:start]) (minus a bound for the diffusion families) and whether greedy generation
         gives exactly those tokens (False when ``greedy`` is off)."""
