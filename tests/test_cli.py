@@ -152,3 +152,10 @@ def test_every_family_trains_and_generates(family, flags, corpus, tmp_path, caps
     assert {"masked": "masked ([MASK]", "ar": "autoregressive", "hybrid": "hybrid"}[family] in card
     assert main(["generate", str(tmp_path / "exp"), *args]) == 0
     assert capsys.readouterr().out == text
+
+
+def test_lm_eval_without_the_extra_is_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "dimba.evaluation.harness", None)  # as if lm_eval were not installed
+    assert main(["lm-eval", "--model", "dimba", "--tasks", "dimba_continuation"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'dimba[lmeval]'" in err, err

@@ -451,7 +451,7 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a run or an export folder",
                        description="Sampler flags left out take the run's `sample` config (an export folder's "
                        "sample_config.json).")
-    p.add_argument("model", help="run directory or export folder")
+    p.add_argument("model", help="run directory, export folder or Hub model OWNER/NAME")
     p.add_argument("--prompt", default="")
     p.add_argument("--length", type=int, help="new tokens (default: fill the context)")
     p.add_argument("--seed", type=int, default=0)
@@ -506,7 +506,7 @@ def _add_eval(sub) -> None:
 
     p = sub.add_parser("eval", help="likelihood in bits per byte: exact NLL (ar) or an upper bound (diffusion "
                        "families)", description="The likelihood of --data (sample quality: dimba sample-quality).")
-    p.add_argument("model", help="run directory or export folder")
+    p.add_argument("model", help="run directory, export folder or Hub model OWNER/NAME")
     p.add_argument("--data", help="corpus: 'shakespeare', a .txt/.jsonl file or a folder (default: a run's own "
                    "corpus; shakespeare for an export folder)")
     p.add_argument("--split", choices=["val", "train"], default="val")
