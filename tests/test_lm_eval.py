@@ -21,9 +21,9 @@ from dimba.evaluation.heldout_tasks import CHOICES, heldout_documents  # noqa: E
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, corpus, tiny):
-    """Tiny ar and masked runs trained for 10 steps."""
+    """Tiny ar, masked and continuous runs trained for 10 steps."""
     out = {}
-    for family in ("ar", "masked"):
+    for family in ("ar", "masked", "continuous"):
         out[family] = tmp_path_factory.mktemp("lmeval") / family
         assert main(["train", "--data", str(corpus), "--family", family, "--max-steps", "10", "--out",
                      str(out[family]), "--quiet", *tiny]) == 0
@@ -95,11 +95,10 @@ def test_rolling_scores_every_token_once_in_windows(runs):
     assert rolling == pytest.approx(exact, rel=1e-6)
 
 
-def test_masked_loglikelihood_is_a_seeded_bound_with_its_mc_count(runs):
+@pytest.mark.parametrize("family, options", [("masked", {}), ("continuous", {"t0": 0.02, "clamp": "soft"})])
+def test_diffusion_loglikelihood_is_a_seeded_bound_with_its_mc_count(runs, family, options):
     requests = [_request("loglikelihood", "ROMEO:\n", "O gentle night"), _request("loglikelihood", "", "O gentle")]
-    first = _lm(runs["masked"], mc_samples=3, seed=1, greedy="false")
-    again = _lm(runs["masked"], mc_samples=3, seed=1, greedy="false")
-    other = _lm(runs["masked"], mc_samples=3, seed=2, greedy="false")
+    first, again, other = (_lm(runs[family], mc_samples=3, seed=seed, greedy="false", **options) for seed in (1, 1, 2))
     scores = first.loglikelihood(requests)
     assert scores == again.loglikelihood(requests)  # reproducible
     assert scores != other.loglikelihood(requests)  # a Monte Carlo estimate
