@@ -36,7 +36,8 @@ def test_generate_from_run_and_export_agree(run, tmp_path, capsys):
     assert from_run.startswith("ROMEO:")
     assert main(["export", str(run), "--out", str(tmp_path / "exp")]) == 0
     capsys.readouterr()
-    assert {p.name for p in (tmp_path / "exp").iterdir()} == {"config.json", "model.safetensors", "tokenizer.json", "README.md"}
+    assert {p.name for p in (tmp_path / "exp").iterdir()} == {"config.json", "model.safetensors", "tokenizer.json",
+                                                        "sample_config.json", "README.md"}
     assert main(["generate", str(tmp_path / "exp"), *args]) == 0
     assert capsys.readouterr().out == from_run
     assert main(["generate", str(tmp_path / "exp"), *args[:-1], "4"]) == 0
@@ -151,3 +152,10 @@ def test_every_family_trains_and_generates(family, flags, corpus, tmp_path, caps
     assert {"masked": "masked ([MASK]", "ar": "autoregressive", "hybrid": "hybrid"}[family] in card
     assert main(["generate", str(tmp_path / "exp"), *args]) == 0
     assert capsys.readouterr().out == text
+
+
+def test_lm_eval_without_the_extra_is_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "dimba.evaluation.harness", None)  # as if lm_eval were not installed
+    assert main(["lm-eval", "--model", "dimba", "--tasks", "dimba_continuation"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'dimba[lmeval]'" in err, err

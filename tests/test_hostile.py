@@ -5,8 +5,12 @@ The cases complement ``test_user_errors_are_one_line_exit_2`` in test_cli.py; th
 the end throw random config trees and overrides at validation.
 """
 
+import builtins
+import errno
+import io
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -290,6 +294,107 @@ def test_hostile_input_is_one_line_exit_2_and_harmless(build, needle, tmp_path, 
     assert needle in err, err
     assert _snapshot(*watched) == before  # nothing created, changed or removed
     assert not (tmp_path / "pwned").exists()  # a pickled payload never ran
+
+
+# ---- faults on disk: a full disk (ENOSPC) or a read-only folder (EROFS) during a write, simulated by making the
+# writes of the matching files fail; the same guarantees, and the run's previous checkpoint stays intact and loadable
+
+class _FillingFile:
+    """A file on a disk that fills up: the first write stores half its bytes, then fails with ENOSPC."""
+
+    def __init__(self, fh):
+        self._fh = fh
+
+    def write(self, data):
+        self._fh.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._fh.close()
+
+
+def _failing(match, code: int):
+    """A fault: opening a file whose path ``match``es for writing fails with ``code`` (EROFS: at once; ENOSPC: its
+    first write, half of it stored)."""
+    def install(monkeypatch):
+        real = builtins.open
+
+        def fake_open(file, mode="r", *args, **kwargs):
+            if isinstance(file, (str, Path)) and set(mode) & set("wxa") and match(Path(file)):
+                if code != errno.ENOSPC:
+                    raise OSError(code, os.strerror(code), str(file))
+                return _FillingFile(real(file, mode, *args, **kwargs))
+            return real(file, mode, *args, **kwargs)
+        monkeypatch.setattr(builtins, "open", fake_open)
+        monkeypatch.setattr(io, "open", fake_open)  # pathlib's
+    return install
+
+
+def _full_weights(monkeypatch):
+    """safetensors writes in Rust: its error for a full disk, as it words it."""
+    from safetensors import SafetensorError
+
+    def save_model(model, filename, metadata=None):
+        raise SafetensorError(f"Error while serializing: I/O error: No space left on device (os error 28) at path "
+                              f"{filename!r}")
+    monkeypatch.setattr("dimba.export.save_model", save_model)
+
+
+def _ckpt(p: Path) -> bool:
+    return ".ckpt" in p.name
+
+
+def _in_export(name: str):
+    return lambda p: p.parent.name.startswith(".new.") and name in p.name
+
+
+DISK_FAULTS = {
+    "disk full: checkpoint save": (lambda c: ["train", "--resume", str(c.copy("run")), "--max-steps", "5", "--quiet"],
+                                   _failing(_ckpt, errno.ENOSPC), "no space left on the device (ENOSPC)"),
+    "read-only: checkpoint save": (lambda c: ["train", "--resume", str(c.copy("run")), "--max-steps", "5", "--quiet"],
+                                   _failing(_ckpt, errno.EROFS), "the file system is read-only (EROFS)"),
+    "disk full: export config": (lambda c: ["export", str(c.run), "--out", c.out],
+                                 _failing(_in_export("config.json"), errno.ENOSPC), "no space left"),
+    "disk full: export weights": (lambda c: ["export", str(c.run), "--out", c.out], _full_weights, "no space left"),
+    "disk full: export card": (lambda c: ["export", str(c.run), "--out", c.out],
+                               _failing(_in_export("README.md"), errno.ENOSPC), "no space left"),
+    "read-only: export": (lambda c: ["export", str(c.run), "--out", c.out],
+                          _failing(_in_export("config.json"), errno.EROFS), "read-only"),
+    "disk full: tokenizer write": (
+        lambda c: ["tokenizer", "train", "--data", str(c.corpus), "--vocab-size", "280", "--out", c.out],
+        _failing(lambda p: "tokenizer.json" in p.name, errno.ENOSPC), "no space left"),
+    "read-only: tokenizer write of a new run": (lambda c: c.train(), _failing(lambda p: "tokenizer.json" in p.name,
+                                                                              errno.EACCES), "permission denied"),
+}
+
+
+@pytest.mark.parametrize("build, fault, needle", list(DISK_FAULTS.values()), ids=list(DISK_FAULTS))
+def test_disk_faults_are_one_line_exit_2_and_keep_the_checkpoint(build, fault, needle, tmp_path, run, export, corpus,
+                                                                 tiny, capsys, monkeypatch):
+    case = Case(tmp_path, run, export, corpus, tiny)
+    argv = build(case)
+    copied = tmp_path / "run" / "checkpoints"
+    before = _snapshot(run, export, corpus.parent, copied if copied.exists() else tmp_path / "absent")
+    fault(monkeypatch)
+    code = main(argv)
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    *progress, last = err.splitlines()  # training prints its final validation line before it saves
+    assert all(line.startswith("step ") for line in progress) and "Traceback" not in err, err
+    assert last.startswith("dimba: error: cannot write ") and needle in last, err
+    assert _snapshot(run, export, corpus.parent, copied if copied.exists() else tmp_path / "absent") == before
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]  # no temporary left behind
+    assert not any(p.is_file() for p in Path(case.out).rglob("*")) and not Path(case.out).is_file()
+    if copied.exists():  # the previous checkpoint is still the run's, and loads
+        assert "the checkpoint of step 3 is intact" in err, err
+        assert main(["generate", str(tmp_path / "run"), "--length", "4", "--steps", "2"]) == 0
 
 
 def test_an_empty_corpus_name_never_reads_the_working_directory():

@@ -127,3 +127,27 @@ def test_cli_streams_offline(corpus, tmp_path, streamed):
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert load_training_state(tmp_path / "run" / "checkpoints" / "last.ckpt")["data_position"][0] == 0
+
+
+def test_a_corpus_file_that_changes_or_vanishes_while_streaming_is_named(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    first, second = folder / "a.txt", folder / "b.jsonl"
+    first.write_text("\n\n".join(DOCS[:10]))
+    second.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[10:20]))
+    open_docs = document_stream(str(folder))
+    assert len(list(open_docs())) == 11  # unchanged files stream (a .txt file is one document)
+    docs = open_docs()
+    next(docs)  # reading a.txt
+    with open(second, "a") as fh:  # b.jsonl grows before its turn
+        fh.write(json.dumps({"text": "more"}) + "\n")
+    with pytest.raises(DataError, match=f"'{second}' changed during training"):
+        list(docs)
+    docs = open_docs()
+    next(docs)
+    first.write_text("\n\n".join(DOCS[:11]))  # the file just read is rewritten
+    with pytest.raises(DataError, match=f"'{first}' changed during training"):
+        list(docs)
+    first.unlink()
+    with pytest.raises(DataError, match=f"'{first}' vanished during training: put it back"):
+        list(open_docs())

@@ -16,7 +16,9 @@ import torch
 from dimba.config import (SAMPLE_NAMES, Config, ModelConfig, SampleConfig, TrainConfig, apply_overrides, choices,
                           describe, dump_yaml, load_config, load_run_config)
 from dimba.errors import CheckpointError, DataError, DimbaError, UsageError
-from dimba.loading import load_for_inference
+from dimba.cli_publish import add_publish
+from dimba.io import as_disk_error
+from dimba.loading import load_for_inference, sample_defaults
 from dimba.malloc import keep_freed_memory
 
 
@@ -121,17 +123,11 @@ def _run_config(model_path: str) -> Config | None:
     return load_run_config(run_cfg) if run_cfg.is_file() else None
 
 
-def _run_sample_config(model_path: str) -> SampleConfig:
-    """The `sample` config of a run (defaults for an export folder)."""
-    cfg = _run_config(model_path)
-    return cfg.sample if cfg is not None else SampleConfig()
-
-
 def _sample_settings(args: argparse.Namespace) -> SampleConfig:
-    """The run's `sample` config (defaults for an export folder), overridden by the flags given."""
+    """The run's `sample` config (an export folder's sampler defaults), overridden by the flags given."""
     from pydantic import ValidationError
 
-    base = _run_sample_config(args.model)
+    base = sample_defaults(args.model)
     given = {field: getattr(args, flag) for flag, field in SAMPLE_NAMES.items() if getattr(args, flag, None) is not None}
     try:
         return SampleConfig(**{**base.model_dump(), **given})
@@ -307,8 +303,8 @@ def cmd_bench_sweep(args: argparse.Namespace) -> int:
     check_sweepable(model)
     _, length = _prompt_and_length(args, model, tokenizer)
     torch.manual_seed(args.seed)
-    result = sweep(model, tokenizer, judge, judge_tokenizer, steps, _run_sample_config(args.model),
-                   _run_sample_config(args.judge), args.samples, length, args.seed, _vocabulary(args.model))
+    result = sweep(model, tokenizer, judge, judge_tokenizer, steps, sample_defaults(args.model),
+                   sample_defaults(args.judge), args.samples, length, args.seed, _vocabulary(args.model))
     result = {"model": args.model, "judge": args.judge, **result}
     print(json.dumps(result))
     if paths is not None:
@@ -332,13 +328,6 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     if paths is not None:
         atomic_write_text(paths[0], json.dumps(result, indent=1) + "\n")
         draw(result, paths[1])
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    model, tokenizer = load_for_inference(args.run)
-    out = model.save_pretrained(args.out, tokenizer=tokenizer)
-    print(f"exported to {out}")
     return 0
 
 
@@ -431,8 +420,9 @@ def _add_train(sub) -> None:
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a run or an export folder",
-                       description="Sampler flags left out take the run's `sample` config (defaults for an export folder).")
-    p.add_argument("model", help="run directory or export folder")
+                       description="Sampler flags left out take the run's `sample` config (an export folder's "
+                       "sample_config.json).")
+    p.add_argument("model", help="run directory, export folder or Hub model OWNER/NAME")
     p.add_argument("--prompt", default="")
     p.add_argument("--length", type=int, help="new tokens (default: fill the context)")
     p.add_argument("--seed", type=int, default=0)
@@ -455,7 +445,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("--request-timeout must be above 0 and --batch-wait at least 0")
     options = Options(args.host, args.port, args.max_batch, args.max_queue, args.max_tokens, args.max_steps,
                       args.request_timeout, args.batch_wait, args.allow_remote, args.name, args.threads)
-    run_server(args.model, _run_sample_config(args.model), options)
+    run_server(args.model, sample_defaults(args.model), options)
     return 0
 
 
@@ -487,7 +477,7 @@ def _add_eval(sub) -> None:
 
     p = sub.add_parser("eval", help="likelihood in bits per byte: exact NLL (ar) or an upper bound (diffusion "
                        "families)", description="The likelihood of --data (sample quality: dimba sample-quality).")
-    p.add_argument("model", help="run directory or export folder")
+    p.add_argument("model", help="run directory, export folder or Hub model OWNER/NAME")
     p.add_argument("--data", help="corpus: 'shakespeare', a .txt/.jsonl file or a folder (default: a run's own "
                    "corpus; shakespeare for an export folder)")
     p.add_argument("--split", choices=["val", "train"], default="val")
@@ -547,12 +537,8 @@ def _add_bench(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dimba", description="Diffusion language models with bidirectional Mamba denoisers.")
     sub = parser.add_subparsers(dest="verb", required=True)
-    for add in (_add_train, _add_generate, _add_eval, _add_sample_quality, _add_bench, _add_serve):
+    for add in (_add_train, _add_generate, _add_eval, _add_sample_quality, _add_bench, _add_serve, add_publish):
         add(sub)
-    p = sub.add_parser("export", help="write config.json + model.safetensors + tokenizer.json from a run (EMA weights)")
-    p.add_argument("run")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_export)
     p = sub.add_parser("vae", help="the TokenVAE latent of the continuous family")
     v = p.add_subparsers(dest="vverb", required=True).add_parser(
         "train", help="pre-train a TokenVAE on the tokens of a corpus",
@@ -595,6 +581,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except DimbaError as exc:
         print(f"dimba: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a write no dimba code expected to fail: a full disk, a read-only folder
+        error = as_disk_error(exc)
+        if error is None:
+            raise
+        print(f"dimba: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dimba: interrupted", file=sys.stderr)

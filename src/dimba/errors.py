@@ -17,6 +17,10 @@ class DataError(DimbaError):
     """A missing, unreadable or unusable corpus, or data settings that do not fit it."""
 
 
+class DiskError(DimbaError):
+    """A write that failed for want of space or permission (a full disk, a read-only folder)."""
+
+
 class UsageError(DimbaError):
     """A bad combination of command-line arguments (e.g. a prompt longer than the context)."""
 

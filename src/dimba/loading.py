@@ -1,4 +1,5 @@
-"""Load a model for inference from a training run (its EMA weights) or an export folder, with its tokenizer."""
+"""Load a model for inference from a training run (its EMA weights) or an export folder (local, or a Hub model
+``owner/name`` through the Hugging Face cache), with its tokenizer and its sampler defaults."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ from pathlib import Path
 
 import torch
 
-from dimba.config import load_run_config
+from pydantic import ValidationError
+
+from dimba.config import SampleConfig, load_run_config
 from dimba.data.tokenizer import Tokenizer
 from dimba.errors import CheckpointError
-from dimba.export import CONFIG_NAME, TOKENIZER_NAME
+from dimba.export import CONFIG_NAME, SAMPLE_NAME, TOKENIZER_NAME, read_sample
+from dimba.hub import resolve
 from dimba.model import DIMBA, build_model
 from dimba.training import sharded
 from dimba.training.checkpoint import check_state_fits, latest_checkpoint, load_training_state
@@ -33,8 +37,9 @@ def _run_model(path: Path) -> DIMBA:
 
 
 def load_for_inference(path: str | Path, map_location: str = "cpu") -> tuple[DIMBA, Tokenizer]:
-    """(model, tokenizer) from an export folder or a training run (its EMA weights), in eval mode."""
-    path = Path(path)
+    """(model, tokenizer) from an export folder (or Hub id ``owner/name``) or a training run (its EMA weights), in
+    eval mode."""
+    path = resolve(path)
     if path.is_file():
         raise CheckpointError(f"{str(path)!r} is a file: pass a run directory (runs/NAME) or an export folder")
     if not path.is_dir():
@@ -54,3 +59,18 @@ def load_for_inference(path: str | Path, map_location: str = "cpu") -> tuple[DIM
         raise CheckpointError(f"{str(tok_path)!r} has {tokenizer.vocab_size} tokens but the model's vocabulary has "
                               f"{model.config.vocab_size}: put the tokenizer.json the model was trained with beside it")
     return model.eval(), tokenizer
+
+
+def sample_defaults(path: str | Path) -> SampleConfig:
+    """The sampler defaults of a model: a run's `sample` config, an export folder's sample_config.json (local or a Hub
+    id), else `SampleConfig`'s defaults."""
+    path = resolve(path)
+    if (path / "config.yaml").is_file():
+        return load_run_config(path / "config.yaml").sample
+    sample = read_sample(path) if path.is_dir() else None
+    try:
+        return SampleConfig(**(sample or {}))
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise CheckpointError(f"{str(path / SAMPLE_NAME)!r}: invalid {'.'.join(map(str, first['loc']))} "
+                              f"({first['msg']}): fix or delete the file") from None

@@ -241,15 +241,23 @@ class DIMBA(nn.Module):
         return self.interpret(x_pred, z_t, alpha_bar)[0]
 
     def estimate(self, z_t: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor,
-                 masked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 masked: torch.Tensor | None = None, ids: torch.Tensor | None = None,
+                 prompt_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The unconditional x0 estimate (B, L, d_x) at a noisy latent z_t (B, L, d_x), a deterministic function
         of (z_t, t, masked), and the predicted logits (B, L, V) of a logits model (else None): with
         self-conditioning, the network's own first estimate at the same z_t is fed back (two passes, as in Plaid's
-        likelihood evaluation). ``t``, ``alpha_bar``: (B,)."""
-        cond = self.condition(z_t.new_zeros(z_t.shape[:2], dtype=torch.long), t)  # (B, D): no prompt
-        x0, logits = self.interpret(self.denoise(z_t, t, cond, None, None, masked), z_t, alpha_bar, masked)
+        likelihood evaluation). ``t``, ``alpha_bar``: (B,). With ``prompt_mask`` (B, L) the tokens ``ids`` (B, L)
+        there are a clean prompt, as in generation: z_t holds their clean latents, which are flagged, condition
+        the network and are fed back as their own estimate."""
+        if prompt_mask is None:
+            cond = self.condition(z_t.new_zeros(z_t.shape[:2], dtype=torch.long), t)  # (B, D): no prompt
+        else:
+            cond = self.condition(ids, t, prompt_mask)  # (B, D)
+        x0, logits = self.interpret(self.denoise(z_t, t, cond, prompt_mask, None, masked), z_t, alpha_bar, masked)
         if self.config.self_conditioning:
-            x0, logits = self.interpret(self.denoise(z_t, t, cond, None, x0, masked), z_t, alpha_bar, masked)
+            if prompt_mask is not None:
+                x0 = torch.where(prompt_mask[..., None], z_t, x0)  # (B, L, d_x)
+            x0, logits = self.interpret(self.denoise(z_t, t, cond, prompt_mask, x0, masked), z_t, alpha_bar, masked)
         return x0, logits
 
     def forward(self, input_ids: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
@@ -316,15 +324,21 @@ class DIMBA(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ----- export ------------------------------------------------------------------------
-    def save_pretrained(self, out_dir: str | Path, tokenizer=None, extra_card: str = "") -> Path:
-        """Write config.json, model.safetensors, tokenizer.json (if given) and README.md (see `dimba.export`)."""
-        return export.save_pretrained(self, out_dir, tokenizer=tokenizer, extra_card=extra_card)
+    def save_pretrained(self, out_dir: str | Path, tokenizer=None, extra_card: str = "", sample: dict | None = None
+                        ) -> Path:
+        """Write config.json, model.safetensors, tokenizer.json (if given), sample_config.json (the sampler defaults
+        ``sample``, if given) and README.md (see `dimba.export`)."""
+        return export.save_pretrained(self, out_dir, tokenizer=tokenizer, extra_card=extra_card, sample=sample)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str = "cpu") -> "DIMBA":
-        """Load an export folder strictly (a missing or unexpected weight is an error)."""
+        """Load an export folder strictly (a missing or unexpected weight is an error): a local folder, or a Hub
+        model ``owner/name`` through the Hugging Face cache (offline from it with ``HF_HUB_OFFLINE=1``)."""
+        from dimba.hub import resolve
+
+        path = resolve(path)
         model = export.build_from_config(cls, path)
-        export.load_weights(model, Path(path) / export.WEIGHTS_NAME)
+        export.load_weights(model, path / export.WEIGHTS_NAME)
         return model.to(map_location)
 
 

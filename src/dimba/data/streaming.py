@@ -50,26 +50,55 @@ def _files(spec: str) -> list[Path]:
                     "pass one (the built-in 'shakespeare' needs data.streaming=false)")
 
 
+def _fingerprint(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _unchanged(files: list[Path], seen: dict[Path, tuple[int, int]]) -> None:
+    """A one-line `DataError` naming the first of ``files`` that vanished or changed since ``seen`` was taken: the
+    stream positions saved in checkpoints count the documents of the files as they were."""
+    for path in files:
+        try:
+            now = _fingerprint(path)
+        except FileNotFoundError:
+            raise DataError(f"streamed corpus file {str(path)!r} vanished during training: put it back and resume the "
+                            "run (dimba train --resume RUN)") from None
+        if now != seen[path]:
+            raise DataError(f"streamed corpus file {str(path)!r} changed during training (its size or modification "
+                            "time): restore it and resume the run, or train a new run on the new text")
+
+
 def document_stream(spec: str) -> Callable[[], Iterator[str]]:
     """A function that opens the documents of corpus ``spec`` as a fresh ``datasets`` stream (offline-safe:
-    only local files and the packaged text/json/parquet readers)."""
+    only local files and the packaged text/json/parquet readers). A file that vanishes or changes while the
+    stream runs is a one-line `DataError` naming it (checked before and after each run of files is read)."""
     try:
         import datasets
     except ImportError:
         raise DataError("data.streaming needs the datasets package: pip install 'dimba[stream]'") from None
     files = _files(spec)
-    groups = [(builder, [str(f) for f in group])  # consecutive files of one kind, in path order
+    seen = {path: _fingerprint(path) for path in files}
+    groups = [(builder, list(group))  # consecutive files of one kind, in path order
               for builder, group in itertools.groupby(files, key=lambda f: _BUILDERS[f.suffix])]
 
     def open_docs() -> Iterator[str]:
         for builder, paths in groups:
+            _unchanged(paths, seen)
             extra = {"sample_by": "document"} if builder == "text" else {}
-            ds = datasets.load_dataset(builder, data_files=paths, split="train", streaming=True, **extra)
-            for number, record in enumerate(ds):
-                text = record.get("text")
-                if not isinstance(text, str):
-                    raise DataError(f'record {number} of {paths} has no string "text" field: give every record one')
-                yield text
+            ds = datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train", streaming=True,
+                                       **extra)
+            try:
+                for number, record in enumerate(ds):
+                    text = record.get("text")
+                    if not isinstance(text, str):
+                        raise DataError(f'record {number} of {[str(p) for p in paths]} has no string "text" field: '
+                                        "give every record one")
+                    yield text
+            except OSError:  # a file gone while it was read
+                _unchanged(paths, seen)
+                raise
+            _unchanged(paths, seen)
     return open_docs
 
 

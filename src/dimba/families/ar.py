@@ -25,16 +25,16 @@ def compute_ar_losses(model, input_ids: torch.Tensor):
     return loss, {"loss": loss.detach(), "ce": loss.detach(), "acc": acc.detach()}
 
 
-def block_nll(model, blocks: torch.Tensor, batch_size: int, progress: bool) -> np.ndarray:
-    """Exact -log p(x_1..x_{L-1} | x_0) of each block, float64 (N,).
+def block_nll(model, blocks: torch.Tensor, batch_size: int, progress: bool, context: int = 1) -> np.ndarray:
+    """Exact -log p(x_c..x_{L-1} | x_0..x_{c-1}) of each block, float64 (N,), c = ``context`` >= 1.
 
     logits[:, l] predict token l + 1; log-softmax is taken in float64.
     """
     out = []
     for start in tqdm(range(0, len(blocks), batch_size), desc="eval ar", disable=not progress, leave=False):
         x = blocks[start:start + batch_size].to(model_device(model))  # (B, L)
-        logp = model.token_logits(x)[:, :-1].double().log_softmax(-1)  # (B, L-1, V)
-        nll = -logp.gather(-1, x[:, 1:, None])[..., 0]  # (B, L-1)
+        logp = model.token_logits(x)[:, context - 1:-1].double().log_softmax(-1)  # (B, L-c, V)
+        nll = -logp.gather(-1, x[:, context:, None])[..., 0]  # (B, L-c)
         out.append(nll.sum(-1).cpu().numpy())
     return np.concatenate(out)  # (N,)
 
@@ -100,8 +100,10 @@ class ARFamily(Family):
         """Exactly the tokens asked for."""
         return length
 
-    def likelihood(self, model, blocks, mc_samples, batch_size, generator, progress, calibration_blocks=None
-                   ) -> LikelihoodEstimate:
-        """The exact NLL of tokens 1..L-1 of each block given the tokens before them (token 0 has no context and
-        is not scored)."""
-        return LikelihoodEstimate(float(block_nll(model, blocks, batch_size, progress).sum()), 0.0, blocks[:, 1:])
+    def likelihood(self, model, blocks, mc_samples, batch_size, generator, progress, calibration_blocks=None,
+                   context=0) -> LikelihoodEstimate:
+        """The exact NLL of the tokens after the ``context`` of each block given the tokens before them; token 0
+        has no context and is never scored."""
+        context = max(context, 1)
+        nll = block_nll(model, blocks, batch_size, progress, context)  # (N,)
+        return LikelihoodEstimate(float(nll.sum()), 0.0, blocks[:, context:])

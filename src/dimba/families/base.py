@@ -113,9 +113,14 @@ class Family:
 
     def likelihood(self, model, blocks: torch.Tensor, mc_samples: int, batch_size: int,
                    generator: torch.Generator | None, progress: bool, calibration_blocks: torch.Tensor | None = None,
-                   **options) -> LikelihoodEstimate:
+                   context: int = 0, **options) -> LikelihoodEstimate:
         """-log p (or an upper bound on it) of ``blocks`` (N, L), with the `likelihood_options` given; an
-        estimator with settings to choose may choose them on ``calibration_blocks`` (never the evaluated ones)."""
+        estimator with settings to choose may choose them on ``calibration_blocks`` (never the evaluated ones).
+
+        The first ``context`` tokens of every block are given and not scored: the estimate is then of
+        -log p(x_context.. | x_..context), the context being the clean prompt it is in generation (the
+        lm-evaluation-harness model asks this of a continuation). An ar model always takes token 0 as given.
+        """
         raise NotImplementedError
 
     def check_likelihood_options(self, options: dict[str, Any]) -> None:

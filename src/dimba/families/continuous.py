@@ -252,8 +252,8 @@ class ContinuousFamily(Family):
         return ContinuousGeneration(self, model, prompt, seq_len, settings, generator)
 
     def likelihood(self, model, blocks, mc_samples, batch_size, generator, progress, calibration_blocks=None,
-                   t0=None, clamp=None) -> LikelihoodEstimate:
+                   context=0, t0=None, clamp=None) -> LikelihoodEstimate:
         """The variational bound (`dimba.families.gaussian_bound.estimate`) with the reverse process's ``t0`` and
-        ``clamp``, each chosen on ``calibration_blocks`` when not given."""
+        ``clamp``, each chosen on ``calibration_blocks`` when not given; given a ``context``, of the tokens after it."""
         return gaussian_bound.estimate(model, blocks, mc_samples, batch_size, generator, progress, t0, clamp,
-                                       calibration_blocks)
+                                       calibration_blocks, context)

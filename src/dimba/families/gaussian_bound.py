@@ -39,6 +39,11 @@ Gaussian term of the positions that are not absorbed gives
 
 the prior term being 0 because every position is absorbed at t = 1.
 
+**A context.** Given the first c tokens as a clean prompt (``context``; the lm-evaluation-harness model
+asks for -log p(continuation | context)), the reverse process keeps the prompt's clean latents in place,
+flags them and conditions on them, as generation does (`DIMBA.estimate` with a prompt mask); every term
+above is then summed over the positions after the prompt only, which bounds -log p(x_c.. | x_..c).
+
 **Estimator.** Per block, K draws of t, stratified (t_k from u_k = (k + u) / K, one u per block)
 under the proposal q(t) = 1/2 U(t0, 1) + 1/2 LogU(t0, 1): its log-uniform half matches the
 1/t growth of both integrands near t0, so the importance weights f(t) / q(t) stay bounded. Each
@@ -86,12 +91,12 @@ def _dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def _noisy_state(model, ids: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None):
+def _noisy_state(model, ids: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None, context: int = 0):
     """z_0, the x0 estimate and the decoder's logits p_theta (float64 each; the predicted logits of a logits
     model, the head on the x0 estimate otherwise) and the absorbed positions (hybrid; else None) at times t.
 
     ids (B, L) on the model's device; t (B,) float64. The noise and masks are drawn on the CPU
-    with ``generator``.
+    with ``generator``. The first ``context`` positions are a clean prompt (never noised nor absorbed).
     """
     dev = ids.device
     z0 = model.encode(ids).double()  # (B, L, d)
@@ -102,26 +107,34 @@ def _noisy_state(model, ids: torch.Tensor, t: torch.Tensor, generator: torch.Gen
     if model.family.absorbing:
         alpha = model.mask_schedule.alpha(t)  # (B,)
         masked = (torch.rand(ids.shape, generator=generator, dtype=torch.float64) >= alpha[:, None]).to(dev)  # (B, L)
+    prompt = {}
+    if context:
+        mask = (torch.arange(ids.shape[1], device=dev) < context)[None].expand(len(ids), -1)  # (B, L)
+        z_t = torch.where(mask[..., None], z0, z_t)  # the prompt stays clean
+        masked = None if masked is None else masked & ~mask
+        prompt = {"ids": ids, "prompt_mask": mask}
     dtype = _dtype(model)
-    x0, logits = model.estimate(z_t.to(dtype), t.to(dev, dtype), ab.to(dtype), masked)  # (B, L, d), (B, L, V)
+    x0, logits = model.estimate(z_t.to(dtype), t.to(dev, dtype), ab.to(dtype), masked, **prompt)  # (B, L, d), (B, L, V)
     if logits is None:  # the head on the estimate
         logits = model.decode(x0)
     return z0, x0.double(), logits.double(), masked
 
 
 def _integrand(model, ids: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None,
-               clamps: tuple[str, ...] = ("none",)) -> tuple[dict, torch.Tensor, torch.Tensor]:
+               clamps: tuple[str, ...] = ("none",), context: int = 0) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """Per position at times t (B,) float64, in nats per unit time: the Gaussian integrand (B, L) of the
     reverse process of each clamp in ``clamps``, the absorbing integrand (B, L) (zeros but for hybrid),
-    and -log p_theta(x | state_t) (B, L), p_theta the model's token distribution (`_noisy_state`).
+    and -log p_theta(x | state_t) (B, L), p_theta the model's token distribution (`_noisy_state`); all three
+    are zero on the first ``context`` positions, a clean prompt.
 
     Clamps: ``none`` steps with the network's x0 estimate, ``soft`` with the mean of the codebook under
     p_theta (score interpolation, as `dimba generate --clamp soft`).
     """
-    z0, x0, logits, masked = _noisy_state(model, ids, t, generator)
+    z0, x0, logits, masked = _noisy_state(model, ids, t, generator, context)
     _, slope = model.schedule.snr_and_slope(t)  # (B,) dSNR/dt < 0
-    nll = -logits.log_softmax(-1).gather(-1, ids[..., None])[..., 0]  # (B, L)
-    kept = 1.0 if masked is None else (~masked).double()  # the Gaussian term skips absorbed positions
+    scored = (torch.arange(ids.shape[1], device=ids.device) >= context).double()  # (L,)
+    nll = -logits.log_softmax(-1).gather(-1, ids[..., None])[..., 0] * scored  # (B, L)
+    kept = scored if masked is None else (~masked).double() * scored  # the Gaussian term skips absorbed positions
     gauss = {}
     for clamp in clamps:
         x = x0 if clamp == "none" else logits.softmax(-1) @ model.codebook().double()  # (B, L, d)
@@ -132,32 +145,34 @@ def _integrand(model, ids: torch.Tensor, t: torch.Tensor, generator: torch.Gener
     return gauss, w * nll * masked, nll
 
 
-def prior_nats(model, blocks: torch.Tensor) -> np.ndarray:
-    """KL(q(z_1 | x) || N(0, I)) of each block (N,), float64: 0 with zero terminal SNR (and for hybrid)."""
+def prior_nats(model, blocks: torch.Tensor, context: int = 0) -> np.ndarray:
+    """KL(q(z_1 | x) || N(0, I)) of each block (N,) after its first ``context`` positions, float64: 0 with zero
+    terminal SNR (and for hybrid)."""
     ab1 = float(model.schedule.alpha_bar64(torch.ones((), dtype=torch.float64)))
     if model.family.absorbing or ab1 == 0.0:
         return np.zeros(len(blocks))
-    z0 = model.encode(blocks.to(model_device(model))).double()  # (N, L, d)
+    z0 = model.encode(blocks[:, context:].to(model_device(model))).double()  # (N, L - c, d)
     kl = 0.5 * (ab1 * z0.pow(2) - ab1 - math.log(1 - ab1))  # (N, L, d)
     return kl.sum((1, 2)).cpu().numpy()
 
 
 def reconstruction_nats(model, blocks: torch.Tensor, batch_size: int, generator: torch.Generator | None,
-                        progress: bool, t0: float) -> np.ndarray:
-    """One draw per block of -log p(x | state_t0), float64 (N,)."""
+                        progress: bool, t0: float, context: int = 0) -> np.ndarray:
+    """One draw per block of -log p(x | state_t0) of the positions after the first ``context``, float64 (N,)."""
     out = []
     for start in tqdm(range(0, len(blocks), batch_size), desc="eval reconstruction", disable=not progress,
                       leave=False):
         ids = blocks[start:start + batch_size].to(model_device(model))  # (B, L)
         t = torch.full((len(ids),), t0, dtype=torch.float64)  # (B,)
-        nll = _integrand(model, ids, t, generator, clamps=())[2]  # (B, L)
+        nll = _integrand(model, ids, t, generator, (), context)[2]  # (B, L)
         out.append(nll.sum(-1).cpu().numpy())
     return np.concatenate(out)
 
 
 def diffusion_terms(model, blocks: torch.Tensor, mc_samples: int, batch_size: int, generator: torch.Generator | None,
-                    progress: bool, t0: float, clamp: str = "none") -> tuple[np.ndarray, np.ndarray]:
-    """Monte Carlo terms of the integral over [t0, 1], float64: (gaussian (N, K), absorbing (N, K)).
+                    progress: bool, t0: float, clamp: str = "none", context: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Monte Carlo terms of the integral over [t0, 1], float64: (gaussian (N, K), absorbing (N, K)), of the
+    positions after the first ``context``.
 
     The absorbing terms (hybrid) are zeros for the continuous family; each term is f(t) / q(t).
     """
@@ -172,7 +187,7 @@ def diffusion_terms(model, blocks: torch.Tensor, mc_samples: int, batch_size: in
         sl = slice(start, start + batch_size)
         ids = blocks[rows[sl]].to(model_device(model))  # (B, L)
         t, q = t_all[sl], q_all[sl]  # (B,)
-        g, a, _ = _integrand(model, ids, t, generator, (clamp,))  # (B, L) each
+        g, a, _ = _integrand(model, ids, t, generator, (clamp,), context)  # (B, L) each
         gauss.append((g[clamp].sum(-1).cpu() / q).numpy())
         absorb.append((a.sum(-1).cpu() / q).numpy())
     shape = (n, mc_samples)
@@ -211,11 +226,12 @@ def choose_reverse(model, blocks: torch.Tensor, clamp: str | None = None, t0: fl
     return best_clamp, float(grid[best_row]) if t0 is None else t0, curves
 
 
-def _total(model, blocks, mc_samples, batch_size, generator, progress, t0, clamp) -> tuple[float, float, dict]:
+def _total(model, blocks, mc_samples, batch_size, generator, progress, t0, clamp, context) -> tuple[float, float, dict]:
     """Total bound (nats), its standard error and the per-part totals."""
-    gauss, absorb = diffusion_terms(model, blocks, mc_samples, batch_size, generator, progress, t0, clamp)  # (N, K)
-    recon = reconstruction_nats(model, blocks, batch_size, generator, progress, t0)  # (N,)
-    prior = prior_nats(model, blocks)  # (N,)
+    gauss, absorb = diffusion_terms(model, blocks, mc_samples, batch_size, generator, progress, t0, clamp,
+                                    context)  # (N, K)
+    recon = reconstruction_nats(model, blocks, batch_size, generator, progress, t0, context)  # (N,)
+    prior = prior_nats(model, blocks, context)  # (N,)
     parts = {"diffusion": float(gauss.mean(1).sum()), "absorbing": float(absorb.mean(1).sum()),
              "reconstruction": float(recon.sum()), "prior": float(prior.sum())}
     # the reconstruction is one draw per block: its spread across blocks overstates its Monte Carlo error
@@ -226,8 +242,9 @@ def _total(model, blocks, mc_samples, batch_size, generator, progress, t0, clamp
 
 def estimate(model, blocks: torch.Tensor, mc_samples: int, batch_size: int, generator: torch.Generator | None,
              progress: bool, t0: float | None = None, clamp: str | None = None,
-             calibration_blocks: torch.Tensor | None = None) -> LikelihoodEstimate:
-    """The bound on -log p of ``blocks`` (N, L), all L tokens scored. ``t0`` is where the reverse process stops and
+             calibration_blocks: torch.Tensor | None = None, context: int = 0) -> LikelihoodEstimate:
+    """The bound on -log p of ``blocks`` (N, L), all L tokens scored, or with ``context`` = c the bound on
+    -log p(x_c.. | x_..c), the first c tokens a clean prompt. ``t0`` is where the reverse process stops and
     rounds, ``clamp`` (of `CLAMPS`) the x0 estimate it steps with; None chooses with `choose_reverse` on
     ``calibration_blocks`` (default: the first 8 evaluated blocks). Reports t0, its SNR and the clamp."""
     if t0 is not None and not 0 < t0 < 1:
@@ -237,6 +254,7 @@ def estimate(model, blocks: torch.Tensor, mc_samples: int, batch_size: int, gene
     if t0 is None or clamp is None:
         calib = blocks[:8] if calibration_blocks is None else calibration_blocks
         clamp, t0, _ = choose_reverse(model, calib, clamp, t0, generator, batch_size)
-    total, stderr, parts = _total(model, blocks, mc_samples, batch_size, generator, progress, t0, clamp)
+    total, stderr, parts = _total(model, blocks, mc_samples, batch_size, generator, progress, t0, clamp, context)
     snr_t0 = float(model.schedule.snr_and_slope(torch.tensor([t0], dtype=torch.float64))[0])
-    return LikelihoodEstimate(total, stderr, blocks, mc_samples, parts, {"t0": t0, "clamp": clamp, "snr_t0": snr_t0})
+    return LikelihoodEstimate(total, stderr, blocks[:, context:], mc_samples, parts,
+                              {"t0": t0, "clamp": clamp, "snr_t0": snr_t0})

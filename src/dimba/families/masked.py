@@ -50,7 +50,7 @@ def compute_masked_losses(model, input_ids: torch.Tensor, t: torch.Tensor | None
 
 
 def nelbo_terms(model, blocks: torch.Tensor, mc_samples: int, batch_size: int,
-                generator: torch.Generator | None, progress: bool) -> np.ndarray:
+                generator: torch.Generator | None, progress: bool, context: int = 0) -> np.ndarray:
     """Monte Carlo terms X[i, k] of the masked-diffusion NELBO of each block, float64 (N, K).
 
     The continuous-time NELBO is  E_t [ w(t) sum_{l masked in x_t} -log p_SUBS(x_0^l | x_t) ]  with
@@ -65,12 +65,18 @@ def nelbo_terms(model, blocks: torch.Tensor, mc_samples: int, batch_size: int,
     t-form's w(t) ~ 1/t gives it infinite variance near t = 0. Per block, the K samples are
     stratified: s_k = (k + u) / K with one u ~ U(0, 1) per block, and m_k = max(1, ceil(L s_k)),
     so m is uniform on {1..L} in each stratum average. Sums accumulate in float64.
+
+    With ``context`` = c > 0 the first c tokens are a clean prompt (flagged to the network as in generation):
+    L becomes the L - c tokens after it and the masked subsets are drawn among those, which bounds
+    -log p(x_c.. | x_..c) (LLaDA's conditional likelihood, their eq. 6).
     """
     n, length = blocks.shape
+    scored = length - context
     dev = model_device(model)
     u = torch.rand(n, 1, generator=generator, dtype=torch.float64)  # (N, 1)
     s = (torch.arange(mc_samples, dtype=torch.float64)[None] + u) / mc_samples  # (N, K)
-    m = (s * length).ceil().clamp(1, length).long().flatten()  # (N*K,)
+    m = (s * scored).ceil().clamp(1, scored).long().flatten()  # (N*K,)
+    prompt = (torch.arange(length, device=dev) < context)[None] if context else None  # (1, L)
     rows = torch.arange(n).repeat_interleave(mc_samples)  # (N*K,) block of each row
     terms = []
     for start in tqdm(range(0, n * mc_samples, batch_size), desc="eval masked", disable=not progress, leave=False):
@@ -79,14 +85,16 @@ def nelbo_terms(model, blocks: torch.Tensor, mc_samples: int, batch_size: int,
         mb = m[start:start + batch_size]  # (B,)
         # a uniform subset of m positions: the m smallest of L uniform keys
         keys = torch.rand(x0.shape, generator=generator)  # (B, L)
+        keys[:, :context] = 2.0  # the prompt is never among the m smallest
         rank = keys.argsort(-1).argsort(-1)  # (B, L)
         masked = rank < mb[:, None]  # (B, L)
         x0, masked = x0.to(dev), masked.to(dev)
         x_t = torch.where(masked, torch.full_like(x0, model.mask_id), x0)  # (B, L)
-        logp = subs_log_probs(model.token_logits(x_t).double(), x_t, model.mask_id)  # (B, L, V) float64
+        prompt_mask = None if prompt is None else prompt.expand(len(x_t), -1)  # (B, L)
+        logp = subs_log_probs(model.token_logits(x_t, prompt_mask).double(), x_t, model.mask_id)  # (B, L, V) float64
         nll = -logp.gather(-1, x0[..., None])[..., 0]  # (B, L)
         nll = torch.where(masked, nll, torch.zeros_like(nll)).sum(-1)  # (B,)
-        terms.append((nll * length / mb.to(dev).double()).cpu().numpy())
+        terms.append((nll * scored / mb.to(dev).double()).cpu().numpy())
     return np.concatenate(terms).reshape(n, mc_samples)  # (N, K)
 
 
@@ -143,8 +151,9 @@ class MaskedFamily(Family):
     def generation(self, model, prompt, seq_len, settings, generator, eos_id, use_cache):
         return MaskedGeneration(model, prompt, seq_len, settings, eos_id, use_cache)
 
-    def likelihood(self, model, blocks, mc_samples, batch_size, generator, progress, calibration_blocks=None
-                   ) -> LikelihoodEstimate:
-        """The NELBO of all L tokens of each block (`nelbo_terms`), an upper bound on their NLL."""
-        terms = nelbo_terms(model, blocks, mc_samples, batch_size, generator, progress)  # (N, K)
-        return LikelihoodEstimate(float(terms.mean(axis=1).sum()), mc_stderr(terms), blocks, mc_samples)
+    def likelihood(self, model, blocks, mc_samples, batch_size, generator, progress, calibration_blocks=None,
+                   context=0) -> LikelihoodEstimate:
+        """The NELBO of the tokens after the ``context`` of each block (`nelbo_terms`; all L tokens without one), an
+        upper bound on their NLL."""
+        terms = nelbo_terms(model, blocks, mc_samples, batch_size, generator, progress, context)  # (N, K)
+        return LikelihoodEstimate(float(terms.mean(axis=1).sum()), mc_stderr(terms), blocks[:, context:], mc_samples)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dimba.errors import CheckpointError
+from dimba.errors import CheckpointError, DiskError
 from dimba.export import mismatch
 from dimba.io import atomic_save
 from dimba.training import sharded
@@ -95,7 +95,7 @@ def save_checkpoint(ts, final: bool = False) -> None:
     """Save the `TrainState` ``ts`` (collective: every rank calls it): ``last.ckpt``, and before it
     ``step-N.ckpt`` when the step is a multiple of ``train.save_every`` and the save is not the ``final`` one.
     FSDP runs write sharded checkpoints instead (every rank its shards)."""
-    ts.saved_step = ts.step
+    kept, ts.saved_step = ts.saved_step, ts.step
     fabric = ts.fabric
     rngs = [rng_state()]
     if fabric.world_size > 1:  # every rank's generators, so that a resume on as many ranks is exact
@@ -115,6 +115,11 @@ def save_checkpoint(ts, final: bool = False) -> None:
         return
     blob = {"model": ts.model.state_dict(), "ema": ts.ema.state_dict(), "optimizer": ts.optimizer.state_dict(),
             **run_state}
-    if periodic:  # before last.ckpt: a crash in between replays this step
-        atomic_save(blob, folder / f"step-{ts.step:07d}.ckpt")
-    atomic_save(blob, folder / LAST_CKPT)
+    try:
+        if periodic:  # before last.ckpt: a crash in between replays this step
+            atomic_save(blob, folder / f"step-{ts.step:07d}.ckpt")
+        atomic_save(blob, folder / LAST_CKPT)
+    except DiskError as exc:  # the previous last.ckpt is untouched
+        then = (f"the checkpoint of step {kept} is intact: continue from it with `dimba train --resume {ts.run_dir}`"
+                if kept is not None else "no checkpoint was written")
+        raise DiskError(f"{exc}; {then}") from None

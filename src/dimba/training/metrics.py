@@ -7,7 +7,7 @@ import io
 from pathlib import Path
 
 from dimba.errors import UsageError
-from dimba.io import atomic_write_text
+from dimba.io import atomic_write_text, disk_errors
 
 
 def columns(metrics: tuple[str, ...]) -> list[str]:
@@ -41,6 +41,7 @@ class MetricsLog:
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_text(path, text.getvalue())
+        self.path = path
         self._file = open(path, "a", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=self.columns)
         if logger != "none":
@@ -52,8 +53,9 @@ class MetricsLog:
         unknown = set(values) - set(self.columns)
         if unknown:
             raise KeyError(f"metrics not in the CSV schema: {sorted(unknown)}")
-        self._writer.writerow({"step": step, **{k: f"{v:.6g}" for k, v in values.items()}})
-        self._file.flush()
+        with disk_errors(self.path):
+            self._writer.writerow({"step": step, **{k: f"{v:.6g}" for k, v in values.items()}})
+            self._file.flush()
         if self._tracker is not None:
             self._tracker.log_metrics(values, step=step)
 

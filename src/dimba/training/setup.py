@@ -16,6 +16,7 @@ from dimba.config import Config, dump_yaml
 from dimba.data import open_data
 from dimba.data.tokenizer import Tokenizer
 from dimba.errors import UsageError
+from dimba.io import atomic_write_text, disk_errors
 from dimba.model import build_model
 from dimba.training import sharded as sharded_ckpt
 from dimba.training.checkpoint import check_state_fits, latest_checkpoint, load_training_state, resume_training
@@ -158,9 +159,10 @@ def setup(cfg: Config, run_dir: str | Path | None, resume: bool = False) -> Trai
         raise UsageError(f"the checkpoint of {run_dir} is sharded (written by train.strategy=fsdp): resume it with "
                          "train.strategy=fsdp")
     if fabric.is_global_zero and not resume and run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        with disk_errors(run_dir, "or choose another --out"):
+            run_dir.mkdir(parents=True, exist_ok=True)
         data.tokenizer.save(run_dir / "tokenizer.json")
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
 
     model = _build_model(cfg, data, state, run_dir, fabric.world_size)
     ema = AveragedModel(model, avg_fn=ema_avg(cfg.train.ema_decay), use_buffers=True)
