@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dimba.backbones.mamba import GatedRMSNorm, _inverse_softplus_log_uniform
+from dimba.backbones.mamba import GatedRMSNorm, _inverse_softplus_log_uniform, head_layout
 from dimba.backbones.mixer import BidirectionalMixer, real_positions
 from dimba.backbones.ssm import bidirectional_scan, conv_silu
 
@@ -46,12 +46,7 @@ class SharedBiMamba2(BidirectionalMixer):
     def __init__(self, d_model: int, d_state: int = 64, d_conv: int = 4, expand: int = 2, headdim: int = 64,
                  ngroups: int = 1, chunk_size: int = 64):
         super().__init__()
-        d_inner = expand * d_model
-        if d_inner % headdim:
-            raise ValueError(f"d_inner = expand * d_model = {d_inner} is not divisible by headdim = {headdim}")
-        nheads = d_inner // headdim
-        if nheads % ngroups:
-            raise ValueError(f"ngroups = {ngroups} must divide the number of heads {nheads} (d_inner / headdim)")
+        d_inner, nheads = head_layout(d_model, expand, headdim, ngroups)
         self.d_inner, self.d_state, self.headdim = d_inner, d_state, headdim
         self.nheads, self.ngroups, self.chunk_size, self.d_conv = nheads, ngroups, chunk_size, d_conv
         self.conv_dim = d_inner + 4 * ngroups * d_state  # channels of xBC: x and both directions' B, C

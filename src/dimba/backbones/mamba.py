@@ -18,6 +18,18 @@ from dimba.backbones.mixer_ops import gated_rms_norm
 from dimba.backbones.ssm import conv_silu, selective_scan
 
 
+def head_layout(d_model: int, expand: int, headdim: int, ngroups: int) -> tuple[int, int]:
+    """(d_inner, nheads) of a Mamba-2 mixer, refusing a width that headdim does not divide or a group count
+    that does not divide the heads."""
+    d_inner = expand * d_model
+    if d_inner % headdim:
+        raise ValueError(f"d_inner = expand * d_model = {d_inner} is not divisible by headdim = {headdim}")
+    nheads = d_inner // headdim
+    if nheads % ngroups:
+        raise ValueError(f"ngroups = {ngroups} must divide the number of heads {nheads} (d_inner / headdim)")
+    return d_inner, nheads
+
+
 class GatedRMSNorm(nn.Module):
     """RMSNorm of the gated input ``y * silu(z)``, normalised over groups of ``group_size`` channels.
 
@@ -55,12 +67,7 @@ class Mamba2Mixer(nn.Module):
     def __init__(self, d_model: int, d_state: int = 64, d_conv: int = 4, expand: int = 2, headdim: int = 64,
                  ngroups: int = 1, chunk_size: int = 64):
         super().__init__()
-        d_inner = expand * d_model
-        if d_inner % headdim:
-            raise ValueError(f"d_inner = expand * d_model = {d_inner} is not divisible by headdim = {headdim}")
-        nheads = d_inner // headdim
-        if nheads % ngroups:
-            raise ValueError(f"ngroups = {ngroups} must divide the number of heads {nheads} (d_inner / headdim)")
+        d_inner, nheads = head_layout(d_model, expand, headdim, ngroups)
         self.d_inner, self.d_state, self.headdim = d_inner, d_state, headdim
         self.nheads, self.ngroups, self.chunk_size, self.d_conv = nheads, ngroups, chunk_size, d_conv
         self.conv_dim = d_inner + 2 * ngroups * d_state  # channels of xBC

@@ -13,13 +13,13 @@ from __future__ import annotations
 import torch
 
 from dimba.samplers.categorical import sample_from_probs, token_probs
-from dimba.samplers.ddim import DDIMSampler
+from dimba.samplers.ddim import DDIMSampler, OnDDIM
 from dimba.samplers.state import ModelOutput, SamplerState
 
 ORDERS = ("confidence", "random")
 
 
-class CommitSampler:
+class CommitSampler(OnDDIM):
     """x0-DDIM (``ddim``) plus commitment of drawn tokens; ``codebook`` (V, d) holds each token's clean latent."""
 
     def __init__(self, ddim: DDIMSampler, codebook: torch.Tensor, order: str = "confidence", temperature: float = 1.0,
@@ -28,14 +28,6 @@ class CommitSampler:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         self.ddim, self.codebook, self.order = ddim, codebook, order
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-
-    @property
-    def timesteps(self) -> torch.Tensor:
-        return self.ddim.timesteps
-
-    @property
-    def num_steps(self) -> int:
-        return self.ddim.num_steps
 
     def set_timesteps(self, num_steps: int, state: SamplerState) -> None:
         """The grid of `DDIMSampler.set_timesteps`; ``state`` must carry ``clean`` and ``tokens``."""

@@ -57,3 +57,18 @@ class DDIMSampler:
         if sigma > 0:
             z_s = z_s + sigma * torch.randn(z_t.shape, device=z_t.device, dtype=z_t.dtype, generator=generator)
         return torch.where(state.kept()[..., None], z_t, z_s)  # (N, L, d)
+
+
+class OnDDIM:
+    """Base of the samplers that move latents by an inner x0-DDIM (``self.ddim``) and add their own token
+    decisions: the step grid is the inner sampler's."""
+
+    ddim: DDIMSampler
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self.ddim.timesteps
+
+    @property
+    def num_steps(self) -> int:
+        return self.ddim.num_steps

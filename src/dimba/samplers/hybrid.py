@@ -22,11 +22,11 @@ from dimba.diffusion.gaussian import q_sample
 from dimba.diffusion.masked import MaskSchedule
 from dimba.diffusion.schedules import NoiseSchedule
 from dimba.samplers.categorical import sample_tokens
-from dimba.samplers.ddim import DDIMSampler
+from dimba.samplers.ddim import DDIMSampler, OnDDIM
 from dimba.samplers.state import ModelOutput, SamplerState
 
 
-class HybridSampler:
+class HybridSampler(OnDDIM):
     """Uniform steps of t from 1 (all absorbed, pure noise) to 0 (data); ``eta`` as in DDIM.
 
     ``codebook`` (V, d) holds the clean latent of every token; temperature / top-k / top-p draw the
@@ -41,14 +41,6 @@ class HybridSampler:
         self.mask_schedule = mask_schedule
         self.codebook = codebook
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-
-    @property
-    def timesteps(self) -> torch.Tensor:
-        return self.ddim.timesteps
-
-    @property
-    def num_steps(self) -> int:
-        return self.ddim.num_steps
 
     def set_timesteps(self, num_steps: int, state: SamplerState) -> None:
         """The grid 1 = t_0 > ... > t_num_steps = 0 (see `DDIMSampler.set_timesteps`)."""
