@@ -153,16 +153,21 @@ def test_without_causal_conv1d_the_mixer_warns_once_and_matches_cpu(monkeypatch)
         assert_rel_close(y, y_cpu, TF32, "y")
 
 
-@pytest.mark.parametrize("tie_reverse", [False, True])
-def test_bimamba_on_cuda_matches_cpu(tie_reverse):
-    torch.manual_seed(0)
-    layer = BiMamba2(64, tie_reverse=tie_reverse, **mixer_kwargs(2))
+def assert_cuda_matches_cpu(layer) -> None:
+    """A bidirectional layer (d_model 64) on CUDA gives its CPU output and gradients, within TF32 tolerance."""
     u = torch.randn(2, 77, 64)  # (B, L, D)
     y_cpu, grads_cpu = output_and_grads(layer, u)
     y_cuda, grads_cuda = output_and_grads(copy.deepcopy(layer).cuda(), u.cuda())
     assert_rel_close(y_cuda, y_cpu, TF32, "y")
     for name, g in grads_cuda.items():
         assert_rel_close(g, grads_cpu[name], TF32, f"d{name}")
+
+
+@pytest.mark.parametrize("tie_reverse", [False, True])
+def test_bimamba_on_cuda_matches_cpu(tie_reverse):
+    torch.manual_seed(0)
+    layer = BiMamba2(64, tie_reverse=tie_reverse, **mixer_kwargs(2))
+    assert_cuda_matches_cpu(layer)
 
 
 def test_step_on_cuda_equals_full_forward():
@@ -243,12 +248,7 @@ def test_conv_with_lookahead_uses_causal_conv1d_and_matches_cpu(monkeypatch, loo
 def test_shared_bimamba_on_cuda_matches_cpu(ngroups):
     torch.manual_seed(0)
     layer = SharedBiMamba2(64, **mixer_kwargs(ngroups))
-    u = torch.randn(2, 77, 64)  # (B, L, D)
-    y_cpu, grads_cpu = output_and_grads(layer, u)
-    y_cuda, grads_cuda = output_and_grads(copy.deepcopy(layer).cuda(), u.cuda())
-    assert_rel_close(y_cuda, y_cpu, TF32, "y")
-    for name, g in grads_cuda.items():
-        assert_rel_close(g, grads_cpu[name], TF32, f"d{name}")
+    assert_cuda_matches_cpu(layer)
 
 
 def test_shared_bimamba_padding_on_cuda_matches_each_row_alone():
