@@ -78,18 +78,12 @@ class ModelConfig(_Strict):
             return {**data, "bimamba": "separate"}
         return data
 
-    @field_validator("family")
+    @field_validator("family", "backbone")
     @classmethod
-    def _registered(cls, name: str) -> str:
-        if name not in family_names():
-            raise ValueError(f"unknown family {name!r}: choose one of {', '.join(family_names())}")
-        return name
-
-    @field_validator("backbone")
-    @classmethod
-    def _registered_backbone(cls, name: str) -> str:
-        if name not in backbone_names():
-            raise ValueError(f"unknown backbone {name!r}: choose one of {', '.join(backbone_names())}")
+    def _registered(cls, name: str, info) -> str:
+        names = family_names() if info.field_name == "family" else backbone_names()
+        if name not in names:
+            raise ValueError(f"unknown {info.field_name} {name!r}: choose one of {', '.join(names)}")
         return name
 
     @model_validator(mode="after")
