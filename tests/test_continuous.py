@@ -165,3 +165,15 @@ def test_a_low_score_temperature_sharpens_every_x0_estimate():
         gap = torch.stack([(x0[..., None, :] - book).pow(2).sum(-1).min(-1).values.mean() for x0 in estimates])
         seen[tau] = gap
     assert (seen[0.05] < 0.2 * seen[1.0]).all()  # near-one-hot estimates sit on the codebook
+
+
+def test_a_guided_logits_model_interpolates_the_guided_logits_so_its_estimates_stay_on_the_codebook_hull():
+    m = small().eval()
+    ids = torch.randint(3, V, (2, 8))
+    m.calibrate_latent_scale(ids)
+    estimates = []
+    sample_from_model(m, ids[:, :3], seq_len=8, num_steps=4, num_samples=2, guidance_scale=8.0, score_temperature=1.0,
+                      generator=torch.Generator().manual_seed(0), callback=lambda i, t, x0: estimates.append(x0))
+    book = m.codebook()  # (V, d)
+    for x0 in estimates:  # a softmax-weighted mean of codebook latents is no longer than the longest of them
+        assert (x0[:, 3:].norm(dim=-1) <= book.norm(dim=-1).max() + 1e-4).all()

@@ -215,10 +215,12 @@ class DIMBA(nn.Module):
         return self.out_proj(self.backbone(h, cond, lengths))  # (B, L, d_x)
 
     def interpret(self, x_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar: torch.Tensor,
-                  masked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  masked: torch.Tensor | None = None,
+                  score_temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The x0 estimate (B, L, d_x) a network output implies, and for ``prediction_type="logits"`` the predicted
         token logits (B, L, V) (float32; else None). Logits prediction estimates x0 by score interpolation: the
-        codebook latents averaged under softmax(logits); with ``logit_skip`` the logits include the Bayes logits
+        codebook latents averaged under softmax(logits / ``score_temperature``) (`score_interpolate`; the
+        returned logits are not divided); with ``logit_skip`` the logits include the Bayes logits
         of z_t under a uniform prior over the codebook, sqrt(ab) / (1 - ab) z_t . e_v (Gaussian q(z_t | x = v)
         with equal-norm codebook latents), so the network learns what the context adds to them; an absorbed
         position (``masked`` (B, L) bool, hybrid family) has no latent and so no skip logits."""
@@ -234,7 +236,14 @@ class DIMBA(nn.Module):
             if masked is not None:
                 z_t = z_t.masked_fill(masked[..., None], 0.0)  # (B, L, d_x)
             logits = logits + ab.sqrt() / (1 - ab).clamp_min(1e-4) * (z_t.float() @ book.float().T)
-        return logits.softmax(-1).to(book.dtype) @ book, logits
+        return self.score_interpolate(logits, score_temperature, book), logits
+
+    def score_interpolate(self, logits: torch.Tensor, temperature: float = 1.0,
+                          book: torch.Tensor | None = None) -> torch.Tensor:
+        """The codebook latents averaged under softmax(logits (B, L, V) / temperature): an x0 estimate (B, L, d_x).
+        ``book``: the codebook (V, d_x) when the caller has it."""
+        book = self.codebook() if book is None else book  # (V, d_x)
+        return (logits / temperature).softmax(-1).to(book.dtype) @ book  # (B, L, d_x)
 
     def x0_from_output(self, x_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
         """The x0 estimate implied by the network output (see `interpret`)."""

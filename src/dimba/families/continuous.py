@@ -117,9 +117,8 @@ class ContinuousGeneration(Generation):
         self.ids = torch.cat([prompt, prompt.new_zeros(n, seq_len)], dim=1)  # (N, L)
         self.prompt_mask = torch.arange(p + seq_len, device=prompt.device)[None].expand(n, -1) < p  # (N, L)
         self.z_prompt = model.encode(self.ids)  # (N, L, d): only the prompt positions are used
-        sharpened = settings.score_temperature != 1.0 and model.config.prediction_type == "logits"
         self.committing = settings.commit != "none"
-        needs_book = settings.clamp != "none" or family.absorbing or sharpened or self.committing
+        needs_book = settings.clamp != "none" or family.absorbing or self.committing
         self.book = model.codebook() if needs_book else None  # (V, d)
         self.guided = settings.guidance_scale != 1.0 and p > 0
         shape = (n, p + seq_len, model.d_x)
@@ -145,16 +144,17 @@ class ContinuousGeneration(Generation):
         tb = self.sampler.timesteps[i].expand(z.shape[0])  # (N,)
         ab = model.schedule.alpha_bar(tb)  # (N,)
         cond = model.condition(self.ids, tb, self.prompt_mask)
-        x0, self._logits = model.interpret(model.denoise(z, tb, cond, self.prompt_mask, x_sc, masked), z, ab, masked)
+        x0, self._logits = model.interpret(model.denoise(z, tb, cond, self.prompt_mask, x_sc, masked), z, ab, masked,
+                                           s.score_temperature)
         if self.guided:
             z_u = torch.where(keep, q_sample(self.z_prompt, ab, self.prompt_noise), z)
             cond_u = model.condition(self.ids, tb, None, drop_cond=True)
             x0_u, logits_u = model.interpret(model.denoise(z_u, tb, cond_u, None, x_sc, masked), z_u, ab, masked)
-            x0 = x0_u + s.guidance_scale * (x0 - x0_u)  # (N, L, d)
-            if logits_u is not None:
+            if logits_u is None:
+                x0 = x0_u + s.guidance_scale * (x0 - x0_u)  # (N, L, d)
+            else:  # guided in log space, then interpolated
                 self._logits = logits_u + s.guidance_scale * (self._logits - logits_u)  # (N, L, V)
-        if self._logits is not None and s.score_temperature != 1.0:  # a sharper (or flatter) score interpolation
-            x0 = (self._logits / s.score_temperature).softmax(-1).to(self.book.dtype) @ self.book  # (N, L, d)
+                x0 = model.score_interpolate(self._logits, s.score_temperature)  # (N, L, d)
         if s.clamp != "none":
             logits = model.decode(x0)  # (N, L, V)
             x0 = logits.softmax(-1) @ self.book if s.clamp == "soft" else self.book[logits.argmax(-1)]  # (N, L, d)
