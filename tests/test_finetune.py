@@ -237,3 +237,19 @@ def test_task_cli_writes_rows_and_scores_exact_match(bases, tmp_path, capsys):
     assert main(["generate", str(bases["masked"]), "--prompt", "1+2=", "--best-of", "3", "--num-samples", "2",
                  "--steps", "4"]) == 0
     assert capsys.readouterr().out.count("1+2=") == 2
+
+
+def test_an_ar_run_adapts_into_a_masked_model_from_its_weights(tmp_path, capsys):
+    ar, masked = tmp_path / "ar", tmp_path / "a2d"
+    tiny = (*TINY, "model.backbone=transformer", "model.num_heads=2")
+    assert main(["train", "--family", "ar", "--data", "task:arithmetic", "--max-steps", "2", "--out", str(ar),
+                 "--quiet", *tiny]) == 0
+    capsys.readouterr()
+    assert main(["train", "--init", str(ar), "--family", "masked", "--max-steps", "1", "--out", str(masked),
+                 "--quiet", "train.lr=1e-9", "train.ema_decay=0"]) == 0
+    assert "initialised" in capsys.readouterr().err
+    cfg = load_run_config(masked / "config.yaml")
+    assert cfg.model.family == "masked" and cfg.model.backbone == "transformer" and cfg.finetune.init == str(ar)
+    source, adapted = run_model(ar).state_dict(), run_model(masked).state_dict()
+    shared = [k for k in source if k in adapted]
+    assert len(shared) == len(source) and all(torch.allclose(source[k], adapted[k], atol=1e-6) for k in shared)

@@ -43,6 +43,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         saved = load_run_config(run_dir / "config.yaml")
         cfg = apply_overrides(saved, _train_overrides(args))
         _check_same_model(saved.model, cfg.model)
+    elif args.init:  # adaptation: the init run's config and tokenizer, another family or loss from its weights
+        from dimba.training.finetune import adaptation_config
+
+        cfg = adaptation_config(args.init, _train_overrides(args))
     else:
         cfg = load_config(args.preset, args.config, _train_overrides(args))
     if args.print_config:
@@ -360,6 +364,8 @@ def _add_train(sub) -> None:
     _setting(p, "--strategy", TrainConfig, "strategy")
     p.add_argument("--out", help="run directory (default runs/<timestamp>)")
     p.add_argument("--resume", nargs="?", const=True, help="continue a run: --resume RUN, or --resume with --out RUN")
+    p.add_argument("--init", help="start from the weights (and config, tokenizer) of this run, e.g. an ar run "
+                   "adapted into --family masked; tensors whose name and shape match are copied")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4")

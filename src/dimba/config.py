@@ -193,7 +193,8 @@ FINETUNE_METHODS = ("sft", "dpo", "ipo", "simpo", "grpo")
 
 class FinetuneConfig(_Strict):
     """Fine-tuning: `fit` from the weights of another run (``init``) with another loss (``method``); see
-    `dimba.training.finetune`. ``method=none``: pre-training with the family's own objective."""
+    `dimba.training.finetune`. ``method=none``: pre-training with the family's own objective, from ``init``'s
+    weights when it is set (an adaptation, e.g. of an ar run into a masked model)."""
 
     method: Literal["none", "sft", "dpo", "ipo", "simpo", "grpo"] = "none"
     init: str | None = Field(None, description="the training run whose EMA weights (and tokenizer, model config) start")

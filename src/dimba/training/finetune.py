@@ -7,6 +7,7 @@ and the objective (`make_objective`).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -42,6 +43,16 @@ def finetune_config(init: str | Path, method: str, data: str, overrides: list[st
     return apply_overrides(base, defaults + list(overrides))
 
 
+def adaptation_config(init: str | Path, overrides: list[str] = ()) -> Config:
+    """The config of a pre-training run that starts from the weights of run ``init`` (``finetune.init`` with
+    ``finetune.method=none``): the init run's config and tokenizer with ``overrides`` applied, e.g.
+    ``model.family=masked`` to adapt an ar model into a diffusion model (DiffuLLaMA / Dream's a2d)."""
+    init = Path(init)
+    base = load_run_config(init / "config.yaml")
+    return apply_overrides(base, ["finetune.method=none", "finetune.lora_rank=0", f"finetune.init={init}",
+                                  f"data.tokenizer={init / FILE_NAME}", *overrides])
+
+
 def open_finetune_data(cfg: Config, tokenizer) -> FinetuneData:
     """The rows of ``cfg.finetune.data`` for its method, checked and tokenised for the model's context."""
     fc = cfg.finetune
@@ -57,10 +68,19 @@ def init_weights(cfg: Config) -> dict[str, torch.Tensor]:
 
 
 def prepare_model(model, cfg: Config, weights: dict | None) -> None:
-    """Load the starting ``weights`` (a new fine-tuning run) and inject LoRA adapters when ``finetune.lora_rank``
-    is set (before a resumed run's checkpoint, which holds them, is loaded)."""
-    if weights is not None:
+    """Load the starting ``weights`` (a new fine-tuning run: all of them; an adaptation, ``finetune.method=none``:
+    those whose name and shape match, the rest keep their initialisation) and inject LoRA adapters when
+    ``finetune.lora_rank`` is set (before a resumed run's checkpoint, which holds them, is loaded)."""
+    if weights is not None and cfg.finetune.method != "none":
         model.load_state_dict(weights)
+    elif weights is not None:
+        own = model.state_dict()
+        fits = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+        if not fits:
+            raise UsageError(f"no weight of {cfg.finetune.init!r} fits this model (other sizes or backbone?): keep "
+                             "the init run's model settings and change only model.family")
+        model.load_state_dict(fits, strict=False)
+        print(f"initialised {len(fits)} of {len(own)} tensors from {cfg.finetune.init}", file=sys.stderr)
     if cfg.finetune.lora_rank:
         add_lora(model, cfg.finetune.lora_rank, cfg.finetune.lora_alpha)
 

@@ -120,12 +120,12 @@ def _build_model(cfg: Config, data, state: dict | None, run_dir: Path | None, wo
     ``state`` (a sharded checkpoint's are loaded after sharding), or of a fine-tuning run's ``finetune.init``
     (with its LoRA adapters); speed options applied."""
     model = build_model(cfg.model)
-    finetuning = cfg.finetune.method != "none"
+    finetuning, starts_from = cfg.finetune.method != "none", cfg.finetune.init is not None
     if cfg.model.vae_checkpoint_path:  # a pre-trained latent space: loaded in a new run, frozen in every session
-        if state is None and not finetuning:
+        if state is None and not starts_from:
             load_token_vae(model, cfg.model.vae_checkpoint_path)
         freeze_token_vae(model)
-    if finetuning:  # the init run's weights in a new run; LoRA adapters before a checkpoint that holds them
+    if starts_from:  # the init run's weights in a new run; LoRA adapters before a checkpoint that holds them
         prepare_model(model, cfg, init_weights(cfg) if state is None else None)
     model.backbone.gradient_checkpointing = cfg.train.gradient_checkpointing
     if cfg.train.compile:  # each block compiled in place: checkpoint keys are unchanged
@@ -133,7 +133,7 @@ def _build_model(cfg: Config, data, state: dict | None, run_dir: Path | None, wo
             block.compile()
     shards = state.get("sharded") if state is not None else None
     if state is None:
-        if cfg.model.latent_scale is None and not finetuning:
+        if cfg.model.latent_scale is None and not finetuning:  # an adaptation calibrates on its loaded embedding
             model.calibrate_latent_scale(data.train_head(cfg.train.batch_size * world_size))  # on the global batch
     elif shards is not None:
         check_state_fits(model, sharded_ckpt.stored_shapes(shards, "model."), run_dir)
