@@ -210,7 +210,7 @@ class FinetuneConfig(_Strict):
     group_size: int = Field(8, gt=1, description="grpo: samples per prompt")
     kl_coef: float = Field(0.04, ge=0, description="grpo: weight of the KL penalty to the reference")
     reward: str = Field("exact_match", description="grpo: a reward by name (exact_match, numeric) or module:function")
-    temperature: float = Field(1.0, gt=0, description="grpo: sampling temperature of the groups")
+    group_temperature: float = Field(1.0, gt=0, description="grpo: sampling temperature of the groups")
     lora_rank: int = Field(0, ge=0, description="LoRA adapters of this rank on the backbone's linear maps (peft); "
                            "0: every weight is trained")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (the update is alpha / rank * BA)")
