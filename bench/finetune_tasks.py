@@ -28,6 +28,8 @@ STAGES = {  # method, parent stage, overrides
     "dpo": ("dpo", "sft", ["train.max_steps=100", "train.lr=1e-4", "finetune.beta=0.1"]),
     "grpo": ("grpo", "sft", ["train.max_steps=60", "train.lr=1e-4", "train.batch_size=4", "finetune.group_size=8",
                              "finetune.val_rows=16", "train.eval_every=30"]),
+    "grpo_long": ("grpo", "sft", ["train.max_steps=200", "train.lr=3e-4", "train.batch_size=4", "finetune.group_size=8",
+                                  "finetune.val_rows=16", "train.eval_every=50"]),
 }
 
 
@@ -52,13 +54,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24, help="denoising steps of generation")
     ap.add_argument("--work", default="/tmp/dimba_ft_bench", help="where the runs are written")
     ap.add_argument("--out", help="write PREFIX.json")
+    ap.add_argument("--no-best-of", action="store_true", help="greedy scores only (no best-of-1 / best-of-8)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     probs = problems(task_of(args.task), args.problems, 0, "test")
     base = Path(args.base)
     work = Path(args.work) / base.name
     result = {"base": str(base), "task": args.task, "problems": args.problems, "stages": STAGES,
-              "scores": {"base": score(base, probs, args.steps, True, 0)}, "seconds": {}}
+              "scores": {"base": score(base, probs, args.steps, not args.no_best_of, 0)}, "seconds": {}}
     print(json.dumps(result["scores"]["base"]), flush=True)
     for seed in [int(s) for s in args.seeds.split(",")]:
         runs = {"base": base}
@@ -70,7 +73,8 @@ def main() -> None:
                 finetune(runs[parent], method, args.task, runs[stage],
                          overrides + [f"train.seed={seed}", "train.num_threads=1"], progress=False)
             result["seconds"][f"{stage}-s{seed}"] = round(time.perf_counter() - start, 1)
-            result["scores"][f"{stage}-s{seed}"] = score(runs[stage], probs, args.steps, stage == "sft", seed)
+            result["scores"][f"{stage}-s{seed}"] = score(runs[stage], probs, args.steps, stage == "sft" and
+                                                         not args.no_best_of, seed)
             print(stage, seed, json.dumps(result["scores"][f"{stage}-s{seed}"]), result["seconds"][f"{stage}-s{seed}"],
                   flush=True)
     print(json.dumps(result))

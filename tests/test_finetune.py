@@ -253,3 +253,14 @@ def test_an_ar_run_adapts_into_a_masked_model_from_its_weights(tmp_path, capsys)
     source, adapted = run_model(ar).state_dict(), run_model(masked).state_dict()
     shared = [k for k in source if k in adapted]
     assert len(shared) == len(source) and all(torch.allclose(source[k], adapted[k], atol=1e-6) for k in shared)
+
+
+def test_a_family_without_a_response_likelihood_is_refused_in_one_line(tmp_path, capsys):
+    base, run = tmp_path / "continuous", tmp_path / "sft"
+    assert main(["train", "--family", "continuous", "--data", "task:arithmetic", "--max-steps", "1", "--out",
+                 str(base), "--quiet", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["finetune", "sft", "--init", str(base), "--data", "task:arithmetic", "--out", str(run),
+                 "--quiet", *FT]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the continuous family has none yet" in err and len(err.splitlines()) == 1 and not run.exists()
