@@ -264,3 +264,16 @@ def test_a_family_without_a_response_likelihood_is_refused_in_one_line(tmp_path,
                  "--quiet", *FT]) == 2
     err = capsys.readouterr().err.strip()
     assert "the continuous family has none yet" in err and len(err.splitlines()) == 1 and not run.exists()
+
+
+@pytest.mark.parametrize("method", ["ipo", "simpo"])
+def test_ipo_and_simpo_runs(bases, tmp_path, metrics, method):
+    run = tmp_path / method
+    assert main(["finetune", method, "--init", str(bases["ar"]), "--data", "task:arithmetic", "--out", str(run),
+                 "--max-steps", "2", "--beta", "0.5", "--quiet", *FT]) == 0
+    first = metrics(run, "val_loss")[0]
+    if method == "ipo":  # policy == reference: h = 0, so the loss is (0 - 1 / (2 beta))^2 = 1
+        assert first == pytest.approx(1.0, abs=1e-6)
+    else:  # no reference: the margin is the model's own length-normalised preference, not 0
+        assert metrics(run, "val_margin")[0] != 0.0 and first > 0
+    assert len(metrics(run, "val_loss")) == 2
