@@ -28,6 +28,8 @@ STAGES = {  # method, parent stage, overrides
     "dpo": ("dpo", "sft", ["train.max_steps=100", "train.lr=1e-4", "finetune.beta=0.1"]),
     "grpo": ("grpo", "sft", ["train.max_steps=60", "train.lr=1e-4", "train.batch_size=4", "finetune.group_size=8",
                              "finetune.val_rows=16", "train.eval_every=30"]),
+    "grpo_base": ("grpo", "base", ["train.max_steps=200", "train.lr=1e-4", "train.batch_size=4", "finetune.group_size=8",
+                                   "finetune.val_rows=16", "train.eval_every=50"]),
     "grpo_long": ("grpo", "sft", ["train.max_steps=200", "train.lr=3e-4", "train.batch_size=4", "finetune.group_size=8",
                                   "finetune.val_rows=16", "train.eval_every=50"]),
 }
