@@ -30,6 +30,8 @@ STAGES = {  # method, parent stage, overrides
                              "finetune.val_rows=16", "train.eval_every=30"]),
     "grpo_base": ("grpo", "base", ["train.max_steps=200", "train.lr=1e-4", "train.batch_size=4", "finetune.group_size=8",
                                    "finetune.val_rows=16", "train.eval_every=50"]),
+    "grpo_dr": ("grpo", "sft", ["train.max_steps=200", "train.lr=1e-4", "train.batch_size=4", "finetune.group_size=8",
+                                "finetune.val_rows=16", "train.eval_every=50", "finetune.scale_rewards=false"]),
     "grpo_long": ("grpo", "sft", ["train.max_steps=200", "train.lr=3e-4", "train.batch_size=4", "finetune.group_size=8",
                                   "finetune.val_rows=16", "train.eval_every=50"]),
 }

@@ -171,11 +171,12 @@ def test_dpo_starts_at_log2_with_shared_noise_and_resumes_bitwise(bases, tmp_pat
     assert main(["finetune", "sft", "--resume", str(part), "--quiet"]) == 2  # another method's verb: refused
 
 
-def test_grpo_runs_groups_with_rewards_and_kl(bases, tmp_path, metrics):
+@pytest.mark.parametrize("scale", ["true", "false"])
+def test_grpo_runs_groups_with_rewards_and_kl(bases, tmp_path, metrics, scale):
     run = tmp_path / "grpo"
     assert main(["finetune", "grpo", "--init", str(bases["ar"]), "--data", "task:arithmetic", "--out", str(run),
                  "--max-steps", "2", "--batch-size", "2", "--group-size", "4", "--quiet", *FT,
-                 "finetune.val_rows=4", "train.batch_size=2"]) == 0
+                 "finetune.val_rows=4", "train.batch_size=2", f"finetune.scale_rewards={scale}"]) == 0
     rows = [r for r in metrics(run) if r["reward"]]
     assert len(rows) == 2 and all(0 <= float(r["reward"]) <= 1 and float(r["kl"]) >= 0 for r in rows)
     assert len(metrics(run, "val_reward")) == 2
@@ -277,3 +278,18 @@ def test_ipo_and_simpo_runs(bases, tmp_path, metrics, method):
     else:  # no reference: the margin is the model's own length-normalised preference, not 0
         assert metrics(run, "val_margin")[0] != 0.0 and first > 0
     assert len(metrics(run, "val_loss")) == 2
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_grpo_advantages_are_zero_mean_within_a_group_and_unit_std_when_scaled(bases, scale):
+    from dimba.config import FinetuneConfig
+    from dimba.training.grpo import GRPO
+
+    model, tok = load_for_inference(bases["ar"])
+    rewards = iter([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    fc = FinetuneConfig(group_size=6, scale_rewards=scale)
+    grpo = GRPO(torch.device("cpu"), model, model, tok, SampleConfig(), 24, fc, lambda text, answer: next(rewards))
+    rows, advantages, got = grpo._group({"prompt": tok.encode("1+2="), "answer": "3"}, torch.Generator().manual_seed(0))
+    assert got.tolist() == [1.0, 0.0, 0.0, 1.0, 1.0, 1.0] and len(rows) == 6
+    assert float(advantages.sum()) == pytest.approx(0.0, abs=1e-6) and advantages[0] > 0 > advantages[1]
+    assert float(advantages.std()) == pytest.approx(1.0 if scale else float(got.std()), rel=1e-3)

@@ -211,6 +211,8 @@ class FinetuneConfig(_Strict):
     kl_coef: float = Field(0.04, ge=0, description="grpo: weight of the KL penalty to the reference")
     reward: str = Field("exact_match", description="grpo: a reward by name (exact_match, numeric) or module:function")
     group_temperature: float = Field(1.0, gt=0, description="grpo: sampling temperature of the groups")
+    scale_rewards: bool = Field(True, description="grpo: divide the advantages by the group's reward std (GRPO); "
+                                "false: rewards minus the group mean only (Dr. GRPO)")
     lora_rank: int = Field(0, ge=0, description="LoRA adapters of this rank on the backbone's linear maps (peft); "
                            "0: every weight is trained")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (the update is alpha / rank * BA)")
