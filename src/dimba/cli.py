@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -16,7 +13,9 @@ import torch
 from dimba.config import (SAMPLE_NAMES, Config, ModelConfig, SampleConfig, TrainConfig, apply_overrides, choices,
                           describe, dump_yaml, load_config, load_run_config)
 from dimba.errors import CheckpointError, DataError, DimbaError, UsageError
+from dimba.cli_finetune import add_finetune
 from dimba.cli_publish import add_publish
+from dimba.cli_runs import check_devices, fit_new_run, resolve_run_dir
 from dimba.io import as_disk_error
 from dimba.loading import load_for_inference, sample_defaults
 from dimba.malloc import keep_freed_memory
@@ -29,22 +28,6 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
     return [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
 
 
-def _resolve_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
-    if args.resume is not None:
-        given = args.resume if isinstance(args.resume, str) else args.out
-        if not given or not (Path(given) / "config.yaml").is_file():
-            raise UsageError(f"--resume: {given or '(no run given)'!r} is not a dimba run directory: "
-                             "pass --resume runs/NAME (a folder with config.yaml and checkpoints/)")
-        return Path(given), True
-    run = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    if run.exists() and not run.is_dir():
-        raise UsageError(f"--out {str(run)!r} is a file: choose a folder path for the run")
-    if run.exists() and any(run.iterdir()):
-        what = "another run" if (run / "config.yaml").exists() else "other files"
-        raise UsageError(f"--out {str(run)!r} already holds {what}: pass --resume {run} to continue it or choose another --out")
-    return run, False
-
-
 def _check_same_model(saved: ModelConfig, new: ModelConfig) -> None:
     """A resumed run keeps its model: its checkpoint holds weights of exactly that shape and family."""
     for name in ModelConfig.model_fields:
@@ -54,66 +37,28 @@ def _check_same_model(saved: ModelConfig, new: ModelConfig) -> None:
                              "the old model; drop that setting, or start a new run with another --out")
 
 
-def _check_devices(cfg: Config, run_named: bool = True) -> None:
-    """Refuse a device request this machine cannot serve, before Fabric starts one process per device; with
-    several processes the run needs a named folder (each process re-runs the command, a default name would differ)."""
-    tc = cfg.train
-    mps = torch.backends.mps.is_available()
-    kind = tc.accelerator
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    available = {"cuda": torch.cuda.device_count(), "mps": int(mps), "cpu": os.cpu_count() or 1}[kind]
-    if available == 0:
-        raise UsageError(f"train.accelerator={kind} but this machine has no {kind} device: "
-                         "set train.accelerator=auto (or cpu)")
-    if tc.devices > available:
-        raise UsageError(f"train.devices={tc.devices} but this machine has {available} {kind} device(s) "
-                         f"({'cores' if kind == 'cpu' else 'GPUs'}): set train.devices={available} or fewer")
-    if tc.devices * tc.num_nodes > 1 and not run_named:
-        raise UsageError(f"training on {tc.devices * tc.num_nodes} devices needs a named run folder: pass --out RUN")
-
-
-def _fit_new_run(cfg: Config, run_dir: Path, progress: bool) -> None:
-    """`fit` a new run; if a user error stops it before its first checkpoint, remove what it wrote."""
-    from dimba.training import fit
-    from dimba.training.files import CKPT_SUBDIR, has_checkpoint
-
-    created = None if run_dir.exists() else run_dir  # the top-most folder that fit will create
-    while created is not None and not created.parent.exists():
-        created = created.parent
-    try:
-        fit(cfg, run_dir, resume=False, progress=progress)
-    except DimbaError:
-        if not has_checkpoint(run_dir / CKPT_SUBDIR):
-            if created is not None:
-                shutil.rmtree(created, ignore_errors=True)
-            else:  # the folder was there, empty: empty it again
-                for child in run_dir.iterdir():
-                    if child.is_dir() and not child.is_symlink():
-                        shutil.rmtree(child)
-                    else:
-                        child.unlink()
-        raise
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    run_dir, resume = _resolve_run_dir(args)
+    run_dir, resume = resolve_run_dir(args)
     if resume:  # the run's own config, plus any new overrides (e.g. a larger --max-steps)
         saved = load_run_config(run_dir / "config.yaml")
         cfg = apply_overrides(saved, _train_overrides(args))
         _check_same_model(saved.model, cfg.model)
+    elif args.init:  # adaptation: the init run's config and tokenizer, another family or loss from its weights
+        from dimba.training.finetune import adaptation_config
+
+        cfg = adaptation_config(args.init, _train_overrides(args))
     else:
         cfg = load_config(args.preset, args.config, _train_overrides(args))
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    _check_devices(cfg, run_named=resume or args.out is not None)
+    check_devices(cfg, run_named=resume or args.out is not None)
     if resume:
         from dimba.training import fit
 
         fit(cfg, run_dir, resume=True, progress=not args.quiet)
     else:
-        _fit_new_run(cfg, run_dir, progress=not args.quiet)
+        fit_new_run(cfg, run_dir, progress=not args.quiet)
     return 0
 
 
@@ -166,11 +111,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from dimba.live import LiveView
 
         view = LiveView(model, tokenizer, args.prompt, length, args.num_samples)
-    with view if view is not None else nullcontext():
-        ids = generate_ids(model, prompt, length, sc, args.num_samples, gen, tokenizer.eos_id, on_step=view)
+    if args.best_of > 1:
         if view is not None:
-            view.finish(ids, len(prompt))
-    texts = completions(ids, tokenizer, len(prompt), length)
+            raise UsageError("--show draws one generation; it does not combine with --best-of: drop one of them")
+        from dimba.evaluation.exact_match import best_of_generations
+
+        texts = best_of_generations(model, tokenizer, prompt, length, sc, args.num_samples, args.best_of, gen)
+    else:
+        with view if view is not None else nullcontext():
+            ids = generate_ids(model, prompt, length, sc, args.num_samples, gen, tokenizer.eos_id, on_step=view)
+            if view is not None:
+                view.finish(ids, len(prompt))
+        texts = completions(ids, tokenizer, len(prompt), length)
     for i, text in enumerate(texts):
         if args.num_samples > 1:
             print(f"===== sample {i} =====")
@@ -412,6 +364,8 @@ def _add_train(sub) -> None:
     _setting(p, "--strategy", TrainConfig, "strategy")
     p.add_argument("--out", help="run directory (default runs/<timestamp>)")
     p.add_argument("--resume", nargs="?", const=True, help="continue a run: --resume RUN, or --resume with --out RUN")
+    p.add_argument("--init", help="start from the weights (and config, tokenizer) of this run, e.g. an ar run "
+                   "adapted into --family masked; tensors whose name and shape match are copied")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4")
@@ -427,6 +381,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--length", type=int, help="new tokens (default: fill the context)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--best-of", type=int, default=1, help="draw K samples per output and keep the one the model finds "
+                   "most likely (exact log-probability for ar, an ELBO estimate for diffusion)")
     p.add_argument("--show", action="store_true", help="draw the canvas at every step on stderr (masks, newly "
                    "committed tokens, confidence as colour); needs pip install 'dimba[serve]'")
     _sampler_flags(p)
@@ -537,7 +493,8 @@ def _add_bench(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dimba", description="Diffusion language models with bidirectional Mamba denoisers.")
     sub = parser.add_subparsers(dest="verb", required=True)
-    for add in (_add_train, _add_generate, _add_eval, _add_sample_quality, _add_bench, _add_serve, add_publish):
+    for add in (_add_train, _add_generate, _add_eval, _add_sample_quality, _add_bench, _add_serve, add_publish,
+                add_finetune):
         add(sub)
     p = sub.add_parser("vae", help="the TokenVAE latent of the continuous family")
     v = p.add_subparsers(dest="vverb", required=True).add_parser(
@@ -566,7 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_ranges(args: argparse.Namespace) -> None:
     for name in ("length", "num_samples", "vocab_size", "max_steps", "block_length", "mc_samples", "max_tokens",
-                 "batch_size", "samples", "latent_dim", "d_model", "max_batch", "max_queue", "threads"):
+                 "batch_size", "samples", "latent_dim", "d_model", "max_batch", "max_queue", "threads", "best_of",
+                 "problems", "n", "group_size"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

@@ -188,6 +188,42 @@ class SampleConfig(_Strict):
     block_length: int | None = Field(None, gt=0, description="masked family: semi-autoregressive blocks of this many tokens")
 
 
+FINETUNE_METHODS = ("sft", "dpo", "ipo", "simpo", "grpo")
+
+
+class FinetuneConfig(_Strict):
+    """Fine-tuning: `fit` from the weights of another run (``init``) with another loss (``method``); see
+    `dimba.training.finetune`. ``method=none``: pre-training with the family's own objective, from ``init``'s
+    weights when it is set (an adaptation, e.g. of an ar run into a masked model)."""
+
+    method: Literal["none", "sft", "dpo", "ipo", "simpo", "grpo"] = "none"
+    init: str | None = Field(None, description="the training run whose EMA weights (and tokenizer, model config) start")
+    data: str | None = Field(None, description="JSON lines ({prompt, response} / {prompt, chosen, rejected} / "
+                             "{prompt, answer}) or task:NAME, a built-in task")
+    template: str = Field("{prompt}", description="chat template: the prompt is written where {prompt} is")
+    task_rows: int = Field(20000, gt=0, description="rows drawn from a built-in task")
+    val_rows: int = Field(64, gt=0, description="held-out rows of the validation loss (a file: its last rows)")
+    beta: float = Field(0.1, gt=0, description="dpo / ipo / simpo: the inverse temperature of the log-ratio margin")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin")
+    mc_samples: int = Field(2, gt=0, description="diffusion families: ELBO samples per row of a preference "
+                            "likelihood (shared by policy and reference)")
+    group_size: int = Field(8, gt=1, description="grpo: samples per prompt")
+    kl_coef: float = Field(0.04, ge=0, description="grpo: weight of the KL penalty to the reference")
+    reward: str = Field("exact_match", description="grpo: a reward by name (exact_match, numeric) or module:function")
+    group_temperature: float = Field(1.0, gt=0, description="grpo: sampling temperature of the groups")
+    scale_rewards: bool = Field(True, description="grpo: divide the advantages by the group's reward std (GRPO); "
+                                "false: rewards minus the group mean only (Dr. GRPO)")
+    lora_rank: int = Field(0, ge=0, description="LoRA adapters of this rank on the backbone's linear maps (peft); "
+                           "0: every weight is trained")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (the update is alpha / rank * BA)")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "FinetuneConfig":
+        if self.method != "none" and (self.init is None or self.data is None):
+            raise ValueError(f"finetune.method={self.method} needs finetune.init (a run) and finetune.data")
+        return self
+
+
 # the short names of the sampler settings (`dimba generate` flags, `dimba serve` request fields) -> SampleConfig fields
 SAMPLE_NAMES = {"steps": "num_steps", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
                 "guidance": "guidance_scale", "eta": "eta", "clamp": "clamp", "remasking": "remasking",
@@ -196,13 +232,14 @@ SAMPLE_NAMES = {"steps": "num_steps", "temperature": "temperature", "top_k": "to
 
 
 class Config(_Strict):
-    """The whole tree: model / diffusion / data / train / sample."""
+    """The whole tree: model / diffusion / data / train / sample / finetune."""
 
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
 
 
 def preset_names() -> list[str]:

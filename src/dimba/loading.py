@@ -17,23 +17,39 @@ from dimba.hub import resolve
 from dimba.model import DIMBA, build_model
 from dimba.training import sharded
 from dimba.training.checkpoint import check_state_fits, latest_checkpoint, load_training_state
+from dimba.training.lora import add_lora, merge_lora
 from dimba.training.files import CKPT_SUBDIR, LAST_CKPT, LAST_POINTER, has_checkpoint
 
 
-def _run_model(path: Path) -> DIMBA:
-    """The model of training run ``path`` with the EMA weights of its latest checkpoint."""
-    model = build_model(load_run_config(path / "config.yaml").model)
+def run_model(path: str | Path) -> DIMBA:
+    """The model of training run ``path`` with the EMA weights of its latest checkpoint (LoRA adapters of a
+    fine-tuning run merged into its linear maps)."""
+    path = Path(path)
+    if not has_checkpoint(path / CKPT_SUBDIR):
+        raise CheckpointError(f"{str(path)!r} is not a training run with a checkpoint: pass a run directory "
+                              f"(a folder with config.yaml and {CKPT_SUBDIR}/)")
+    cfg = load_run_config(path / "config.yaml")
+    model = build_model(cfg.model)
+    if cfg.finetune.lora_rank:
+        add_lora(model, cfg.finetune.lora_rank, cfg.finetune.lora_alpha)
+    _load_ema(model, path)
+    if cfg.finetune.lora_rank:
+        merge_lora(model)
+    return model
+
+
+def _load_ema(model: DIMBA, path: Path) -> None:
+    """Load the EMA weights of the latest checkpoint of run ``path`` into ``model``."""
     ckpt = latest_checkpoint(path / CKPT_SUBDIR)
     if ckpt.is_dir():  # sharded (FSDP run): the EMA's shards assembled into whole tensors here
         check_state_fits(model, sharded.stored_shapes(ckpt, "ema.module."), path)
         sharded.load_ema_weights(ckpt, model)
-        return model
+        return
     ema = load_training_state(ckpt)["ema"]
     weights = {k.removeprefix("module."): v for k, v in (ema if isinstance(ema, dict) else {}).items()
                if isinstance(k, str) and k.startswith("module.") and isinstance(v, torch.Tensor)}
     check_state_fits(model, {name: tuple(t.shape) for name, t in weights.items()}, path)
     model.load_state_dict(weights, strict=True)
-    return model
 
 
 def load_for_inference(path: str | Path, map_location: str = "cpu") -> tuple[DIMBA, Tokenizer]:
@@ -47,7 +63,7 @@ def load_for_inference(path: str | Path, map_location: str = "cpu") -> tuple[DIM
     if (path / CONFIG_NAME).is_file():
         model = DIMBA.from_pretrained(path, map_location)
     elif has_checkpoint(path / CKPT_SUBDIR):
-        model = _run_model(path).to(map_location)
+        model = run_model(path).to(map_location)
     else:
         raise CheckpointError(f"{str(path)!r} holds no model: expected {CONFIG_NAME} (export folder) or "
                               f"{CKPT_SUBDIR}/{LAST_CKPT} or {CKPT_SUBDIR}/{LAST_POINTER} (training run)")

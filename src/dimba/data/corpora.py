@@ -11,6 +11,7 @@ from pathlib import Path
 
 import platformdirs
 
+from dimba.data.tasks import pretraining_docs, task_of
 from dimba.errors import DataError
 from dimba.io import atomic_write_text
 
@@ -167,14 +168,19 @@ def _read_file(path: Path) -> list[str]:
 def load_corpus(spec: str) -> list[str]:
     """Documents of a corpus.
 
-    ``spec`` is ``"shakespeare"`` (the built-in plays), a text file (one document), a ``.jsonl`` file
+    ``spec`` is ``"shakespeare"`` (the built-in plays), ``"task:NAME"`` (the pre-training mix of a built-in task,
+    `dimba.data.tasks.pretraining_docs`), a text file (one document), a ``.jsonl`` file
     (one document per line, from its ``"text"`` field) or a folder (every ``*.txt`` and ``*.jsonl``
     below it, in sorted path order). Whitespace-only documents are dropped.
     """
     if not spec.strip():  # Path("") is the working directory: never read that by accident
-        raise DataError("the corpus name is empty: pass 'shakespeare', a .txt/.jsonl file or a folder of them")
+        raise DataError("the corpus name is empty: pass 'shakespeare', 'task:arithmetic', a .txt/.jsonl file or a "
+                        "folder of them")
+    task = task_of(spec)
     if spec == SHAKESPEARE:
         docs = shakespeare_plays()
+    elif task is not None:
+        docs = pretraining_docs(task)
     else:
         path = Path(spec)
         if path.is_dir():

@@ -96,6 +96,17 @@ class ARFamily(Family):
     def generation(self, model, prompt, seq_len, settings, generator, eos_id, use_cache):
         return ARGeneration(model, prompt, seq_len, settings, eos_id, use_cache)
 
+    def response_noise(self, rows, generator=None, full=False):
+        """None: the likelihood is exact."""
+        return None
+
+    def response_nll(self, model, rows, noise):
+        """The exact -log p of each scored token given the tokens before it (position l: token l)."""
+        logits = model.token_logits(rows.ids, lengths=rows.lengths)[:, :-1].float()  # (B, L-1, V)
+        nll = F.cross_entropy(logits.transpose(1, 2), rows.ids[:, 1:], reduction="none")  # (B, L-1)
+        nll = F.pad(nll, (1, 0))  # (B, L): token 0 is never scored
+        return torch.where(rows.scored, nll, torch.zeros_like(nll))
+
     def canvas_length(self, context: int, prompt_len: int, length: int) -> int:
         """Exactly the tokens asked for."""
         return length

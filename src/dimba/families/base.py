@@ -123,6 +123,19 @@ class Family:
         """
         raise NotImplementedError
 
+    def response_noise(self, rows, generator: torch.Generator | None = None, full: bool = False):
+        """The randomness of one estimate of `response_nll` on ``rows`` (`dimba.data.finetune.TokenRows`), drawn
+        once so that a policy and its frozen reference are scored with the same noise (VRPO); ``full``: the
+        one-pass per-token surrogate of diffu-GRPO / d1 (every response token noised at once) where that differs."""
+        raise UsageError(f"fine-tuning needs a likelihood of the response given the prompt; the {self.name} family "
+                         "has none yet: fine-tune a masked or ar model")
+
+    def response_nll(self, model, rows, noise) -> torch.Tensor:
+        """Per-position terms (B, L) whose row sums estimate -log p(response | prompt) of ``rows`` (exactly, or an
+        upper bound's Monte Carlo estimate with ``noise`` from `response_noise`); 0 off the scored positions."""
+        raise UsageError(f"fine-tuning needs a likelihood of the response given the prompt; the {self.name} family "
+                         "has none yet: fine-tune a masked or ar model")
+
     def check_likelihood_options(self, options: dict[str, Any]) -> None:
         """A one-line `UsageError` for an option (given, not None) that this family's likelihood does not take."""
         foreign = [name for name, value in options.items() if value is not None and name not in self.likelihood_options]

@@ -98,6 +98,26 @@ def nelbo_terms(model, blocks: torch.Tensor, mc_samples: int, batch_size: int,
     return np.concatenate(terms).reshape(n, mc_samples)  # (N, K)
 
 
+def response_masks(rows, generator: torch.Generator | None = None, full: bool = False):
+    """The [MASK] positions (B, L) and weights (B,) of one NELBO sample per row of ``rows`` (`TokenRows`), among
+    its n scored positions: m uniform on {1..n}, stratified across the batch (m_b = ceil(n s_b), s_b = (b + u) / B),
+    a uniform subset of m positions, weight n / m (the m-form of `nelbo_terms`). ``full``: every scored position,
+    weight 1 (the one-pass per-token surrogate of diffu-GRPO / d1)."""
+    scored = rows.scored  # (B, L)
+    if full:
+        return scored, torch.ones(len(scored), device=scored.device)
+    b = len(scored)
+    n = scored.sum(-1).double().cpu()  # (B,)
+    u = torch.rand(1, generator=generator, dtype=torch.float64)
+    s = (torch.arange(b, dtype=torch.float64) + u) / b  # (B,)
+    s = s[torch.randperm(b, generator=generator)]
+    m = (s * n).ceil().clamp_min(1)  # (B,)
+    keys = torch.rand(scored.shape, generator=generator).to(scored.device).masked_fill(~scored, 2.0)  # (B, L)
+    rank = keys.argsort(-1).argsort(-1)  # (B, L)
+    masked = (rank < m.to(scored.device)[:, None]) & scored  # (B, L)
+    return masked, (n / m).float().to(scored.device)
+
+
 class MaskedGeneration(Generation):
     """An all-[MASK] canvas after the clean prompt, unmasked by `MaskedSampler` (`MaskedFamily.generation`).
 
@@ -150,6 +170,19 @@ class MaskedFamily(Family):
 
     def generation(self, model, prompt, seq_len, settings, generator, eos_id, use_cache):
         return MaskedGeneration(model, prompt, seq_len, settings, eos_id, use_cache)
+
+    def response_noise(self, rows, generator=None, full=False):
+        """The masks and weights of one NELBO sample per row (`response_masks`)."""
+        return response_masks(rows, generator, full)
+
+    def response_nll(self, model, rows, noise):
+        """w * -log p_SUBS(x | x_t) at the masked response positions of x_t (the prompt clean), 0 elsewhere: per
+        row, one Monte Carlo sample of the NELBO of the response given the prompt."""
+        masked, weight = noise  # (B, L), (B,)
+        x_t = rows.ids.masked_fill(masked, model.mask_id)  # (B, L)
+        logp = subs_log_probs(model.token_logits(x_t, rows.prompt, lengths=rows.lengths), x_t, model.mask_id)
+        nll = -logp.gather(-1, rows.ids[..., None])[..., 0]  # (B, L)
+        return torch.where(masked, nll * weight[:, None], torch.zeros_like(nll))
 
     def likelihood(self, model, blocks, mc_samples, batch_size, generator, progress, calibration_blocks=None,
                    context=0) -> LikelihoodEstimate:

@@ -15,9 +15,10 @@ from tqdm.auto import tqdm
 from dimba.config import Config
 from dimba.errors import DimbaError
 from dimba.training.checkpoint import save_checkpoint
+from dimba.training.finetune import finetune_config
 from dimba.training.metrics import MetricsLog
 from dimba.training.setup import TrainState, setup
-from dimba.training.step import StepResult, train_step, validation_loss
+from dimba.training.step import StepResult, train_step, validate
 
 
 class DivergenceError(DimbaError):
@@ -44,11 +45,11 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
     """
     ts = setup(cfg, run_dir, resume)
     tc, zero = ts.cfg.train, ts.fabric.is_global_zero
-    log = MetricsLog(ts.run_dir / "metrics.csv", ts.model.family.metrics, resume_step=ts.step if resume else None,
+    log = MetricsLog(ts.run_dir / "metrics.csv", ts.metrics, resume_step=ts.step if resume else None,
                      enabled=zero, logger=tc.logger)
     validates = zero or ts.sharded  # DDP: rank 0 alone; FSDP: all ranks (logging stays on rank 0)
     if ts.step == 0 and validates:
-        log.write(0, validation_loss(ts.ema.module, ts.data.val, ts.cfg, ts.fabric.device))
+        log.write(0, validate(ts))
     ts.clock.restart()
     bar = tqdm(total=tc.max_steps, initial=ts.step, disable=not (progress and zero), desc="train", dynamic_ncols=True)
     reason, start_step = "max_steps", ts.step
@@ -58,11 +59,11 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
             _report(ts, result, start_step, bar, log)
             out_of_time = tc.max_time is not None and ts.clock.now >= tc.max_time * 60
             if validates and (ts.step % tc.eval_every == 0 or ts.step == tc.max_steps or out_of_time):
-                val = validation_loss(ts.ema.module, ts.data.val, ts.cfg, ts.fabric.device)
+                val = validate(ts)
                 log.write(ts.step, val)
                 if zero:
-                    bar.write(f"step {ts.step}: val_loss {val['val_loss']:.4f} (ce {val['val_ce']:.3f})",
-                              file=sys.stderr)
+                    shown = ", ".join(f"{k} {v:.4f}" for k, v in val.items())
+                    bar.write(f"step {ts.step}: {shown}", file=sys.stderr)
             if ts.step % tc.save_every == 0 and ts.bad_streak == 0:
                 save_checkpoint(ts)
             if out_of_time:
@@ -101,3 +102,11 @@ def _report(ts: TrainState, result: StepResult, start_step: int, bar, log: Metri
         raise DivergenceError(
             f"training diverged: {ts.bad_streak} consecutive steps (up to step {ts.step}) had a non-finite loss or "
             f"gradient norm; lower train.lr (now {tc.lr:g}) or raise train.warmup_steps; {then}")
+
+
+def finetune(init: str | Path, method: str, data: str, out: str | Path, overrides: list[str] = (),
+             progress: bool = True) -> Path:
+    """Fine-tune the run ``init`` with ``method`` (sft, dpo, ipo, simpo, grpo) on ``data`` (a JSON-lines file or
+    ``task:NAME``) into the new run ``out`` (`fit` with the config of `finetune_config`); returns it. Continue an
+    interrupted one with ``fit(load_run_config(out / "config.yaml"), out, resume=True)``."""
+    return fit(finetune_config(init, method, data, overrides), out, progress=progress)

@@ -21,6 +21,7 @@ from dimba.model import build_model
 from dimba.training import sharded as sharded_ckpt
 from dimba.training.checkpoint import check_state_fits, latest_checkpoint, load_training_state, resume_training
 from dimba.training.files import CKPT_SUBDIR
+from dimba.training.finetune import init_weights, make_objective, open_finetune_data, prepare_model
 from dimba.training.fsdp import FORWARD_METHODS, PRECISIONS, shard_model
 from dimba.training.fsdp import strategy as fsdp_strategy
 from dimba.training.rng import set_rng_state
@@ -41,6 +42,7 @@ class TrainState:
     micro-batches for this rank), clock (`dimba.training.schedule.Clock`).
     step, bad_total, bad_streak: optimizer steps taken, skipped steps in all and in a row.
     saved_step: the step of the last checkpoint (None before any).
+    objective: a fine-tuning run's loss (`dimba.training.objectives.Objective`); None: the family's pre-training.
     """
 
     cfg: Config
@@ -60,6 +62,12 @@ class TrainState:
     bad_total: int = 0
     bad_streak: int = 0
     saved_step: int | None = None
+    objective: Any = None
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The loss parts logged in metrics.csv: the objective's, or the family's."""
+        return self.objective.metrics if self.objective is not None else self.model.family.metrics
 
 
 def precision_of(cfg: Config) -> str:
@@ -109,19 +117,23 @@ def _launch(cfg: Config) -> tuple[Fabric, str, bool]:
 
 def _build_model(cfg: Config, data, state: dict | None, run_dir: Path | None, world_size: int):
     """The model of ``cfg.model``: calibrated on the first global batch, or with the weights of checkpoint
-    ``state`` (a sharded checkpoint's are loaded after sharding); speed options applied."""
+    ``state`` (a sharded checkpoint's are loaded after sharding), or of a fine-tuning run's ``finetune.init``
+    (with its LoRA adapters); speed options applied."""
     model = build_model(cfg.model)
+    finetuning, starts_from = cfg.finetune.method != "none", cfg.finetune.init is not None
+    if cfg.model.vae_checkpoint_path:  # a pre-trained latent space: loaded in a new run, frozen in every session
+        if state is None and not starts_from:
+            load_token_vae(model, cfg.model.vae_checkpoint_path)
+        freeze_token_vae(model)
+    if starts_from:  # the init run's weights in a new run; LoRA adapters before a checkpoint that holds them
+        prepare_model(model, cfg, init_weights(cfg) if state is None else None)
     model.backbone.gradient_checkpointing = cfg.train.gradient_checkpointing
     if cfg.train.compile:  # each block compiled in place: checkpoint keys are unchanged
         for block in model.backbone.blocks:
             block.compile()
     shards = state.get("sharded") if state is not None else None
-    if cfg.model.vae_checkpoint_path:  # a pre-trained latent space: loaded in a new run, frozen in every session
-        if state is None:
-            load_token_vae(model, cfg.model.vae_checkpoint_path)
-        freeze_token_vae(model)
     if state is None:
-        if cfg.model.latent_scale is None:
+        if cfg.model.latent_scale is None and not finetuning:  # an adaptation calibrates on its loaded embedding
             model.calibrate_latent_scale(data.train_head(cfg.train.batch_size * world_size))  # on the global batch
     elif shards is not None:
         check_state_fits(model, sharded_ckpt.stored_shapes(shards, "model."), run_dir)
@@ -150,7 +162,8 @@ def setup(cfg: Config, run_dir: str | Path | None, resume: bool = False) -> Trai
     from the run's latest checkpoint. ``run_dir=None`` writes nothing (for benchmarks)."""
     run_dir = Path(run_dir) if run_dir is not None else None
     fabric, precision, sharded = _launch(cfg)
-    data = open_data(cfg.data, _tokenizer(cfg, run_dir))
+    tokenizer = _tokenizer(cfg, run_dir)
+    data = open_data(cfg.data, tokenizer) if cfg.finetune.method == "none" else open_finetune_data(cfg, tokenizer)
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(
         update={"vocab_size": data.tokenizer.vocab_size, "context_length": cfg.data.seq_len})})
     state = load_training_state(latest_checkpoint(run_dir / CKPT_SUBDIR)) if resume else None
@@ -179,6 +192,8 @@ def setup(cfg: Config, run_dir: str | Path | None, resume: bool = False) -> Trai
     optimizer, scheduler = _optimizer(cfg, model, exempt, clock)
     ts = TrainState(cfg, run_dir, fabric, precision, sharded, model, fmodel, ema, fabric.setup_optimizers(optimizer),
                     scheduler, data, None, clock)
+    if cfg.finetune.method != "none":
+        ts.objective = make_objective(cfg, model, data.tokenizer, fabric.device)
     if state is not None:
         resume_training(ts, state)
     _seed_other_ranks(ts, state)

@@ -44,36 +44,43 @@ def random_prompt_mask(batch: int, length: int, prob: float, device: torch.devic
 def accumulate(ts) -> tuple[dict[str, torch.Tensor], bool]:
     """Forward and backward over ``grad_accum`` micro-batches of the `TrainState` ``ts`` (gradients summed in the
     parameters); returns the loss parts of the last one, averaged over ranks, and whether every loss, on every
-    rank, was finite.
+    rank, was finite. A fine-tuning run (``ts.objective``) takes its objective's loss instead.
 
-    Each sequence gets a random clean prompt (a prefix, or a subset of positions: ``diffusion.clean_subset_prob``)
+    In pre-training each sequence gets a random clean prompt (a prefix, or a subset of positions: ``diffusion.clean_subset_prob``)
     with probability ``diffusion.prompt_prob`` and has its prompt
     dropped with probability ``diffusion.cond_drop_prob`` (classifier-free guidance). Under FSDP every forward
     pass gathers weights from all ranks, so all ranks must run the same passes: the self-conditioning coin (an
     extra no-grad pass) is then tossed once per micro-batch for all ranks, from a generator seeded by the
     micro-batch number."""
-    tc, dc, fabric = ts.cfg.train, ts.cfg.diffusion, ts.fabric
-    shared_coin = tc.strategy == "fsdp" and ts.cfg.model.self_conditioning
+    tc, fabric = ts.cfg.train, ts.fabric
     nonfinite = torch.zeros((), device=fabric.device)
     for micro in range(tc.grad_accum):
-        ids = next(ts.batches).to(fabric.device)  # (B, L)
-        b, length = ids.shape
-        drop = torch.rand(b, device=ids.device) < dc.cond_drop_prob  # (B,)
-        prompt_mask = random_prompt_mask(b, length, dc.prompt_prob, ids.device,
-                                         subset_prob=dc.clean_subset_prob)  # (B, L) or None
-        self_cond = None  # each rank tosses its own coin inside the loss
-        if shared_coin:
-            coin = torch.Generator().manual_seed(tc.seed + ts.step * tc.grad_accum + micro)
-            self_cond = float(torch.rand((), generator=coin) < dc.self_cond_prob)  # 1.0: always, 0.0: never
+        batch = next(ts.batches)
         with fabric.no_backward_sync(ts.fmodel, enabled=micro < tc.grad_accum - 1):  # FSDP decides in the backward
             with fabric.autocast():
-                loss, parts = compute_losses(ts.fmodel, ids, dc, prompt_mask=prompt_mask, drop_cond=drop,
-                                             self_cond_prob=self_cond)
+                if ts.objective is not None:  # fine-tuning: the objective moves its batch to the device
+                    loss, parts = ts.objective.loss(ts.fmodel, batch)
+                else:
+                    loss, parts = _pretraining_loss(ts, batch.to(fabric.device), micro)
             fabric.backward(loss / tc.grad_accum)
         nonfinite += (~torch.isfinite(loss.detach())).float()
     names = list(parts)
     mean = fabric.all_reduce(torch.stack([parts[k].float() for k in names]), reduce_op="mean")  # (P,)
     return dict(zip(names, mean)), float(fabric.all_reduce(nonfinite, reduce_op="sum")) == 0
+
+
+def _pretraining_loss(ts, ids: torch.Tensor, micro: int):
+    """The family's objective on the blocks ``ids`` (B, L) with random clean prompts and guidance drops."""
+    tc, dc = ts.cfg.train, ts.cfg.diffusion
+    b, length = ids.shape
+    drop = torch.rand(b, device=ids.device) < dc.cond_drop_prob  # (B,)
+    prompt_mask = random_prompt_mask(b, length, dc.prompt_prob, ids.device,
+                                     subset_prob=dc.clean_subset_prob)  # (B, L) or None
+    self_cond = None  # each rank tosses its own coin inside the loss
+    if tc.strategy == "fsdp" and ts.cfg.model.self_conditioning:
+        coin = torch.Generator().manual_seed(tc.seed + ts.step * tc.grad_accum + micro)
+        self_cond = float(torch.rand((), generator=coin) < dc.self_cond_prob)  # 1.0: always, 0.0: never
+    return compute_losses(ts.fmodel, ids, dc, prompt_mask=prompt_mask, drop_cond=drop, self_cond_prob=self_cond)
 
 
 def train_step(ts) -> StepResult:
@@ -103,6 +110,14 @@ def train_step(ts) -> StepResult:
     ts.scheduler.step()
     ts.step += 1
     return StepResult(parts, grad_norm, loss_ok, applied)
+
+
+def validate(ts) -> dict[str, float]:
+    """The validation metrics of the `TrainState` ``ts`` with its EMA weights: the fine-tuning objective's, or
+    `validation_loss`."""
+    if ts.objective is not None:
+        return ts.objective.validation(ts.ema.module, ts.data.val)
+    return validation_loss(ts.ema.module, ts.data.val, ts.cfg, ts.fabric.device)
 
 
 @torch.no_grad()

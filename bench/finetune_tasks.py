@@ -1,0 +1,90 @@
+"""Fine-tuning on a built-in verifiable task: base -> SFT -> (DPO, GRPO), exact match on held-out problems, and
+best-of-8 against best-of-1, per family and seed; each stage's wall-clock. Prints one JSON object (and writes it
+with --out).
+
+    flock -s /work/cpu.lock python bench/finetune_tasks.py --base runs/base-masked --seeds 0,1,2 --out bench/ft_masked
+
+The base run is a `dimba train --data task:arithmetic` run; every stage is the library's `finetune` (the CLI's
+`dimba finetune`), every score `exact_match` (`dimba task eval`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from dimba.config import SampleConfig
+from dimba.data.tasks import problems, task_of
+from dimba.evaluation.exact_match import exact_match
+from dimba.loading import load_for_inference
+from dimba.training import finetune
+
+STAGES = {  # method, parent stage, overrides
+    "sft": ("sft", "base", ["train.max_steps=300", "train.lr=5e-4"]),
+    "dpo": ("dpo", "sft", ["train.max_steps=100", "train.lr=1e-4", "finetune.beta=0.1"]),
+    "grpo": ("grpo", "sft", ["train.max_steps=60", "train.lr=1e-4", "train.batch_size=4", "finetune.group_size=8",
+                             "finetune.val_rows=16", "train.eval_every=30"]),
+    "grpo_base": ("grpo", "base", ["train.max_steps=200", "train.lr=1e-4", "train.batch_size=4", "finetune.group_size=8",
+                                   "finetune.val_rows=16", "train.eval_every=50"]),
+    "grpo_dr": ("grpo", "sft", ["train.max_steps=200", "train.lr=1e-4", "train.batch_size=4", "finetune.group_size=8",
+                                "finetune.val_rows=16", "train.eval_every=50", "finetune.scale_rewards=false"]),
+    "grpo_long": ("grpo", "sft", ["train.max_steps=200", "train.lr=3e-4", "train.batch_size=4", "finetune.group_size=8",
+                                  "finetune.val_rows=16", "train.eval_every=50"]),
+}
+
+
+def score(run: Path, probs, steps: int, best_of: bool, seed: int) -> dict:
+    """Greedy exact match, and sampled (temperature 1) best-of-1 and best-of-8 when ``best_of``."""
+    model, tok = load_for_inference(run)
+    out = {"greedy": exact_match(model, tok, probs, SampleConfig(num_steps=steps, temperature=0.0), seed=seed)}
+    if best_of:
+        for k in (1, 8):
+            out[f"sampled_best_of_{k}"] = exact_match(model, tok, probs, SampleConfig(num_steps=steps, temperature=1.0),
+                                                      best_of=k, seed=seed, mc_samples=4)
+    return {k: v["accuracy"] for k, v in out.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", required=True, help="a run trained on task:NAME")
+    ap.add_argument("--task", default="task:arithmetic")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--stages", default="sft,dpo,grpo")
+    ap.add_argument("--problems", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=24, help="denoising steps of generation")
+    ap.add_argument("--work", default="/tmp/dimba_ft_bench", help="where the runs are written")
+    ap.add_argument("--out", help="write PREFIX.json")
+    ap.add_argument("--no-best-of", action="store_true", help="greedy scores only (no best-of-1 / best-of-8)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    probs = problems(task_of(args.task), args.problems, 0, "test")
+    base = Path(args.base)
+    work = Path(args.work) / base.name
+    result = {"base": str(base), "task": args.task, "problems": args.problems, "stages": STAGES,
+              "scores": {"base": score(base, probs, args.steps, not args.no_best_of, 0)}, "seconds": {}}
+    print(json.dumps(result["scores"]["base"]), flush=True)
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        runs = {"base": base}
+        for stage in args.stages.split(","):
+            method, parent, overrides = STAGES[stage]
+            runs[stage] = work / f"{stage}-s{seed}"
+            start = time.perf_counter()
+            if not (runs[stage] / "checkpoints" / "last.ckpt").is_file():
+                finetune(runs[parent], method, args.task, runs[stage],
+                         overrides + [f"train.seed={seed}", "train.num_threads=1"], progress=False)
+            result["seconds"][f"{stage}-s{seed}"] = round(time.perf_counter() - start, 1)
+            result["scores"][f"{stage}-s{seed}"] = score(runs[stage], probs, args.steps, stage == "sft" and
+                                                         not args.no_best_of, seed)
+            print(stage, seed, json.dumps(result["scores"][f"{stage}-s{seed}"]), result["seconds"][f"{stage}-s{seed}"],
+                  flush=True)
+    print(json.dumps(result))
+    if args.out:
+        Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

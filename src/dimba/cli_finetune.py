@@ -1,0 +1,158 @@
+"""`dimba finetune METHOD` (fit from a run with another loss) and `dimba task` (write a built-in task's rows,
+measure exact-match accuracy); `dimba.cli` adds them with `add_finetune`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from dimba.config import FINETUNE_METHODS, FinetuneConfig, apply_overrides, describe, load_run_config
+from dimba.errors import UsageError
+
+_FLAGS = {"max_steps": "train.max_steps", "lr": "train.lr", "batch_size": "train.batch_size",
+          "lora_rank": "finetune.lora_rank", "beta": "finetune.beta", "group_size": "finetune.group_size",
+          "template": "finetune.template", "reward": "finetune.reward", "seed": "train.seed"}
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    given = [f"{key}={getattr(args, flag)}" for flag, key in _FLAGS.items() if getattr(args, flag) is not None]
+    return given + list(args.overrides)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """`dimba finetune METHOD --init RUN --data FILE|task:NAME --out RUN` (or ``--resume RUN``)."""
+    from dimba.cli_runs import check_devices, fit_new_run, resolve_run_dir
+    from dimba.config import dump_yaml
+    from dimba.training import fit
+    from dimba.training.finetune import finetune_config
+
+    run_dir, resume = resolve_run_dir(args)
+    if resume:
+        saved = load_run_config(run_dir / "config.yaml")
+        if saved.finetune.method != args.method:
+            raise UsageError(f"--resume: {str(run_dir)!r} is a {saved.finetune.method} run, not {args.method}: "
+                             f"continue it with its own verb (dimba finetune {saved.finetune.method} --resume ...)"
+                             if saved.finetune.method != "none" else
+                             f"--resume: {str(run_dir)!r} is a pre-training run: continue it with dimba train --resume")
+        cfg = apply_overrides(saved, _overrides(args))
+    else:
+        if not args.init or not args.data:
+            raise UsageError(f"dimba finetune {args.method} needs --init RUN (the run to start from) and --data "
+                             "(a .jsonl file or task:NAME)")
+        cfg = finetune_config(args.init, args.method, args.data, _overrides(args))
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    check_devices(cfg, run_named=resume or args.out is not None)
+    if resume:
+        fit(cfg, run_dir, resume=True, progress=not args.quiet)
+    else:
+        fit_new_run(cfg, run_dir, progress=not args.quiet)
+    return 0
+
+
+def cmd_task_write(args: argparse.Namespace) -> int:
+    """`dimba task write NAME --kind KIND --out FILE.jsonl`: rows of a built-in task as JSON lines."""
+    from dimba.data.finetune import task_rows
+    from dimba.data.tasks import TASK_PREFIX, task_of
+    from dimba.io import atomic_write_text, disk_errors
+
+    spec = args.name if args.name.startswith(TASK_PREFIX) else TASK_PREFIX + args.name
+    task_of(spec)
+    out = Path(args.out)
+    if out.exists():
+        raise UsageError(f"--out {str(out)!r} already exists: choose another file name or delete it")
+    rows = task_rows(spec, args.kind, args.n, args.seed, args.split)
+    with disk_errors(out.parent if str(out.parent) else Path(".")):
+        atomic_write_text(out, "".join(json.dumps(row) + "\n" for row in rows))
+    print(f"wrote {len(rows)} {args.kind} rows of {spec} ({args.split}) to {out}")
+    return 0
+
+
+def cmd_task_eval(args: argparse.Namespace) -> int:
+    """`dimba task eval MODEL --task NAME`: exact-match accuracy on held-out problems (or a .jsonl of answers)."""
+    from dimba.config import SampleConfig
+    from dimba.data.finetune import load_rows, task_rows
+    from dimba.data.tasks import TASK_PREFIX, task_of
+    from dimba.evaluation.exact_match import exact_match
+    from dimba.loading import load_for_inference, sample_defaults
+
+    spec = args.task if args.task.startswith(TASK_PREFIX) or args.task.endswith(".jsonl") else TASK_PREFIX + args.task
+    rows = task_rows(spec, "answer", args.problems, args.seed, "test") if task_of(spec) else \
+        load_rows(spec, "answer", args.problems, args.seed)[:args.problems]
+    model, tokenizer = load_for_inference(args.model)
+    given = {k: v for k, v in {"num_steps": args.steps, "temperature": args.temperature}.items() if v is not None}
+    sample = SampleConfig(**{**sample_defaults(args.model).model_dump(), **given})
+    result = exact_match(model, tokenizer, rows, sample, args.best_of, args.seed, args.mc_samples)
+    result.update(model=str(args.model), task=spec, temperature=sample.temperature)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{spec}: exact match {result['accuracy']:.3f} ({result['correct']}/{result['n']}), "
+              f"best of {args.best_of} at temperature {sample.temperature:g}")
+    return 0
+
+
+def _finetune_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--init", help="the run to start from (its EMA weights; also the DPO / GRPO reference)")
+    p.add_argument("--data", help="JSON lines ({prompt, response} for sft; {prompt, chosen, rejected} for dpo / ipo "
+                   "/ simpo; {prompt, answer} for grpo) or task:NAME (task:arithmetic, task:reverse)")
+    p.add_argument("--out", help="the new run directory (default runs/<timestamp>)")
+    p.add_argument("--resume", nargs="?", const=True, help="continue a fine-tuning run: --resume RUN")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int, help="rows per micro-batch (grpo: prompts)")
+    p.add_argument("--lora-rank", type=int, help=describe(FinetuneConfig, "lora_rank"))
+    p.add_argument("--beta", type=float, help=describe(FinetuneConfig, "beta"))
+    p.add_argument("--group-size", type=int, help=describe(FinetuneConfig, "group_size"))
+    p.add_argument("--reward", help=describe(FinetuneConfig, "reward"))
+    p.add_argument("--template", help=describe(FinetuneConfig, "template"))
+    p.add_argument("--seed", type=int, help="the run's seed (data order, noise)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. finetune.kl_coef=0.1")
+
+
+_METHOD_HELP = {"sft": "supervised: the response's likelihood given the prompt", "dpo": "direct preference "
+                "optimisation", "ipo": "identity preference optimisation", "simpo": "simple preference optimisation "
+                "(no reference)", "grpo": "group relative policy optimisation with a reward"}
+
+
+def _add_finetune_verb(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a run: sft, dpo, ipo, simpo or grpo (dimba train's loop from the "
+                       "run's weights, with another loss)",
+                       description="A new run (--out) starts from the EMA weights, tokenizer and model of --init; "
+                       "checkpoints, --resume, metrics.csv and the progress bar work as in dimba train.")
+    msub = p.add_subparsers(dest="method", required=True)
+    for method in FINETUNE_METHODS:
+        m = msub.add_parser(method, help=_METHOD_HELP[method])
+        _finetune_flags(m)
+        m.set_defaults(func=cmd_finetune)
+
+
+def add_finetune(sub) -> None:
+    """The finetune and task subcommands."""
+    _add_finetune_verb(sub)
+    p = sub.add_parser("task", help="built-in verifiable tasks: write their rows, measure exact-match accuracy")
+    tsub = p.add_subparsers(dest="tverb", required=True)
+    t = tsub.add_parser("write", help="write rows of a built-in task (generated from --seed) as JSON lines")
+    t.add_argument("name", help="arithmetic or reverse")
+    t.add_argument("--kind", choices=["sft", "preference", "answer"], default="sft")
+    t.add_argument("--n", type=int, default=1000, help="rows")
+    t.add_argument("--split", choices=["train", "test"], default="train", help="test: held-out problems only")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True, help="the .jsonl file to write (never overwritten)")
+    t.set_defaults(func=cmd_task_write)
+    t = tsub.add_parser("eval", help="exact-match accuracy of a model on held-out problems")
+    t.add_argument("model", help="run directory or export folder")
+    t.add_argument("--task", required=True, help="arithmetic, reverse, or a .jsonl file of {prompt, answer}")
+    t.add_argument("--problems", type=int, default=200, help="held-out problems")
+    t.add_argument("--best-of", type=int, default=1, help="keep the most likely of K samples (the model's own "
+                   "likelihood: exact for ar, an ELBO estimate for diffusion)")
+    t.add_argument("--mc-samples", type=int, default=8, help="--best-of, diffusion families: ELBO samples per answer")
+    t.add_argument("--temperature", type=float, help="sampling temperature (default: the model's; 0 = greedy)")
+    t.add_argument("--steps", type=int, help="denoising steps (diffusion families)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--json", action="store_true", help="print one JSON object")
+    t.set_defaults(func=cmd_task_eval)

@@ -1,0 +1,93 @@
+"""Exact-match accuracy on verifiable problems and best-of-K selection.
+
+`solve` generates answers to ``{"prompt", "answer"}`` problems (rows of equal prompt length generated together);
+with ``best_of`` = K it draws K candidates per problem and keeps the one the model itself finds most likely
+(`rank_by_likelihood`: the exact log-probability for ar, a Monte Carlo ELBO for a diffusion family: a score that
+needs no answer) or, given a reward, the one it rewards most. `exact_match` is the share solved exactly.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from dimba.data.finetune import build_rows
+from dimba.generation import generate_ids, generated_ids
+from dimba.training.objectives import sequence_logp
+
+
+@torch.no_grad()
+def likelihood_scores(model, prompt: list[int], responses: list[list[int]], mc_samples: int = 8,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """log p(response | prompt) of each response (K,) under ``model``: exact (ar) or the mean of ``mc_samples``
+    ELBO samples (diffusion families), with the response's EOS (and a diffusion canvas's EOS fill) scored."""
+    rows = build_rows([prompt] * len(responses), responses, model.family, model.config.context_length)
+    rows = rows.to(next(model.parameters()).device)
+    first = model.family.response_noise(rows, generator)
+    noises = [first] + ([model.family.response_noise(rows, generator) for _ in range(mc_samples - 1)]
+                        if first is not None else [])
+    return sequence_logp(model, rows, noises).cpu()  # (K,)
+
+
+@torch.no_grad()
+def best_of_ids(model, prompts: list[list[int]], sample, best_of: int = 1, generator: torch.Generator | None = None,
+                eos_id: int = 1, mc_samples: int = 8, choose=None) -> list[list[int]]:
+    """One response (ids, cut before EOS) per prompt: the best of ``best_of`` samples by the model's likelihood, or
+    by ``choose(index, candidates) -> ids`` when given. Prompts of equal length are generated in one batch."""
+    context = model.config.context_length
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, prompt in enumerate(prompts):
+        by_length[len(prompt)].append(i)
+    out: list[list[int] | None] = [None] * len(prompts)
+    for length, members in sorted(by_length.items()):
+        batch = torch.tensor([prompts[i] for i in members]).repeat_interleave(best_of, 0)  # (N*K, P)
+        ids = generate_ids(model, batch, context - length, sample, len(batch), generator, eos_id)  # (N*K, L)
+        responses = generated_ids(ids.cpu(), length, context - length - 1, eos_id)
+        for j, i in enumerate(members):
+            candidates = responses[j * best_of:(j + 1) * best_of]
+            if choose is not None:
+                out[i] = choose(i, candidates)
+            elif best_of == 1:
+                out[i] = candidates[0]
+            else:
+                out[i] = most_likely(model, prompts[i], candidates, mc_samples, generator)
+    return out
+
+
+def most_likely(model, prompt: list[int], candidates: list[list[int]], mc_samples: int = 8,
+                generator: torch.Generator | None = None) -> list[int]:
+    """The candidate response (ids, without EOS) that ``model`` finds most likely after ``prompt``; candidates are
+    scored as if cut to leave room for their EOS in the context."""
+    room = model.config.context_length - len(prompt) - 1
+    scores = likelihood_scores(model, prompt, [c[:room] for c in candidates], mc_samples, generator)  # (K,)
+    return candidates[int(scores.argmax())]
+
+
+@torch.no_grad()
+def best_of_generations(model, tokenizer, prompt: list[int], length: int, sample, num_samples: int, best_of: int,
+                        generator: torch.Generator | None = None, mc_samples: int = 8) -> list[str]:
+    """``num_samples`` texts (prompt + at most ``length`` new tokens), each the most likely of ``best_of`` samples
+    (`dimba generate --best-of`)."""
+    ids = generate_ids(model, prompt, length, sample, num_samples * best_of, generator, tokenizer.eos_id)
+    candidates = generated_ids(ids.cpu(), len(prompt), length, tokenizer.eos_id)
+    picks = [most_likely(model, prompt, candidates[i * best_of:(i + 1) * best_of], mc_samples, generator)
+             for i in range(num_samples)]
+    return [tokenizer.decode(prompt + pick) for pick in picks]
+
+
+def exact_match(model, tokenizer, problems: list[dict[str, str]], sample, best_of: int = 1, seed: int = 0,
+                mc_samples: int = 8, reward=None) -> dict:
+    """Exact-match accuracy of ``model`` on ``problems`` (``{"prompt", "answer"}`` texts): ``{"accuracy",
+    "correct", "n", "best_of"}``; the answer is the text generated up to EOS, stripped. ``best_of`` > 1 keeps the
+    most likely of that many samples, or with ``reward`` (a function (text, answer) -> float) the most rewarded."""
+    generator = torch.Generator().manual_seed(seed)
+    prompts = [tokenizer.encode(p["prompt"]) for p in problems]
+    choose = None
+    if reward is not None:
+        def choose(i, candidates):
+            scores = [float(reward(tokenizer.decode(c), problems[i]["answer"])) for c in candidates]
+            return candidates[max(range(len(scores)), key=scores.__getitem__)]
+    responses = best_of_ids(model, prompts, sample, best_of, generator, tokenizer.eos_id, mc_samples, choose)
+    correct = sum(tokenizer.decode(r).strip() == p["answer"].strip() for r, p in zip(responses, problems))
+    return {"accuracy": correct / len(problems), "correct": correct, "n": len(problems), "best_of": best_of}

@@ -1,0 +1,91 @@
+"""The losses of fine-tuning: supervised fine-tuning and preference optimisation (DPO, IPO, SimPO). `fit` takes a
+step with an objective's ``loss`` instead of the family's pre-training loss; GRPO is in `dimba.training.grpo`.
+
+Every objective reads the likelihood of a response given its prompt from the model's family
+(`dimba.families.Family.response_nll`): exact for ar, a Monte Carlo NELBO sample for the masked family. A
+preference loss draws that noise once per batch and scores the policy and the frozen reference with it (VRPO's
+shared, antithetic noise: the difference of the two estimates has a far lower variance than either).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class Objective:
+    """A fine-tuning loss: ``metrics`` (the parts ``loss`` returns, logged in metrics.csv; ``loss`` and ``ce``
+    always), ``loss(model, batch, generator)`` and ``validation(model, val)`` (the same at fixed noise)."""
+
+    metrics: tuple[str, ...] = ("loss", "ce")
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def loss(self, model, batch, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        """``(loss, parts)`` on one micro-batch."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def validation(self, model, val) -> dict[str, float]:
+        """The loss parts on the held-out rows at fixed noise (comparable from step to step), named ``val_*``."""
+        was_training = model.training
+        model.eval()
+        _, parts = self.loss(model, val, torch.Generator().manual_seed(1234))
+        model.train(was_training)
+        return {f"val_{k}": float(v) for k, v in parts.items()}
+
+
+class SFT(Objective):
+    """Supervised fine-tuning: the NLL (ar) or NELBO (diffusion) of the response given the clean prompt, per scored
+    token; the prompt and the padding are never scored."""
+
+    def loss(self, model, rows, generator=None):
+        rows = rows.to(self.device)
+        family = model.family
+        terms = family.response_nll(model, rows, family.response_noise(rows, generator))  # (B, L)
+        loss = terms.sum() / rows.scored.sum().clamp_min(1)
+        return loss, {"loss": loss.detach(), "ce": loss.detach()}
+
+
+def sequence_logp(model, rows, noises: list) -> torch.Tensor:
+    """log p(response | prompt) of each row (B,), averaged over the noise draws ``noises`` (one estimate each)."""
+    family = model.family
+    return torch.stack([-family.response_nll(model, rows, noise).sum(-1) for noise in noises]).mean(0)
+
+
+class Preference(Objective):
+    """DPO, IPO or SimPO on batches of chosen rows followed by as many rejected rows.
+
+    h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)); DPO: -log sigmoid(beta h) (Rafailov et al.
+    2023); IPO: (h - 1 / (2 beta))^2 (Azar et al. 2023); SimPO, without a reference: -log sigmoid(beta (log pi(y_w)
+    / |y_w| - log pi(y_l) / |y_l|) - gamma) (Meng et al. 2024). ``margin`` is h (SimPO: its length-normalised
+    margin), ``acc`` the share of pairs with h > 0, ``ce`` the chosen responses' NLL per token."""
+
+    metrics = ("loss", "ce", "margin", "acc")
+
+    def __init__(self, device, method: str, beta: float, gamma: float, mc_samples: int, reference=None):
+        super().__init__(device)
+        self.method, self.beta, self.gamma, self.mc_samples, self.reference = method, beta, gamma, mc_samples, reference
+
+    def loss(self, model, rows, generator=None):
+        rows = rows.to(self.device)
+        family, b = model.family, len(rows) // 2
+        first = family.response_noise(rows, generator)
+        noises = [first] + ([family.response_noise(rows, generator) for _ in range(self.mc_samples - 1)]
+                            if first is not None else [])  # an exact likelihood needs one pass
+        logp = sequence_logp(model, rows, noises)  # (2B,)
+        tokens = rows.scored.sum(-1).clamp_min(1)  # (2B,)
+        if self.method == "simpo":
+            avg = logp / tokens  # (2B,)
+            h = avg[:b] - avg[b:]  # (B,)
+            loss = -F.logsigmoid(self.beta * h - self.gamma).mean()
+        else:
+            with torch.no_grad():
+                ref = sequence_logp(self.reference, rows, noises)  # (2B,)
+            ratio = logp - ref  # (2B,)
+            h = ratio[:b] - ratio[b:]  # (B,)
+            loss = (-F.logsigmoid(self.beta * h) if self.method == "dpo" else (h - 0.5 / self.beta) ** 2).mean()
+        ce = -logp[:b].sum() / tokens[:b].sum()
+        return loss, {"loss": loss.detach(), "ce": ce.detach(), "margin": h.mean().detach(),
+                      "acc": (h > 0).float().mean()}
