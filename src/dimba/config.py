@@ -68,6 +68,10 @@ class ModelConfig(_Strict):
         "shared", description="the bidirectional mamba2 block: shared (one mixer, shared projections, both scans in "
         "one call) or separate (two whole mixers, the block of every model before this setting existed; a config "
         "that sets tie_reverse but not bimamba, as all those models' saved configs do, gets separate)")
+    block_size: int | None = Field(
+        None, gt=0, description="block diffusion (BD3-LM), masked family: each block of this many tokens is denoised "
+        "given the clean blocks before it, and generation runs block after block on a cached state; None: one block, "
+        "the whole sequence")
 
     @model_validator(mode="before")
     @classmethod
@@ -88,7 +92,15 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelConfig":
-        get_family(self.family).check_config(self)
+        family = get_family(self.family)
+        family.check_config(self)
+        if self.block_size is not None:
+            if not family.block_diffusion:
+                raise ValueError(f"model.block_size needs a family with block diffusion (masked): the {self.family} "
+                                 "family has none; unset model.block_size")
+            if self.context_length and self.context_length % self.block_size:
+                raise ValueError(f"context length {self.context_length} is not a multiple of model.block_size "
+                                 f"{self.block_size}: change one of them")
         if (self.use_vae_latent or self.vae_checkpoint_path) and not (self.use_vae_latent and self.latent_diffusion):
             raise ValueError("a TokenVAE latent needs model.latent_diffusion=true and model.use_vae_latent=true "
                              "(with model.d_latent)")
