@@ -198,13 +198,20 @@ class SampleConfig(_Strict):
     remasking: Literal["ancestral", "low_confidence", "random"] = Field(
         "low_confidence", description="masked family: which masked tokens are committed at each step")
     block_length: int | None = Field(None, gt=0, description="masked family: semi-autoregressive blocks of this many tokens")
+    unmask_threshold: float | None = Field(
+        None, gt=0, lt=1, description="masked family: parallel unmasking (Fast-dLLM): each step commits every masked "
+        "token whose probability exceeds this (at least one), instead of an even share; --steps is then a maximum")
+    unmask_entropy: float | None = Field(
+        None, ge=0, description="masked family: parallel unmasking (EB-sampler): each step commits masked tokens in "
+        "order of increasing entropy while the entropies before stay within this many nats (at least one); --steps "
+        "is then a maximum")
 
 
 # the short names of the sampler settings (`dimba generate` flags, `dimba serve` request fields) -> SampleConfig fields
 SAMPLE_NAMES = {"steps": "num_steps", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
                 "guidance": "guidance_scale", "eta": "eta", "clamp": "clamp", "remasking": "remasking",
                 "block_length": "block_length", "score_temperature": "score_temperature",
-                "commit": "commit"}
+                "commit": "commit", "unmask_threshold": "unmask_threshold", "unmask_entropy": "unmask_entropy"}
 
 
 class Config(_Strict):

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from dimba.diffusion.masked import mask_tokens, subs_log_probs
 from dimba.diffusion.schedules import stratified_times
+from dimba.families.block_generation import BlockMaskedGeneration
 from dimba.families.base import Family, Generation, LikelihoodEstimate, masked_mean, mc_stderr, model_device
 from dimba.samplers.masked import MaskedSampler
 from dimba.samplers.state import ModelOutput, SamplerState
@@ -136,7 +137,8 @@ class MaskedGeneration(Generation):
     def __init__(self, model, prompt: torch.Tensor, seq_len: int, settings, eos_id: int | None, use_cache: bool):
         n, p = prompt.shape
         sampler = MaskedSampler(model.mask_id, settings.remasking, settings.block_length, settings.temperature,
-                                settings.top_k, settings.top_p, eos_id)
+                                settings.top_k, settings.top_p, eos_id, threshold=settings.unmask_threshold,
+                                entropy_bound=settings.unmask_entropy)
         state = sampler.initial_state(prompt, seq_len)  # (N, L)
         sampler.set_timesteps(settings.num_steps, state)
         super().__init__(sampler, state)
@@ -165,7 +167,7 @@ class MaskedFamily(Family):
     name = "masked"
     block_diffusion = True
     description = "A masked ([MASK] absorbing-state) diffusion language model"
-    sample_settings = Family.sample_settings + ("remasking", "block_length")
+    sample_settings = Family.sample_settings + ("remasking", "block_length", "unmask_threshold", "unmask_entropy")
 
     def loss(self, model, input_ids, dc, t=None, prompt_mask=None, drop_cond=False, self_cond_prob=None, noise=None,
              generator=None):
@@ -176,6 +178,8 @@ class MaskedFamily(Family):
         return subs_log_probs(model.token_logits(input_ids, **kwargs), input_ids, model.mask_id)
 
     def generation(self, model, prompt, seq_len, settings, generator, eos_id, use_cache):
+        if block_size_of(model) is not None:
+            return BlockMaskedGeneration(model, prompt, seq_len, settings, eos_id, use_cache)
         return MaskedGeneration(model, prompt, seq_len, settings, eos_id, use_cache)
 
     def likelihood(self, model, blocks, mc_samples, batch_size, generator, progress, calibration_blocks=None,
