@@ -115,8 +115,10 @@ def test_block_model_trains_in_one_pass_with_gradients_everywhere():
 
     model = tiny_model(8)
     ids = torch.randint(3, 40, (2, L), generator=torch.Generator().manual_seed(0))
+    fixed, _ = compute_masked_losses(model, ids, torch.tensor([0.3, 0.6]))  # one t for every block (validation)
     loss, parts = compute_masked_losses(model, ids, generator=torch.Generator().manual_seed(1))
     loss.backward()
+    assert torch.isfinite(fixed)
     assert torch.isfinite(loss) and parts["ce"] > 0
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
     assert missing == [n for n in missing if "prompt_proj" in n or "null_prompt" in n or "time_embed" in n]

@@ -114,3 +114,25 @@ def test_entropy_bound_commits_the_lowest_entropy_tokens_within_the_bound():
     # entropies ranked before it sum to at most the bound (0.60 before the first flat one)
     assert _step_counts(MaskedSampler(MASK, temperature=0.0, entropy_bound=0.5), conf, 6)[0] == 3
     assert _step_counts(MaskedSampler(MASK, temperature=0.0, entropy_bound=0.65), conf, 6)[0] == 4
+
+
+def test_a_block_model_exports_and_reloads_with_its_block_size(tmp_path):
+    model = block_model(block=8).float()
+    model.save_pretrained(tmp_path / "m")
+    again = DIMBA.from_pretrained(tmp_path / "m")
+    assert again.config.block_size == 8 and "block_size` = 8" in (tmp_path / "m" / "README.md").read_text()
+    ids = torch.randint(3, 40, (2, 16))
+    torch.testing.assert_close(again.block_logits(ids, ids), model.block_logits(ids, ids))
+
+
+def test_the_live_canvas_view_follows_a_block_generation():
+    from dimba.canvas_view import CanvasView
+
+    model = block_model()
+    frames = []
+    view = CanvasView(model, 10, eos_id=1)
+    generate(model, torch.tensor([5, 6]), 10, SampleConfig(num_steps=10), 1, torch.Generator().manual_seed(0),
+             on_step=lambda step: frames.append(view.update(step)))
+    assert len(frames) == 10 and frames[-1].ids.shape == (1, 10)
+    first = frames[0].confidence[0]  # the first block (positions 2..3) has a guess, later blocks none yet
+    assert not first[:2].isnan().any() and first[2:].isnan().all()

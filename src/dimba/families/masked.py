@@ -55,7 +55,7 @@ def compute_masked_losses(model, input_ids: torch.Tensor, t: torch.Tensor | None
     if t is None:
         nb = length // block
         t = stratified_times(b * nb, dev, generator, t_min=t_min).view(nb, b).T  # (B, nb): spread over each row
-    t_pos = (t[:, None] if t.dim() == 1 else t).repeat_interleave(block, dim=1).expand(b, length)  # (B, L)
+    t_pos = t[:, None].expand(b, length) if t.dim() == 1 else t.repeat_interleave(block, dim=1)  # (B, L)
     drop = torch.as_tensor(drop_cond, device=dev).expand(b)  # (B,)
     if prompt_mask is not None:
         prompt_mask = prompt_mask & ~drop[:, None]  # (B, L)
@@ -181,6 +181,13 @@ class MaskedFamily(Family):
         if block_size_of(model) is not None:
             return BlockMaskedGeneration(model, prompt, seq_len, settings, eos_id, use_cache)
         return MaskedGeneration(model, prompt, seq_len, settings, eos_id, use_cache)
+
+    def model_card(self, cfg) -> str:
+        if cfg.block_size is None:
+            return ""
+        return (f"- Block diffusion (BD3-LM, `block_size` = {cfg.block_size}): each block of {cfg.block_size} tokens is "
+                "denoised given the clean blocks before it; generation runs block after block on a cached state "
+                "(no length limit) and its bound is the sum of the blocks' NELBOs.\n")
 
     def likelihood(self, model, blocks, mc_samples, batch_size, generator, progress, calibration_blocks=None,
                    context=0) -> LikelihoodEstimate:
