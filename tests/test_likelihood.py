@@ -30,7 +30,7 @@ class FakeModel(torch.nn.Module):
         super().__init__()
         self.family, self.mask_id, self.fn = get_family(family), MASK, fn
 
-    def token_logits(self, ids, prompt_mask=None):
+    def token_logits(self, ids, prompt_mask=None, drop_cond=False):
         return self.fn(ids)
 
 
@@ -114,6 +114,54 @@ def test_masked_bound_is_above_the_exact_nll(chain):
     r = evaluate_likelihood(_marginal_model(chain), _blocks(seqs), CharTokenizer(), mc_samples=64,
                             generator=torch.Generator().manual_seed(2))
     assert abs(r["nll_nats_per_token"] - own) < 4 * r["stderr_nats_per_token"]
+
+
+class FakeBlockModel(FakeModel):
+    """A block-diffusion masked model (``config.block_size``) whose logits of block k come from
+    ``fn(x_t, x_0)``, which must read x_0 only before block k."""
+
+    def __init__(self, block, fn):
+        super().__init__("masked", None)
+        self.config, self.block_fn = type("Cfg", (), {"block_size": block})(), fn
+
+    def token_logits(self, ids, prompt_mask=None, drop_cond=False):
+        raise AssertionError("a block model is scored through block_logits")
+
+    def block_logits(self, x_t, x_0, prompt_mask=None, drop_cond=False):
+        return self.block_fn(x_t, x_0)
+
+
+def test_block_bound_with_one_token_blocks_is_the_exact_nll(chain):
+    """block_size = 1 is autoregression: each block's NELBO is -log p(x_k | x_<k), so the exact chain
+    conditionals give the exact NLL (no Monte Carlo spread)."""
+    p, pi, seqs = chain
+    table = torch.cat([torch.zeros(3, V, dtype=torch.float64), _full_log(p)])  # (V, V)
+    first = _full_log(pi)  # (V,)
+
+    def exact(x_t, x_0):
+        prev = table[x_0[:, :-1]]  # (B, L-1, V): the clean previous token's transition row
+        return torch.cat([first.expand(len(x_0), 1, V), prev], dim=1)  # (B, L, V)
+
+    r = evaluate_likelihood(FakeBlockModel(1, exact), _blocks(seqs), CharTokenizer(), mc_samples=3,
+                            generator=torch.Generator().manual_seed(0))
+    assert r["nll_nats_per_token"] == pytest.approx(_exact_nll(chain)[0] / seqs.size, abs=1e-9)
+    assert r["stderr_nats_per_token"] == pytest.approx(0, abs=1e-12) and r["is_bound"] is True
+
+
+@pytest.mark.parametrize("block", [4, 8])
+def test_block_bound_is_above_the_exact_nll_and_unbiased_for_a_context_free_model(chain, block):
+    _, pi, seqs = chain
+    row = _full_log(pi)  # (V,)
+    model = FakeBlockModel(block, lambda x_t, x_0: row.expand(*x_t.shape, V))
+    r = evaluate_likelihood(model, _blocks(seqs), CharTokenizer(), mc_samples=32,
+                            generator=torch.Generator().manual_seed(3))
+    assert r["nll_nats_per_token"] >= _exact_nll(chain)[0] / seqs.size - 3 * r["stderr_nats_per_token"]
+    assert abs(r["nll_nats_per_token"] + np.log(pi[seqs]).mean()) < 4 * r["stderr_nats_per_token"]
+    # a uniform model over the V - 1 non-mask ids is charged log(V - 1) per token, whatever the blocks
+    uniform = FakeBlockModel(block, lambda x_t, x_0: torch.zeros(*x_t.shape, V, dtype=torch.float64))
+    est = uniform.family.likelihood(uniform, _blocks(seqs), 2, 16, torch.Generator().manual_seed(0), False, context=6)
+    assert est.scored.shape == (len(seqs), 10)  # a block partly in the context scores its other tokens only
+    assert est.total_nats / est.scored.numel() == pytest.approx(math.log(V - 1), abs=1e-12)
 
 
 def test_stderr_shrinks_like_one_over_sqrt_k(chain):

@@ -102,9 +102,12 @@ class CanvasView:
         confidence = torch.full(x.shape, float("nan")) if self._confidence is None else self._confidence
         if step.output.logits is not None:
             probs = _probs(step.output.logits, self.model.mask_id)
-            if probs.dim() == 3:  # (N, L, V): a distribution at every position; undecided ones show the best guess
-                p_token = probs.gather(-1, x[..., None])[..., 0]  # (N, L)
-                confidence = torch.where(decided, confidence, probs.max(-1).values)
+            if probs.dim() == 3:  # (N, W, V) from output.start: undecided positions there show the best guess
+                window = slice(step.output.start, step.output.start + probs.shape[1])  # W = L but for a block model
+                p_token, best = torch.full(x.shape, float("nan"), dtype=probs.dtype), torch.full_like(confidence, float("nan"))
+                p_token[:, window] = probs.gather(-1, x[:, window, None])[..., 0]  # (N, L)
+                best[:, window] = probs.max(-1).values.to(best.dtype)
+                confidence = torch.where(decided, confidence, best)
             else:  # (N, V): the distribution of the position drawn at this step
                 p_token = probs.gather(1, x)  # (N, L)
             confidence = torch.where(changed, p_token, confidence)

@@ -339,6 +339,8 @@ def _sampler_flags(p: argparse.ArgumentParser, hidden: bool = False) -> None:
     p.add_argument("--remasking", choices=choices(SampleConfig, "remasking"),
                    help=h(describe(SampleConfig, "remasking")))
     p.add_argument("--block-length", type=int, help=h(describe(SampleConfig, "block_length")))
+    p.add_argument("--unmask-threshold", type=float, help=h(describe(SampleConfig, "unmask_threshold")))
+    p.add_argument("--unmask-entropy", type=float, help=h(describe(SampleConfig, "unmask_entropy")))
     p.add_argument("--score-temperature", type=float, help=h(describe(SampleConfig, "score_temperature")))
     p.add_argument("--commit", choices=choices(SampleConfig, "commit"), help=h(describe(SampleConfig, "commit")))
 

@@ -68,6 +68,10 @@ class ModelConfig(_Strict):
         "shared", description="the bidirectional mamba2 block: shared (one mixer, shared projections, both scans in "
         "one call) or separate (two whole mixers, the block of every model before this setting existed; a config "
         "that sets tie_reverse but not bimamba, as all those models' saved configs do, gets separate)")
+    block_size: int | None = Field(
+        None, gt=0, description="block diffusion (BD3-LM), masked family: each block of this many tokens is denoised "
+        "given the clean blocks before it, and generation runs block after block on a cached state; None: one block, "
+        "the whole sequence")
 
     @model_validator(mode="before")
     @classmethod
@@ -88,7 +92,15 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelConfig":
-        get_family(self.family).check_config(self)
+        family = get_family(self.family)
+        family.check_config(self)
+        if self.block_size is not None:
+            if not family.block_diffusion:
+                raise ValueError(f"model.block_size needs a family with block diffusion (masked): the {self.family} "
+                                 "family has none; unset model.block_size")
+            if self.context_length and self.context_length % self.block_size:
+                raise ValueError(f"context length {self.context_length} is not a multiple of model.block_size "
+                                 f"{self.block_size}: change one of them")
         if (self.use_vae_latent or self.vae_checkpoint_path) and not (self.use_vae_latent and self.latent_diffusion):
             raise ValueError("a TokenVAE latent needs model.latent_diffusion=true and model.use_vae_latent=true "
                              "(with model.d_latent)")
@@ -186,6 +198,13 @@ class SampleConfig(_Strict):
     remasking: Literal["ancestral", "low_confidence", "random"] = Field(
         "low_confidence", description="masked family: which masked tokens are committed at each step")
     block_length: int | None = Field(None, gt=0, description="masked family: semi-autoregressive blocks of this many tokens")
+    unmask_threshold: float | None = Field(
+        None, gt=0, lt=1, description="masked family: parallel unmasking (Fast-dLLM): each step commits every masked "
+        "token whose probability exceeds this (at least one), instead of an even share; --steps is then a maximum")
+    unmask_entropy: float | None = Field(
+        None, ge=0, description="masked family: parallel unmasking (EB-sampler): each step commits masked tokens in "
+        "order of increasing entropy while the entropies before stay within this many nats (at least one); --steps "
+        "is then a maximum")
 
 
 FINETUNE_METHODS = ("sft", "dpo", "ipo", "simpo", "grpo")
@@ -228,7 +247,7 @@ class FinetuneConfig(_Strict):
 SAMPLE_NAMES = {"steps": "num_steps", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
                 "guidance": "guidance_scale", "eta": "eta", "clamp": "clamp", "remasking": "remasking",
                 "block_length": "block_length", "score_temperature": "score_temperature",
-                "commit": "commit"}
+                "commit": "commit", "unmask_threshold": "unmask_threshold", "unmask_entropy": "unmask_entropy"}
 
 
 class Config(_Strict):

@@ -126,7 +126,9 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor | None, seq_len: in
 def canvas_length(model, prompt_len: int, length: int) -> int:
     """New positions the model generates for ``length`` wanted tokens after a prompt of ``prompt_len``
     (`Family.canvas_length`): the diffusion families denoise the training context (the only length they were
-    trained on), which is cut to ``length`` afterwards; ar generates ``length``."""
+    trained on), which is cut to ``length`` afterwards; ar and block-diffusion models generate ``length``."""
+    if getattr(model.config, "block_size", None) is not None:
+        return length
     return model.family.canvas_length(model.config.context_length or 256, prompt_len, length)
 
 

@@ -303,6 +303,33 @@ class DIMBA(nn.Module):
         cond = self.condition(input_ids, torch.zeros((), device=input_ids.device), prompt_mask, drop_cond)  # (B, D)
         return self._head_logits(self.backbone(self._token_input(input_ids), cond, lengths))  # (B, L, V)
 
+    # ----- block diffusion (model.block_size) ------------------------------------------------
+    def block_logits(self, x_t: torch.Tensor, x_0: torch.Tensor, prompt_mask: torch.Tensor | None = None,
+                     drop_cond: bool | torch.Tensor = False) -> torch.Tensor:
+        """Raw float32 logits (B, L, V) of a block-diffusion model on the noisy ids x_t (B, L) (holding [MASK]) read
+        with the clean ids x_0 (B, L): the logits of block k depend on x_t's block k and x_0's blocks before it
+        only (BD3-LM's two streams; `Backbone.forward_blocks`). L must be a multiple of ``block_size``."""
+        cond = self.condition(x_t, torch.zeros((), device=x_t.device), prompt_mask, drop_cond)  # (B, D)
+        h = self.backbone.forward_blocks(self._token_input(x_t), self._token_input(x_0), cond, self._block_size())
+        return self._head_logits(h)  # (B, L, V)
+
+    def allocate_block_cache(self, batch: int, max_len: int) -> list:
+        """An empty-prefix cache for `block_step`, for sequences of up to ``max_len`` positions."""
+        self._block_size()
+        return self.backbone.allocate_block_cache(batch, max_len, device=self.embedding.weight.device)
+
+    def block_step(self, ids: torch.Tensor, cond: torch.Tensor, cache: list, pos: int) -> tuple[torch.Tensor, list]:
+        """Logits (B, Bk, V) of one block of ids (B, Bk) at positions pos..pos+Bk-1 after the clean prefix in
+        ``cache`` (`block_logits`' for that block, in O(Bk) work), and the cache after the block read as clean.
+        ``cond`` (B, D) is `condition`'s vector (t = 0, the prompt)."""
+        h, cache = self.backbone.block_step(self._token_input(ids), cond, cache, pos)  # (B, Bk, D)
+        return self._head_logits(h), cache
+
+    def _block_size(self) -> int:
+        if self.config.block_size is None:
+            raise ValueError("this model has no model.block_size: it was not trained for block diffusion")
+        return self.config.block_size
+
     def allocate_cache(self, batch: int, max_len: int | None = None) -> list:
         """An empty decoding cache for `ar_step` (causal backbone), for up to ``max_len`` positions."""
         max_len = max_len or self.config.context_length or 256

@@ -120,6 +120,19 @@ class Block(nn.Module):
         y_t, state = self.mixer.step(self.mod1(self.norm1(h_t), c), state, pos)  # (B, D)
         return self._mlp(h_t + y_t, c), state
 
+    def forward_blocks(self, h_noisy: torch.Tensor, h_clean: torch.Tensor, c: torch.Tensor, block: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block diffusion: the noisy and clean streams (B, L, D) -> both streams' outputs (the mixer's
+        ``forward_blocks``)."""
+        y_noisy, y_clean = self.mixer.forward_blocks(self.mod1(self.norm1(h_noisy), c), self.mod1(self.norm1(h_clean), c),
+                                                     block)  # (B, L, D) each
+        return self._mlp(h_noisy + y_noisy, c), self._mlp(h_clean + y_clean, c)
+
+    def block_step(self, h: torch.Tensor, c: torch.Tensor, state, pos: int) -> tuple[torch.Tensor, object]:
+        """Block diffusion decoding: one block h (B, Bk, D) at ``pos`` after the clean prefix in ``state``."""
+        y, state = self.mixer.block_step(self.mod1(self.norm1(h), c), state, pos)  # (B, Bk, D)
+        return self._mlp(h + y, c), state
+
     def _mlp(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """The residual MLP sub-block, when present: (B, [L,] D) -> (B, [L,] D)."""
         if self.mlp is not None:
@@ -161,6 +174,45 @@ class Backbone(nn.Module):
             else:
                 h = block(h, c, lengths)  # (B, L, D)
         return self.norm(h)
+
+    def forward_blocks(self, h_noisy: torch.Tensor, h_clean: torch.Tensor, c: torch.Tensor, block: int
+                       ) -> torch.Tensor:
+        """Block diffusion (BD3-LM): the noisy stream h_noisy (B, L, D) read with the clean stream h_clean
+        (B, L, D) -> the noisy stream's output (B, L, D) after the final norm.
+
+        Outputs in block k (positions k*block .. (k+1)*block - 1) depend on the noisy block k and the clean
+        blocks before it only; L must be a multiple of ``block``. With ``block = L`` this is :meth:`forward`.
+        """
+        if h_noisy.shape[1] % block:
+            raise ValueError(f"sequence length {h_noisy.shape[1]} is not a multiple of block_size {block}: "
+                             "give whole blocks (set the context length to a multiple of model.block_size)")
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.blocks:
+            if recompute:
+                h_noisy, h_clean = checkpoint(layer.forward_blocks, h_noisy, h_clean, c, block, use_reentrant=False)
+            else:
+                h_noisy, h_clean = layer.forward_blocks(h_noisy, h_clean, c, block)  # (B, L, D) each
+        return self.norm(h_noisy)
+
+    def allocate_block_cache(self, batch: int, max_len: int, device: torch.device | None = None,
+                             dtype: torch.dtype | None = None) -> list:
+        """The empty-prefix cache of :meth:`block_step`, one state per layer (a KV cache of ``max_len`` positions
+        for attention; for Mamba-2 the conv context and forward SSM state, whose size does not depend on it)."""
+        return [layer.mixer.allocate_block_state(batch, max_len, device, dtype) for layer in self.blocks]
+
+    def block_step(self, h: torch.Tensor, c: torch.Tensor, cache: list, pos: int) -> tuple[torch.Tensor, list]:
+        """Block-diffusion decoding: one block h (B, Bk, D) at positions pos..pos+Bk-1 after the clean prefix that
+        ``cache`` summarises -> (out (B, Bk, D) after the final norm, the cache after this block read as clean).
+
+        The output equals :meth:`forward_blocks`' on that block with the prefix as the clean stream. ``cache`` is
+        consumed: pass the returned one on (calls at the same ``pos`` with the cache from before it give the
+        same output, which is how a block is denoised step after step and then committed).
+        """
+        new_cache = []
+        for layer, state in zip(self.blocks, cache, strict=True):
+            h, state = layer.block_step(h, c, state, pos)  # (B, Bk, D)
+            new_cache.append(state)
+        return self.norm(h), new_cache
 
     def allocate_cache(self, batch: int, max_len: int, device: torch.device | None = None,
                        dtype: torch.dtype | None = None) -> list:

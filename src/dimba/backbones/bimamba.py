@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dimba.backbones import blockdiff
+from dimba.backbones.blockdiff import BlockFeatures
 from dimba.backbones.mamba import GatedRMSNorm, _inverse_softplus_log_uniform, head_layout
 from dimba.backbones.mixer import BidirectionalMixer, real_positions
 from dimba.backbones.ssm import bidirectional_scan, conv_silu
@@ -60,6 +62,8 @@ class SharedBiMamba2(BidirectionalMixer):
             p._no_weight_decay = True
         self.norm = GatedRMSNorm(d_inner, group_size=d_inner // ngroups)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self._lookahead = (d_conv - 1) // 2  # the conv is centred: it reads this many positions ahead
+        self._lookback = d_conv - 1 - self._lookahead
 
     def forward(self, u: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """u: (B, L, D) -> (B, L, D); ``lengths`` (B,): real tokens per row (see :mod:`dimba.backbones.mixer`)."""
@@ -83,3 +87,46 @@ class SharedBiMamba2(BidirectionalMixer):
             chunk_size=self.chunk_size,
         )  # (B, L, H, P)
         return self.out_proj(self.norm(y.flatten(-2), z))  # (B, L, D)
+
+    # ----- block diffusion (dimba.backbones.blockdiff) -------------------------------------------
+    def forward_blocks(self, u_noisy: torch.Tensor, u_clean: torch.Tensor, block: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block-diffusion forward of the noisy and clean streams (n, L, D) -> (y_noisy, y_clean): block k of the
+        noisy stream reads the clean blocks before it (the forward scan's state, the conv's look-back) and itself
+        (both scans); the reverse scan and the conv's look-ahead stay inside each block."""
+        return blockdiff.forward_blocks(self, u_noisy, u_clean, block)
+
+    def allocate_block_state(self, batch: int, max_len: int | None = None, device: torch.device | None = None,
+                             dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty-prefix state of `block_step` (its size does not depend on ``max_len``)."""
+        return blockdiff.allocate_block_state(self, batch, device, dtype)
+
+    def block_step(self, u: torch.Tensor, state, pos: int | None = None):
+        """One block u (n, Bk, D) after the clean prefix in ``state`` -> (y (n, Bk, D), the state after u)."""
+        return blockdiff.block_step(self, u, state)
+
+    def _project(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.in_proj(u).split([self.d_inner, self.conv_dim, 2 * self.nheads], dim=-1)
+
+    def _block_features(self, xBC: torch.Tensor, dt: torch.Tensor, context: torch.Tensor) -> BlockFeatures:
+        """Post-conv tensors of blocks xBC (n, nb, Bk, C), raw dt (n, nb, Bk, 2H) after their clean context."""
+        H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
+        xBC = blockdiff.conv_blocks(xBC, context, self.conv1d.weight.squeeze(1), self.conv1d.bias, self._lookahead)
+        x, *bc = xBC.split([self.d_inner] + [G * N] * 4, dim=-1)
+        B_fwd, C_fwd, B_rev, C_rev = (t.unflatten(-1, (G, N)) for t in bc)  # (n, nb, Bk, G, N) each
+        dt = F.softplus(dt + self.dt_bias)  # (n, nb, Bk, 2H)
+        A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))  # (2H,)
+        x = x.unflatten(-1, (H, P))  # (n, nb, Bk, H, P)
+        return BlockFeatures(x, dt[..., :H], A[:H], B_fwd, C_fwd, (dt[..., H:], A[H:], B_rev, C_rev))
+
+    def _block_output(self, z: torch.Tensor, f: BlockFeatures, h_in: torch.Tensor) -> torch.Tensor:
+        """Both scans of every block alone plus the entering state's readout -> (n, nb, Bk, D)."""
+        dt_rev, A_rev, B_rev, C_rev = f.rest
+        n, nb, bk = f.x.shape[:3]
+        y = bidirectional_scan(
+            *(t.flatten(0, 1) for t in (f.x, f.dt, dt_rev)), f.A, A_rev,
+            *(t.flatten(0, 1) for t in (f.B, f.C, B_rev, C_rev)), self.D,
+            chunk_size=min(self.chunk_size, bk),
+        ).view(f.x.shape)  # (n, nb, Bk, H, P)
+        y = y + blockdiff.state_readout(h_in, f).to(y.dtype)
+        return self.out_proj(self.norm(y.flatten(-2), z))  # (n, nb, Bk, D)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dimba.backbones import blockdiff
+from dimba.backbones.blockdiff import BlockFeatures
 from dimba.backbones.mixer import BidirectionalMixer, reverse_rows
 from dimba.backbones.mixer_ops import gated_rms_norm
 from dimba.backbones.ssm import conv_silu, selective_scan
@@ -81,6 +83,7 @@ class Mamba2Mixer(nn.Module):
             p._no_weight_decay = True  # same flag as mamba_ssm, for optimiser parameter grouping
         self.norm = GatedRMSNorm(d_inner, group_size=d_inner // ngroups)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self._lookahead, self._lookback = 0, d_conv - 1  # a causal conv
 
     def forward(self, u: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """u: (B, L, D) -> (B, L, D). ``lengths`` is accepted for the mixer contract and not needed:
@@ -165,6 +168,40 @@ class Mamba2Mixer(nn.Module):
         y_t = self.out_proj(self.norm(y.flatten(-2).to(u_t.dtype), z))  # (B, D)
         return y_t, (window[..., 1:], h)
 
+    # ----- block diffusion (dimba.backbones.blockdiff): a causal mixer carries the clean prefix's state -----
+    def forward_blocks(self, u_noisy: torch.Tensor, u_clean: torch.Tensor, block: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block-diffusion forward (n, L, D) twice -> (y_noisy, y_clean): block k of the noisy stream continues
+        the clean stream's state at the block's start (see :mod:`dimba.backbones.blockdiff`)."""
+        return blockdiff.forward_blocks(self, u_noisy, u_clean, block)
+
+    def allocate_block_state(self, batch: int, max_len: int | None = None, device: torch.device | None = None,
+                             dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty-prefix state of `block_step` (its size does not depend on ``max_len``)."""
+        return blockdiff.allocate_block_state(self, batch, device, dtype)
+
+    def block_step(self, u: torch.Tensor, state, pos: int | None = None):
+        """One block u (n, Bk, D) after the clean prefix in ``state`` -> (y (n, Bk, D), the state after u)."""
+        return blockdiff.block_step(self, u, state)
+
+    def _project(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.in_proj(u).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+
+    def _block_features(self, xBC: torch.Tensor, dt: torch.Tensor, context: torch.Tensor) -> BlockFeatures:
+        """Post-conv tensors of blocks xBC (n, nb, Bk, C), raw dt (n, nb, Bk, H) after their clean context."""
+        H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
+        xBC = blockdiff.conv_blocks(xBC, context, self.conv1d.weight.squeeze(1), self.conv1d.bias, 0)
+        x, B, C = xBC.split([self.d_inner, G * N, G * N], dim=-1)
+        return BlockFeatures(x.unflatten(-1, (H, P)), F.softplus(dt + self.dt_bias), -torch.exp(self.A_log.float()),
+                             B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)))
+
+    def _block_output(self, z: torch.Tensor, f: BlockFeatures, h_in: torch.Tensor) -> torch.Tensor:
+        """The scan of every block alone plus the entering state's readout -> (n, nb, Bk, D)."""
+        y = selective_scan(*(t.flatten(0, 1) for t in (f.x, f.dt)), f.A, *(t.flatten(0, 1) for t in (f.B, f.C)),
+                           self.D, chunk_size=min(self.chunk_size, f.x.shape[2])).view(f.x.shape)  # (n, nb, Bk, H, P)
+        y = y + blockdiff.state_readout(h_in, f).to(y.dtype)
+        return self.out_proj(self.norm(y.flatten(-2), z))  # (n, nb, Bk, D)
+
     def _causal_conv(self, xBC: torch.Tensor) -> torch.Tensor:
         """Depthwise causal convolution over time followed by SiLU: (B, L, C) -> (B, L, C)."""
         return conv_silu(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias)  # (B, L, C)
@@ -197,6 +234,32 @@ class BiMamba2(BidirectionalMixer):
         else:
             y_fwd, y_rev = self.forward_mixer(u), self.reverse_mixer(u_rev)  # (B, L, D) each
         return y_fwd + reverse_rows(y_rev, lengths)  # (B, L, D): the reverse output back in the original order
+
+    def forward_blocks(self, u_noisy: torch.Tensor, u_clean: torch.Tensor, block: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block-diffusion forward (n, L, D) twice -> (y_noisy, y_clean): the forward mixer carries the clean
+        prefix's state into each block (:meth:`Mamba2Mixer.forward_blocks`), the reverse mixer reads each block
+        alone."""
+        y_noisy, y_clean = self.forward_mixer.forward_blocks(u_noisy, u_clean, block)  # (n, L, D) each
+        u = blockdiff.to_blocks(torch.cat([u_noisy, u_clean]), block)  # (2n, nb, Bk, D)
+        y_rev = self._reverse_within(u.flatten(0, 1)).view(u.shape).flatten(1, 2)  # (2n, L, D)
+        n = u_noisy.shape[0]
+        return y_noisy + y_rev[:n], y_clean + y_rev[n:]
+
+    def allocate_block_state(self, batch: int, max_len: int | None = None, device: torch.device | None = None,
+                             dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty-prefix state of `block_step`: the forward mixer's."""
+        return self.forward_mixer.allocate_block_state(batch, max_len, device, dtype)
+
+    def block_step(self, u: torch.Tensor, state, pos: int | None = None):
+        """One block u (n, Bk, D) after the clean prefix in ``state`` -> (y (n, Bk, D), the state after u)."""
+        y, state = self.forward_mixer.block_step(u, state)  # (n, Bk, D)
+        return y + self._reverse_within(u), state
+
+    def _reverse_within(self, u: torch.Tensor) -> torch.Tensor:
+        """The reverse mixer on rows u (m, Bk, D) read backwards, flipped back: (m, Bk, D)."""
+        mixer = self.forward_mixer if self.reverse_mixer is None else self.reverse_mixer
+        return mixer(u.flip(1)).flip(1)
 
 
 def _inverse_softplus_log_uniform(n: int, low: float, high: float) -> torch.Tensor:

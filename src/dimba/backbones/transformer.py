@@ -106,6 +106,39 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1])  # (B, H, 1, Dh)
         return self._output(y)[:, 0], cache  # (B, D)
 
+    # ----- block diffusion ---------------------------------------------------------------------
+    def forward_blocks(self, x_noisy: torch.Tensor, x_clean: torch.Tensor, block: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block-diffusion attention over the two streams (n, L, D), both at positions 0..L-1 ->
+        (y_noisy, y_clean): `block_diffusion_mask` (BD3-LM's)."""
+        length = x_noisy.shape[1]
+        q, k, v = (torch.cat(pair, dim=2) for pair in zip(self._rotated_qkv(x_noisy, 0), self._rotated_qkv(x_clean, 0)))
+        mask = block_diffusion_mask(length, block, x_noisy.device)  # (2L, 2L)
+        y = self._output(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))  # (n, 2L, D)
+        return y[:, :length], y[:, length:]
+
+    def allocate_block_state(self, batch: int, max_len: int, device: torch.device | None = None,
+                             dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty key/value cache ``(k, v)``, each (batch, H, max_len, Dh), for `block_step`."""
+        weight = self.qkv.weight
+        shape = (batch, self.num_heads, max_len, self.head_dim)
+        kw = {"device": weight.device if device is None else device, "dtype": weight.dtype if dtype is None else dtype}
+        return torch.zeros(shape, **kw), torch.zeros(shape, **kw)
+
+    def block_step(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], pos: int
+                   ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One block x (n, Bk, D) at positions pos..pos+Bk-1, attending to the cached clean positions before
+        ``pos`` and to itself -> (y (n, Bk, D), cache). Writes the block's keys and values into ``cache`` in
+        place: the next call at the same ``pos`` overwrites them, a call at ``pos + Bk`` reads them as clean."""
+        k_cache, v_cache = cache
+        end = pos + x.shape[1]
+        self._check_position(end - 1, k_cache)
+        q, k, v = self._rotated_qkv(x, start=pos)  # (n, H, Bk, Dh) each
+        k_cache[:, :, pos:end] = k
+        v_cache[:, :, pos:end] = v
+        y = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end])  # (n, H, Bk, Dh)
+        return self._output(y), cache
+
     def _rotated_qkv(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values of x (B, L, D) at positions start..start+L-1, RoPE applied to q and k."""
         b, length, _ = x.shape
@@ -126,3 +159,14 @@ class Attention(nn.Module):
     def _check_position(pos: int, k_cache: torch.Tensor) -> None:
         if not 0 <= pos < k_cache.shape[2]:
             raise ValueError(f"position {pos} is outside the cache of {k_cache.shape[2]} positions")
+
+
+def block_diffusion_mask(length: int, block: int, device: torch.device | None = None) -> torch.Tensor:
+    """BD3-LM's attention mask over [x_t, x_0] (2L, 2L) bool, True = attend: a noisy token reads its own noisy
+    block and the clean blocks before it; a clean token reads the clean blocks up to its own."""
+    blk = torch.arange(length, device=device) // block  # (L,)
+    same = blk[:, None] == blk[None, :]  # (L, L)
+    before = blk[:, None] > blk[None, :]  # (L, L): key block before the query's
+    top = torch.cat([same, before], dim=1)  # (L, 2L): noisy queries
+    bottom = torch.cat([torch.zeros_like(same), same | before], dim=1)  # (L, 2L): clean queries
+    return torch.cat([top, bottom], dim=0)  # (2L, 2L)

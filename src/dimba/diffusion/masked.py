@@ -44,13 +44,14 @@ class MaskSchedule:
 
 def mask_tokens(input_ids: torch.Tensor, alpha: torch.Tensor, mask_id: int, keep: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample x_t ~ q(x_t | x_0): each token is masked with probability 1 - alpha (per row).
+    """Sample x_t ~ q(x_t | x_0): each token is masked with probability 1 - alpha, alpha (B,) per row or (B, L)
+    per position.
 
     ``keep`` (B, L) bool marks positions never masked (a clean prompt). Returns (x_t, masked),
     both (B, L).
     """
     u = torch.rand(input_ids.shape, device=input_ids.device, generator=generator)  # (B, L)
-    masked = u >= alpha[:, None]  # (B, L)
+    masked = u >= (alpha if alpha.dim() == 2 else alpha[:, None])  # (B, L)
     if keep is not None:
         masked = masked & ~keep
     return torch.where(masked, torch.full_like(input_ids, mask_id), input_ids), masked

@@ -73,6 +73,7 @@ class Family:
     prompt_conditioned: bool = True  # the pooled clean prompt conditions the network (classifier-free guidance)
     metrics: tuple[str, ...] = ("loss", "ce", "acc")  # the parts `loss` returns, logged in metrics.csv
     has_steps: bool = True  # generation takes a number of denoising steps
+    block_diffusion: bool = False  # trains and generates with model.block_size (BD3-LM blocks)
     exact_likelihood: bool = False  # `likelihood` is the exact NLL, not a bound: such a model can judge gen-PPL
     likelihood_options: tuple[str, ...] = ()  # settings of the estimator `likelihood` takes (dimba eval flags)
     # the `SampleConfig` fields its generation reads (the sampler controls `dimba serve` offers)

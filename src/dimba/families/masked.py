@@ -15,9 +15,24 @@ from tqdm.auto import tqdm
 
 from dimba.diffusion.masked import mask_tokens, subs_log_probs
 from dimba.diffusion.schedules import stratified_times
+from dimba.families.block_generation import BlockMaskedGeneration
 from dimba.families.base import Family, Generation, LikelihoodEstimate, masked_mean, mc_stderr, model_device
 from dimba.samplers.masked import MaskedSampler
 from dimba.samplers.state import ModelOutput, SamplerState
+
+
+def block_size_of(model) -> int | None:
+    """The model's ``block_size`` (block diffusion), None for a full-sequence model."""
+    return getattr(getattr(model, "config", None), "block_size", None)
+
+
+def denoiser_logits(model, x_t: torch.Tensor, x_0: torch.Tensor, prompt_mask: torch.Tensor | None = None,
+                    drop_cond: bool | torch.Tensor = False) -> torch.Tensor:
+    """Raw logits (B, L, V) of the denoiser on x_t (B, L): a block-diffusion model also reads the clean x_0 (its
+    blocks before each noisy block; `DIMBA.block_logits`), a full-sequence model x_t alone."""
+    if block_size_of(model) is None:
+        return model.token_logits(x_t, prompt_mask, drop_cond)
+    return model.block_logits(x_t, x_0, prompt_mask, drop_cond)
 
 
 def compute_masked_losses(model, input_ids: torch.Tensor, t: torch.Tensor | None = None,
@@ -29,20 +44,27 @@ def compute_masked_losses(model, input_ids: torch.Tensor, t: torch.Tensor | None
     the batch: antithetic / low-discrepancy), and ``loss`` = sum over masked positions of
     w(t) * (-log p_SUBS(x_0 | x_t)) divided by the number of scored (non-prompt) tokens: the
     NELBO per token, in nats. ``ce`` is the unweighted mean CE on masked positions.
+
+    A block-diffusion model (``block_size``) draws one t per block (BD3-LM): the loss is then the sum of the
+    blocks' NELBOs, each block denoised given the clean blocks before it. ``t`` (B,) gives every block of a row
+    the same time.
     """
-    b = input_ids.shape[0]
+    b, length = input_ids.shape
     dev = input_ids.device
+    block = block_size_of(model) or length
     if t is None:
-        t = stratified_times(b, dev, generator, t_min=t_min)
+        nb = length // block
+        t = stratified_times(b * nb, dev, generator, t_min=t_min).view(nb, b).T  # (B, nb): spread over each row
+    t_pos = t[:, None].expand(b, length) if t.dim() == 1 else t.repeat_interleave(block, dim=1)  # (B, L)
     drop = torch.as_tensor(drop_cond, device=dev).expand(b)  # (B,)
     if prompt_mask is not None:
         prompt_mask = prompt_mask & ~drop[:, None]  # (B, L)
-    x_t, masked = mask_tokens(input_ids, model.mask_schedule.alpha(t), model.mask_id, keep=prompt_mask,
+    x_t, masked = mask_tokens(input_ids, model.mask_schedule.alpha(t_pos), model.mask_id, keep=prompt_mask,
                               generator=generator)  # (B, L) each
-    logp = subs_log_probs(model.token_logits(x_t, prompt_mask, drop), x_t, model.mask_id)  # (B, L, V)
+    logp = subs_log_probs(denoiser_logits(model, x_t, input_ids, prompt_mask, drop), x_t, model.mask_id)  # (B, L, V)
     nll = -logp.gather(-1, input_ids[..., None])[..., 0].masked_fill(~masked, 0.0)  # (B, L)
     scored = torch.ones_like(nll) if prompt_mask is None else (~prompt_mask).float()  # (B, L)
-    loss = (nll * model.mask_schedule.weight(t)[:, None]).sum() / scored.sum().clamp_min(1)
+    loss = (nll * model.mask_schedule.weight(t_pos)).sum() / scored.sum().clamp_min(1)
     m = masked.float()
     ce = masked_mean(nll, m)
     acc = masked_mean((logp.argmax(-1) == input_ids).float(), m)
@@ -69,32 +91,37 @@ def nelbo_terms(model, blocks: torch.Tensor, mc_samples: int, batch_size: int,
     With ``context`` = c > 0 the first c tokens are a clean prompt (flagged to the network as in generation):
     L becomes the L - c tokens after it and the masked subsets are drawn among those, which bounds
     -log p(x_c.. | x_..c) (LLaDA's conditional likelihood, their eq. 6).
+
+    A block-diffusion model (``block_size`` = b) factorises p(x) = prod_j p(x_j | x_<j) over its blocks, and
+    bounds each factor by the NELBO above on the block (L -> its scored tokens, the clean blocks before it
+    given): the sum of the blocks' NELBOs (BD3-LM eq. 4), a bound on -log p(x). Every block of a sample draws its
+    own m and subset (from the sample's shared stratum s), and one two-stream call scores all blocks at once.
     """
     n, length = blocks.shape
-    scored = length - context
+    block = block_size_of(model) or length
     dev = model_device(model)
     u = torch.rand(n, 1, generator=generator, dtype=torch.float64)  # (N, 1)
     s = (torch.arange(mc_samples, dtype=torch.float64)[None] + u) / mc_samples  # (N, K)
-    m = (s * scored).ceil().clamp(1, scored).long().flatten()  # (N*K,)
+    scored = (torch.arange(length) >= context).view(-1, block).sum(-1)  # (nb,) scored tokens of each block
+    m = (s.flatten()[:, None] * scored).ceil().clamp_min(1).minimum(scored.clamp_min(1)).long()  # (N*K, nb)
     prompt = (torch.arange(length, device=dev) < context)[None] if context else None  # (1, L)
     rows = torch.arange(n).repeat_interleave(mc_samples)  # (N*K,) block of each row
     terms = []
     for start in tqdm(range(0, n * mc_samples, batch_size), desc="eval masked", disable=not progress, leave=False):
-        idx = rows[start:start + batch_size]
-        x0 = blocks[idx]  # (B, L)
-        mb = m[start:start + batch_size]  # (B,)
-        # a uniform subset of m positions: the m smallest of L uniform keys
+        x0 = blocks[rows[start:start + batch_size]]  # (B, L)
+        mb = m[start:start + batch_size]  # (B, nb)
+        # a uniform subset of m positions of each block: the m smallest of its uniform keys
         keys = torch.rand(x0.shape, generator=generator)  # (B, L)
         keys[:, :context] = 2.0  # the prompt is never among the m smallest
-        rank = keys.argsort(-1).argsort(-1)  # (B, L)
-        masked = rank < mb[:, None]  # (B, L)
+        rank = keys.view(len(x0), -1, block).argsort(-1).argsort(-1)  # (B, nb, b)
+        masked = (rank < mb[..., None]).view(x0.shape) & (keys < 2.0)  # (B, L)
         x0, masked = x0.to(dev), masked.to(dev)
         x_t = torch.where(masked, torch.full_like(x0, model.mask_id), x0)  # (B, L)
         prompt_mask = None if prompt is None else prompt.expand(len(x_t), -1)  # (B, L)
-        logp = subs_log_probs(model.token_logits(x_t, prompt_mask).double(), x_t, model.mask_id)  # (B, L, V) float64
+        logp = subs_log_probs(denoiser_logits(model, x_t, x0, prompt_mask).double(), x_t, model.mask_id)  # (B, L, V) float64
         nll = -logp.gather(-1, x0[..., None])[..., 0]  # (B, L)
-        nll = torch.where(masked, nll, torch.zeros_like(nll)).sum(-1)  # (B,)
-        terms.append((nll * scored / mb.to(dev).double()).cpu().numpy())
+        nll = torch.where(masked, nll, torch.zeros_like(nll)).view(len(x0), -1, block).sum(-1)  # (B, nb)
+        terms.append((nll * (scored.double() / mb.double()).to(dev)).sum(-1).cpu().numpy())
     return np.concatenate(terms).reshape(n, mc_samples)  # (N, K)
 
 
@@ -130,7 +157,8 @@ class MaskedGeneration(Generation):
     def __init__(self, model, prompt: torch.Tensor, seq_len: int, settings, eos_id: int | None, use_cache: bool):
         n, p = prompt.shape
         sampler = MaskedSampler(model.mask_id, settings.remasking, settings.block_length, settings.temperature,
-                                settings.top_k, settings.top_p, eos_id)
+                                settings.top_k, settings.top_p, eos_id, threshold=settings.unmask_threshold,
+                                entropy_bound=settings.unmask_entropy)
         state = sampler.initial_state(prompt, seq_len)  # (N, L)
         sampler.set_timesteps(settings.num_steps, state)
         super().__init__(sampler, state)
@@ -157,8 +185,9 @@ class MaskedFamily(Family):
     """Absorbing-state [MASK] diffusion (see the module docstring)."""
 
     name = "masked"
+    block_diffusion = True
     description = "A masked ([MASK] absorbing-state) diffusion language model"
-    sample_settings = Family.sample_settings + ("remasking", "block_length")
+    sample_settings = Family.sample_settings + ("remasking", "block_length", "unmask_threshold", "unmask_entropy")
 
     def loss(self, model, input_ids, dc, t=None, prompt_mask=None, drop_cond=False, self_cond_prob=None, noise=None,
              generator=None):
@@ -169,6 +198,8 @@ class MaskedFamily(Family):
         return subs_log_probs(model.token_logits(input_ids, **kwargs), input_ids, model.mask_id)
 
     def generation(self, model, prompt, seq_len, settings, generator, eos_id, use_cache):
+        if block_size_of(model) is not None:
+            return BlockMaskedGeneration(model, prompt, seq_len, settings, eos_id, use_cache)
         return MaskedGeneration(model, prompt, seq_len, settings, eos_id, use_cache)
 
     def response_noise(self, rows, generator=None, full=False):
@@ -183,6 +214,13 @@ class MaskedFamily(Family):
         logp = subs_log_probs(model.token_logits(x_t, rows.prompt, lengths=rows.lengths), x_t, model.mask_id)
         nll = -logp.gather(-1, rows.ids[..., None])[..., 0]  # (B, L)
         return torch.where(masked, nll * weight[:, None], torch.zeros_like(nll))
+
+    def model_card(self, cfg) -> str:
+        if cfg.block_size is None:
+            return ""
+        return (f"- Block diffusion (BD3-LM, `block_size` = {cfg.block_size}): each block of {cfg.block_size} tokens is "
+                "denoised given the clean blocks before it; generation runs block after block on a cached state "
+                "(no length limit) and its bound is the sum of the blocks' NELBOs.\n")
 
     def likelihood(self, model, blocks, mc_samples, batch_size, generator, progress, calibration_blocks=None,
                    context=0) -> LikelihoodEstimate:

@@ -29,11 +29,23 @@ class MaskedSampler:
     block_length: length of the blocks the generated region is split into (None: one block).
     temperature, top_k, top_p: token sampling, in float64 (temperature 0 is greedy).
     eos_id: once a row commits eos at position j, its masked positions after j become eos.
+    aligned: block boundaries fall on multiples of block_length from position 0 (a block-diffusion model's
+        blocks), the first generated block ending at the first boundary after the prompt.
+    threshold: parallel unmasking (Fast-dLLM): each step commits every masked token of the block whose sampled
+        token has a probability above it (at least the most confident one).
+    entropy_bound: parallel unmasking (EB-sampler): each step commits the masked tokens of the block in order
+        of increasing entropy while the entropies of those before stay within this bound, in nats (at least one).
+
+    With ``threshold`` and/or ``entropy_bound`` (both: the union), the count of a step is the rule's, not a
+    planned one: each step works on the first block with a masked token, a block's planned steps are its
+    maximum (its last commits what is left) and the state is done, ending generation, as soon as no [MASK] is
+    left: a block may take fewer model calls than planned.
     """
 
     def __init__(self, mask_id: int, remasking: str = "low_confidence", block_length: int | None = None,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 eos_id: int | None = None):
+                 eos_id: int | None = None, aligned: bool = False, threshold: float | None = None,
+                 entropy_bound: float | None = None):
         if remasking not in REMASKING:
             raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
         if block_length is not None and block_length < 1:
@@ -47,6 +59,11 @@ class MaskedSampler:
         self.top_k = top_k
         self.top_p = top_p
         self.eos_id = eos_id
+        self.aligned = aligned
+        self.threshold, self.entropy_bound = threshold, entropy_bound
+        self._adaptive = threshold is not None or entropy_bound is not None
+        self._steps: list[int] = []  # planned steps of each block
+        self._spent: tuple[int, int] = (-1, 0)  # adaptive rules: (block, steps already taken in it)
         self._length = 0
         self._gen_start = 0
         self._blocks: list[tuple[int, int]] = []  # [start, end) of each block
@@ -66,7 +83,9 @@ class MaskedSampler:
         if not 0 <= gen_start <= length:
             raise ValueError(f"need 0 <= gen_start <= length, got gen_start={gen_start}, length={length}")
         size = self.block_length or max(length - gen_start, 1)
-        self._blocks = [(a, min(a + size, length)) for a in range(gen_start, length, size)] or [(gen_start, length)]
+        first = (gen_start // size + 1) * size if self.aligned else gen_start  # where the blocks after the first start
+        self._blocks = ([(gen_start, min(first, length))] if first > gen_start else []) + \
+            [(a, min(a + size, length)) for a in range(first, length, size)] or [(gen_start, length)]
         n_blocks = len(self._blocks)
         if num_steps < n_blocks:
             raise ValueError(f"num_steps={num_steps} is fewer than the {n_blocks} blocks of length "
@@ -74,8 +93,21 @@ class MaskedSampler:
         base, extra = divmod(num_steps, n_blocks)
         steps = [base + (b < extra) for b in range(n_blocks)]
         self._plan = [(b, j, k) for b, k in enumerate(steps) for j in range(k)]
+        self._steps, self._spent = steps, (-1, 0)
         self._length, self._gen_start = length, gen_start
         self._block_masked = None
+
+    def active_block(self, state: SamplerState, i: int) -> tuple[int, int]:
+        """[start, end) of the block step ``i`` unmasks on ``state`` (the planned one, or with a parallel unmasking
+        rule the first block holding a [MASK])."""
+        return self._blocks[self._block_of(state.x, i)]
+
+    def _block_of(self, x: torch.Tensor, i: int) -> int:
+        if not self._adaptive:
+            return self._plan[i][0]
+        masked = (x[:, self._gen_start:] == self.mask_id).any(0).nonzero()  # (M, 1) masked columns
+        first = self._gen_start + (int(masked[0, 0]) if len(masked) else self._length - self._gen_start - 1)
+        return next(b for b, (_, end) in enumerate(self._blocks) if first < end)
 
     @property
     def num_steps(self) -> int:
@@ -107,19 +139,23 @@ class MaskedSampler:
             raise RuntimeError("call set_timesteps before step")
         if not 0 <= i < len(self._plan):
             raise IndexError(f"step {i} is outside the {len(self._plan)} planned steps")
-        if x.dim() != 2 or x.shape[1] != self._length or logits.shape[:2] != x.shape:
-            raise ValueError(f"expected x (N, {self._length}) and logits (N, {self._length}, V), "
-                             f"got {tuple(x.shape)} and {tuple(logits.shape)}")
-        b, j, k = self._plan[i]
+        b, j, k = self._plan[i] if not self._adaptive else self._adaptive_step(x, i)
         start, end = self._blocks[b]
+        off = output.start
+        if x.dim() != 2 or x.shape[1] != self._length or logits.shape[0] != x.shape[0] or not (
+                off <= start and end <= off + logits.shape[1]):
+            raise ValueError(f"expected x (N, {self._length}) and logits (N, L', V) covering positions {start}..{end - 1} "
+                             f"from position {off}, got {tuple(x.shape)} and {tuple(logits.shape)}")
         block = x[:, start:end]  # (N, Lb)
         masked = block == self.mask_id  # (N, Lb)
-        lg = logits[:, start:end].to(torch.float64, copy=True)  # (N, Lb, V)
+        lg = logits[:, start - off:end - off].to(torch.float64, copy=True)  # (N, Lb, V)
         if self.mask_id < lg.shape[-1]:
             lg[..., self.mask_id] = float("-inf")  # SUBS: never sample [MASK]
         probs = token_probs(lg, self.temperature, self.top_k, self.top_p)  # (N, Lb, V) float64
         tokens = probs.argmax(-1) if self.temperature == 0 else sample_from_probs(probs, generator)  # (N, Lb)
-        if self.remasking == "ancestral":
+        if self._adaptive:
+            commit = masked & self._parallel_commit(probs, tokens, masked, last=j >= k - 1)  # (N, Lb)
+        elif self.remasking == "ancestral":
             t, s = 1 - j / k, 1 - (j + 1) / k
             u = torch.rand(masked.shape, generator=generator, device=x.device, dtype=torch.float64)  # (N, Lb)
             commit = masked & (u < (t - s) / t)  # (N, Lb)
@@ -133,6 +169,32 @@ class MaskedSampler:
 
     def _with_done(self, state: SamplerState) -> SamplerState:
         return state.replace(done=not bool((state.x == self.mask_id).any()))
+
+    def _adaptive_step(self, x: torch.Tensor, i: int) -> tuple[int, int, int]:
+        """(block, steps taken in it, its planned steps) under a parallel unmasking rule."""
+        b = self._block_of(x, i)
+        spent = self._spent[1] + 1 if self._spent[0] == b else 0
+        self._spent = (b, spent)
+        return b, spent, self._steps[b]
+
+    def _parallel_commit(self, probs: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor, last: bool
+                         ) -> torch.Tensor:
+        """The positions (N, Lb) bool the threshold and / or entropy-bound rules commit (every masked one at a
+        block's last planned step, and at least the most confident masked one of each row)."""
+        if last:
+            return masked
+        conf = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).masked_fill(~masked, -1.0)  # (N, Lb)
+        pick = torch.zeros_like(masked)
+        if self.threshold is not None:
+            pick |= conf > self.threshold
+        if self.entropy_bound is not None:
+            entropy = (probs * probs.clamp_min(1e-300).log()).sum(-1).neg().masked_fill(~masked, float("inf"))  # (N, Lb)
+            order = entropy.argsort(dim=-1, stable=True)  # (N, Lb) lowest entropy first
+            ranked = entropy.gather(-1, order)  # (N, Lb)
+            within = (ranked.cumsum(-1) - ranked) <= self.entropy_bound  # (N, Lb): entropies before it in the bound
+            pick |= torch.zeros_like(masked).scatter(-1, order, within)
+        best = torch.zeros_like(masked).scatter(-1, conf.argmax(-1, keepdim=True), True)  # (N, Lb)
+        return (pick | best) & masked
 
     def _most_confident(self, probs: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor, b: int, j: int, k: int,
                         generator: torch.Generator | None) -> torch.Tensor:

@@ -50,7 +50,10 @@ class SamplerState:
 @dataclass
 class ModelOutput:
     """What the model says about a canvas: an x0 estimate (N, L, d) for the Gaussian samplers and/or token
-    logits (N, L, V) for the token samplers (the hybrid sampler takes both)."""
+    logits (N, L, V) for the token samplers (the hybrid sampler takes both). ``start``: the logits may cover only
+    the positions start .. start + width - 1 of the canvas (a block-diffusion model's current block; the masked
+    sampler reads them there)."""
 
     x0: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    start: int = 0

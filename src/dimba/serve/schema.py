@@ -85,6 +85,8 @@ class CompletionRequest(BaseModel):
     eta: float | None = Field(None, description="continuous / hybrid: 0 = DDIM, 1 = ancestral")
     remasking: str | None = Field(None, description="masked: ancestral, low_confidence or random")
     block_length: int | None = Field(None, description="masked: semi-autoregressive blocks of this many tokens")
+    unmask_threshold: float | None = Field(None, description="masked: commit every token above this probability")
+    unmask_entropy: float | None = Field(None, description="masked: commit tokens within this entropy bound (nats)")
     clamp: str | None = Field(None, description="continuous / hybrid: none, soft or hard")
     score_temperature: float | None = Field(None, description="continuous logits models: score temperature")
     commit: str | None = Field(None, description="continuous: commit tokens while denoising (none, confidence, random)")

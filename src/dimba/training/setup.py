@@ -166,6 +166,9 @@ def setup(cfg: Config, run_dir: str | Path | None, resume: bool = False) -> Trai
     data = open_data(cfg.data, tokenizer) if cfg.finetune.method == "none" else open_finetune_data(cfg, tokenizer)
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(
         update={"vocab_size": data.tokenizer.vocab_size, "context_length": cfg.data.seq_len})})
+    if cfg.model.block_size and cfg.data.seq_len % cfg.model.block_size:
+        raise UsageError(f"data.seq_len={cfg.data.seq_len} is not a multiple of model.block_size="
+                         f"{cfg.model.block_size}: change one of them")
     state = load_training_state(latest_checkpoint(run_dir / CKPT_SUBDIR)) if resume else None
     shards = state.get("sharded") if state is not None else None  # the directory of a sharded checkpoint
     if shards is not None and not sharded:

@@ -1,0 +1,132 @@
+"""Block diffusion on a cached state against the ar model with its cache: speed (batch 1, 256 new tokens, CPU)
+and sample quality (gen-PPL under the ar judge, unigram entropy), with each unmasking rule.
+
+    python bench/block_gen.py runs/ar runs/block16 [runs/block8 ...] [--rules count:256,count:64,threshold:0.9,...]
+                              [--judge runs/judge] [--repeats 3] [--samples 16] [--png bench/block_gen.png]
+
+Speed: every configuration generates 256 tokens with no EOS stop, ``repeats`` times interleaved (round robin,
+so machine noise hits all alike) after one warm-up round; median seconds, tokens/s and model calls per token
+(ar: ``ar_step`` calls; block: ``block_step`` calls, the denoising steps plus one read of each finished block).
+Quality: ``samples`` samples of 256 tokens per configuration, batched, scored by `dimba.evaluation.sample_quality`
+with the ar model as the judge (or ``--judge``, another ar run). A rule is ``count:S`` (S steps in all, an even
+share per step, LLaDA's low confidence order), ``threshold:P`` (Fast-dLLM, at most 256 steps) or ``entropy:G`` (EB-sampler, at most 256 steps).
+Prints one JSON object; draws gen-PPL against seconds per sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from dimba.config import SampleConfig
+from dimba.evaluation.sample_quality import sample_quality
+from dimba.generation import generate
+from dimba.loading import load_for_inference
+
+NEW_TOKENS = 256
+RULES = {"count": lambda v: {"num_steps": int(v)},
+         "threshold": lambda v: {"num_steps": NEW_TOKENS, "unmask_threshold": float(v)},
+         "entropy": lambda v: {"num_steps": NEW_TOKENS, "unmask_entropy": float(v)}}
+
+
+def counting(model, method: str) -> dict:
+    """Wrap ``model.method`` so that its calls are counted in the returned dict."""
+    calls = {"n": 0}
+    inner = getattr(model, method)
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return inner(*args, **kwargs)
+
+    setattr(model, method, counted)
+    return calls
+
+
+def configurations(ar, block_runs: list[str], rules: list[str]) -> dict:
+    """name -> (model, tokenizer, call counter, SampleConfig)."""
+    model, tok = ar
+    configs = {"ar (cache)": (model, tok, counting(model, "ar_step"), SampleConfig())}
+    for run in block_runs:
+        model, tok = load_for_inference(run)
+        calls = counting(model, "block_step")
+        for rule in rules:
+            kind, value = rule.split(":")
+            name = f"block {model.config.block_size} {kind} {value}"
+            configs[name] = (model, tok, calls, SampleConfig(**RULES[kind](value)))
+    return configs
+
+
+def time_all(configs: dict, repeats: int) -> dict:
+    """Median seconds and model calls per configuration, round robin."""
+    times = {k: [] for k in configs}
+    calls = {}
+    for rep in range(repeats + 1):
+        for name, (model, _, counter, cfg) in configs.items():
+            counter["n"] = 0
+            start = time.perf_counter()
+            generate(model, None, NEW_TOKENS, cfg, 1, torch.Generator().manual_seed(rep))
+            if rep > 0:  # the first round warms up
+                times[name].append(time.perf_counter() - start)
+            calls[name] = counter["n"]
+    return {name: {"median_s": round(statistics.median(ts), 3),
+                   "tokens_per_s": round(NEW_TOKENS / statistics.median(ts), 1),
+                   "model_calls_per_token": round(calls[name] / NEW_TOKENS, 3), "all_s": [round(t, 3) for t in ts]}
+            for name, ts in times.items()}
+
+
+def quality_all(configs: dict, judge, judge_tok, samples: int) -> dict:
+    """gen-PPL and unigram entropy of ``samples`` samples per configuration."""
+    out = {}
+    for name, (model, tok, _, cfg) in configs.items():
+        q = sample_quality(model, tok, judge, judge_tok, samples, cfg, NEW_TOKENS, generator=torch.Generator().manual_seed(0))
+        out[name] = {"gen_ppl": round(q["gen_ppl"], 1), "entropy": round(q["entropy"], 3),
+                     f"seconds_batch_{samples}": round(q["seconds"], 2),
+                     f"tokens_per_s_batch_{samples}": round(q["tokens_per_second"], 1),
+                     "sample": q["texts"][0][:160]}
+    return out
+
+
+def draw(results: dict, png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results.items():
+        ax.scatter(r["median_s"], r["gen_ppl"], marker="*" if name.startswith("ar") else "o", s=60)
+        ax.annotate(name, (r["median_s"], r["gen_ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(f"seconds per sample of {NEW_TOKENS} tokens (batch 1, median)")
+    ax.set_ylabel("gen-PPL under the ar judge")
+    ax.set_title("block diffusion vs ar, CPU")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("ar_run")
+    ap.add_argument("block_runs", nargs="+")
+    ap.add_argument("--rules", default="count:256,count:128,count:64,threshold:0.9,threshold:0.7,entropy:0.5,entropy:2")
+    ap.add_argument("--judge", default=None, help="the ar run that scores gen-PPL (default: ar_run)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--png", default=None)
+    args = ap.parse_args()
+    ar = load_for_inference(args.ar_run)
+    configs = configurations(ar, args.block_runs, args.rules.split(","))
+    speed = time_all(configs, args.repeats)
+    quality = quality_all(configs, *(load_for_inference(args.judge) if args.judge else ar), args.samples)
+    results = {name: {**speed[name], **quality[name]} for name in configs}
+    print(json.dumps({"threads": torch.get_num_threads(), "new_tokens": NEW_TOKENS, "repeats": args.repeats,
+                      "samples": args.samples, "results": results}, indent=2))
+    if args.png:
+        draw(results, args.png)
+
+
+if __name__ == "__main__":
+    main()
