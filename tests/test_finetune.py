@@ -256,15 +256,19 @@ def test_an_ar_run_adapts_into_a_masked_model_from_its_weights(tmp_path, capsys)
     assert len(shared) == len(source) and all(torch.allclose(source[k], adapted[k], atol=1e-6) for k in shared)
 
 
-def test_a_family_without_a_response_likelihood_is_refused_in_one_line(tmp_path, capsys):
-    base, run = tmp_path / "continuous", tmp_path / "sft"
-    assert main(["train", "--family", "continuous", "--data", "task:arithmetic", "--max-steps", "1", "--out",
-                 str(base), "--quiet", *TINY]) == 0
+@pytest.mark.parametrize("family, extra, message", [
+    ("continuous", [], "the continuous family has none yet"),
+    ("masked", ["model.block_size=8"], "is a block-diffusion model"),  # its whole-sequence NLL would see the future
+])
+def test_a_model_without_a_response_likelihood_is_refused_in_one_line(tmp_path, capsys, family, extra, message):
+    base, run = tmp_path / family, tmp_path / "sft"
+    assert main(["train", "--family", family, "--data", "task:arithmetic", "--max-steps", "1", "--out",
+                 str(base), "--quiet", *TINY, *extra]) == 0
     capsys.readouterr()
     assert main(["finetune", "sft", "--init", str(base), "--data", "task:arithmetic", "--out", str(run),
                  "--quiet", *FT]) == 2
     err = capsys.readouterr().err.strip()
-    assert "the continuous family has none yet" in err and len(err.splitlines()) == 1 and not run.exists()
+    assert message in err and len(err.splitlines()) == 1 and not run.exists()
 
 
 @pytest.mark.parametrize("method", ["ipo", "simpo"])

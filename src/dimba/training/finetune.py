@@ -35,6 +35,9 @@ def finetune_config(init: str | Path, method: str, data: str, overrides: list[st
         raise UsageError(f"unknown fine-tuning method {method!r}: choose one of {', '.join(FINETUNE_METHODS)}")
     init = Path(init)
     base = load_run_config(init / "config.yaml")
+    if base.model.block_size is not None:  # response_nll scores whole sequences: it would read future blocks
+        raise UsageError(f"{str(init)!r} is a block-diffusion model (model.block_size={base.model.block_size}), "
+                         "which fine-tuning does not support yet: fine-tune a full-sequence model")
     defaults = ["train.max_steps=300", "train.warmup_steps=10", "train.lr=3e-4", "train.ema_decay=0.9",
                 "train.eval_every=50",
                 "train.save_every=100", "train.log_every=10", "train.max_time=null",
