@@ -26,24 +26,12 @@ from dimba.config import SampleConfig
 from dimba.evaluation.sample_quality import sample_quality
 from dimba.generation import generate
 from dimba.loading import load_for_inference
+from gen_speed import counting  # bench/ is the script's folder: on sys.path
 
 NEW_TOKENS = 256
 RULES = {"count": lambda v: {"num_steps": int(v)},
          "threshold": lambda v: {"num_steps": NEW_TOKENS, "unmask_threshold": float(v)},
          "entropy": lambda v: {"num_steps": NEW_TOKENS, "unmask_entropy": float(v)}}
-
-
-def counting(model, method: str) -> dict:
-    """Wrap ``model.method`` so that its calls are counted in the returned dict."""
-    calls = {"n": 0}
-    inner = getattr(model, method)
-
-    def counted(*args, **kwargs):
-        calls["n"] += 1
-        return inner(*args, **kwargs)
-
-    setattr(model, method, counted)
-    return calls
 
 
 def configurations(ar, block_runs: list[str], rules: list[str]) -> dict:

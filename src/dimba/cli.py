@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 
 from dimba.config import (SAMPLE_NAMES, Config, ModelConfig, SampleConfig, TrainConfig, apply_overrides, choices,
-                          describe, dump_yaml, load_config, load_run_config)
+                          describe, load_config, load_run_config)
 from dimba.errors import CheckpointError, DataError, DimbaError, UsageError
 from dimba.cli_finetune import add_finetune
 from dimba.cli_publish import add_publish
-from dimba.cli_runs import check_devices, fit_new_run, resolve_run_dir
+from dimba.cli_runs import launch, resolve_run_dir
 from dimba.io import as_disk_error
 from dimba.loading import load_for_inference, sample_defaults
 from dimba.malloc import keep_freed_memory
@@ -49,17 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = adaptation_config(args.init, _train_overrides(args))
     else:
         cfg = load_config(args.preset, args.config, _train_overrides(args))
-    if args.print_config:
-        print(dump_yaml(cfg), end="")
-        return 0
-    check_devices(cfg, run_named=resume or args.out is not None)
-    if resume:
-        from dimba.training import fit
-
-        fit(cfg, run_dir, resume=True, progress=not args.quiet)
-    else:
-        fit_new_run(cfg, run_dir, progress=not args.quiet)
-    return 0
+    return launch(cfg, args, run_dir, resume)
 
 
 def _run_config(model_path: str) -> Config | None:

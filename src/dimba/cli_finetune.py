@@ -22,9 +22,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """`dimba finetune METHOD --init RUN --data FILE|task:NAME --out RUN` (or ``--resume RUN``)."""
-    from dimba.cli_runs import check_devices, fit_new_run, resolve_run_dir
-    from dimba.config import dump_yaml
-    from dimba.training import fit
+    from dimba.cli_runs import launch, resolve_run_dir
     from dimba.training.finetune import finetune_config
 
     run_dir, resume = resolve_run_dir(args)
@@ -41,15 +39,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             raise UsageError(f"dimba finetune {args.method} needs --init RUN (the run to start from) and --data "
                              "(a .jsonl file or task:NAME)")
         cfg = finetune_config(args.init, args.method, args.data, _overrides(args))
-    if args.print_config:
-        print(dump_yaml(cfg), end="")
-        return 0
-    check_devices(cfg, run_named=resume or args.out is not None)
-    if resume:
-        fit(cfg, run_dir, resume=True, progress=not args.quiet)
-    else:
-        fit_new_run(cfg, run_dir, progress=not args.quiet)
-    return 0
+    return launch(cfg, args, run_dir, resume)
 
 
 def cmd_task_write(args: argparse.Namespace) -> int:

@@ -73,3 +73,20 @@ def fit_new_run(cfg: Config, run_dir: Path, progress: bool) -> None:
                     else:
                         child.unlink()
         raise
+
+
+def launch(cfg: Config, args: argparse.Namespace, run_dir: Path, resume: bool) -> int:
+    """What `dimba train` and `dimba finetune` do with their config: print it (``--print-config``), or check the
+    devices and `fit` the run (resumed, or new and removed again if a user error stops it early)."""
+    from dimba.config import dump_yaml
+    from dimba.training import fit
+
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    check_devices(cfg, run_named=resume or args.out is not None)
+    if resume:
+        fit(cfg, run_dir, resume=True, progress=not args.quiet)
+    else:
+        fit_new_run(cfg, run_dir, progress=not args.quiet)
+    return 0

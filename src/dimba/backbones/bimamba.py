@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from dimba.backbones import blockdiff
-from dimba.backbones.blockdiff import BlockFeatures
+from dimba.backbones.blockdiff import BlockDiffusionMixin, BlockFeatures
 from dimba.backbones.mamba import GatedRMSNorm, _inverse_softplus_log_uniform, head_layout
 from dimba.backbones.mixer import BidirectionalMixer, real_positions
 from dimba.backbones.ssm import bidirectional_scan, conv_silu
 
 
-class SharedBiMamba2(BidirectionalMixer):
+class SharedBiMamba2(BlockDiffusionMixin, BidirectionalMixer):
     """Bidirectional Mamba-2 mixer with shared projections: (B, L, D) -> (B, L, D).
 
     in_proj -> (z, xBC, dt) with xBC = (x, B_fwd, C_fwd, B_rev, C_rev) and dt = (dt_fwd, dt_rev);
@@ -87,23 +87,6 @@ class SharedBiMamba2(BidirectionalMixer):
             chunk_size=self.chunk_size,
         )  # (B, L, H, P)
         return self.out_proj(self.norm(y.flatten(-2), z))  # (B, L, D)
-
-    # ----- block diffusion (dimba.backbones.blockdiff) -------------------------------------------
-    def forward_blocks(self, u_noisy: torch.Tensor, u_clean: torch.Tensor, block: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block-diffusion forward of the noisy and clean streams (n, L, D) -> (y_noisy, y_clean): block k of the
-        noisy stream reads the clean blocks before it (the forward scan's state, the conv's look-back) and itself
-        (both scans); the reverse scan and the conv's look-ahead stay inside each block."""
-        return blockdiff.forward_blocks(self, u_noisy, u_clean, block)
-
-    def allocate_block_state(self, batch: int, max_len: int | None = None, device: torch.device | None = None,
-                             dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The empty-prefix state of `block_step` (its size does not depend on ``max_len``)."""
-        return blockdiff.allocate_block_state(self, batch, device, dtype)
-
-    def block_step(self, u: torch.Tensor, state, pos: int | None = None):
-        """One block u (n, Bk, D) after the clean prefix in ``state`` -> (y (n, Bk, D), the state after u)."""
-        return blockdiff.block_step(self, u, state)
 
     def _project(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.in_proj(u).split([self.d_inner, self.conv_dim, 2 * self.nheads], dim=-1)

@@ -152,3 +152,24 @@ def allocate_block_state(mixer, batch: int, device: torch.device | None = None, 
     context = torch.zeros(batch, mixer._lookback, mixer.conv_dim, device=device, dtype=dtype)
     h = torch.zeros(batch, mixer.nheads, mixer.headdim, mixer.d_state, device=device, dtype=ssm_dtype)
     return context, h
+
+
+class BlockDiffusionMixin:
+    """The block-diffusion entry points of a Mamba-2 mixer (`Mamba2Mixer`, `SharedBiMamba2`), which provides
+    ``_project`` and ``_block_features``; the work is this module's functions."""
+
+    def forward_blocks(self, u_noisy: torch.Tensor, u_clean: torch.Tensor, block: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block-diffusion forward of the noisy and clean streams (n, L, D) -> (y_noisy, y_clean): block k of the
+        noisy stream reads the clean blocks before it (the forward scan's state, the conv's look-back) and itself;
+        what looks ahead (a reverse scan, a centred conv) stays inside each block."""
+        return forward_blocks(self, u_noisy, u_clean, block)
+
+    def allocate_block_state(self, batch: int, max_len: int | None = None, device: torch.device | None = None,
+                             dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty-prefix state of `block_step` (its size does not depend on ``max_len``)."""
+        return allocate_block_state(self, batch, device, dtype)
+
+    def block_step(self, u: torch.Tensor, state, pos: int | None = None):
+        """One block u (n, Bk, D) after the clean prefix in ``state`` -> (y (n, Bk, D), the state after u)."""
+        return block_step(self, u, state)

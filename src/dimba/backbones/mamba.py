@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dimba.backbones import blockdiff
-from dimba.backbones.blockdiff import BlockFeatures
+from dimba.backbones.blockdiff import BlockDiffusionMixin, BlockFeatures
 from dimba.backbones.mixer import BidirectionalMixer, reverse_rows
 from dimba.backbones.mixer_ops import gated_rms_norm
 from dimba.backbones.ssm import conv_silu, selective_scan
@@ -50,7 +50,7 @@ class GatedRMSNorm(nn.Module):
         return gated_rms_norm(y, z, self.weight, self.group_size, self.eps)
 
 
-class Mamba2Mixer(nn.Module):
+class Mamba2Mixer(BlockDiffusionMixin, nn.Module):
     """Causal Mamba-2 mixer: (B, L, D) -> (B, L, D); output t depends on inputs <= t only.
 
     in_proj -> (z, xBC, dt); xBC -> causal depthwise conv -> SiLU -> (x, B, C);
@@ -167,22 +167,6 @@ class Mamba2Mixer(nn.Module):
         y = torch.einsum("bhpn,bhn->bhp", h, C) + self.D.to(h.dtype)[:, None] * x  # (B, H, P)
         y_t = self.out_proj(self.norm(y.flatten(-2).to(u_t.dtype), z))  # (B, D)
         return y_t, (window[..., 1:], h)
-
-    # ----- block diffusion (dimba.backbones.blockdiff): a causal mixer carries the clean prefix's state -----
-    def forward_blocks(self, u_noisy: torch.Tensor, u_clean: torch.Tensor, block: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block-diffusion forward (n, L, D) twice -> (y_noisy, y_clean): block k of the noisy stream continues
-        the clean stream's state at the block's start (see :mod:`dimba.backbones.blockdiff`)."""
-        return blockdiff.forward_blocks(self, u_noisy, u_clean, block)
-
-    def allocate_block_state(self, batch: int, max_len: int | None = None, device: torch.device | None = None,
-                             dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The empty-prefix state of `block_step` (its size does not depend on ``max_len``)."""
-        return blockdiff.allocate_block_state(self, batch, device, dtype)
-
-    def block_step(self, u: torch.Tensor, state, pos: int | None = None):
-        """One block u (n, Bk, D) after the clean prefix in ``state`` -> (y (n, Bk, D), the state after u)."""
-        return blockdiff.block_step(self, u, state)
 
     def _project(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.in_proj(u).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
