@@ -143,6 +143,16 @@ def generate_ids(model, prompt_ids: Sequence[int] | torch.Tensor, length: int, s
     return generate(model, prompt_ids, canvas, sample, num_samples, generator, eos_id=eos_id, on_step=on_step)
 
 
+def generate_responses(model, prompt_ids: Sequence[int] | torch.Tensor, sample: SampleConfig, num_samples: int = 1,
+                       generator: torch.Generator | None = None, eos_id: int = EOS_ID) -> list[list[int]]:
+    """The new ids of ``num_samples`` generations after ``prompt_ids`` (one prompt (P,), or one per row (N, P)),
+    each cut before its EOS and at most as long as the model's context leaves room for, with its EOS."""
+    p = torch.as_tensor(prompt_ids).shape[-1]
+    room = model.config.context_length - p
+    ids = generate_ids(model, prompt_ids, room, sample, num_samples, generator, eos_id)  # (N, P + canvas)
+    return generated_ids(ids.cpu(), p, room - 1, eos_id)
+
+
 def generate_texts(model, tokenizer, prompt_ids: Sequence[int], length: int, sample: SampleConfig,
                    num_samples: int = 1, generator: torch.Generator | None = None,
                    on_step: StepObserver | None = None) -> list[str]:

@@ -13,8 +13,8 @@ from collections import defaultdict
 import torch
 
 from dimba.data.finetune import build_rows
-from dimba.generation import generate_ids, generated_ids
-from dimba.training.objectives import sequence_logp
+from dimba.generation import generate_ids, generate_responses, generated_ids
+from dimba.training.objectives import response_noises, sequence_logp
 
 
 @torch.no_grad()
@@ -24,10 +24,7 @@ def likelihood_scores(model, prompt: list[int], responses: list[list[int]], mc_s
     ELBO samples (diffusion families), with the response's EOS (and a diffusion canvas's EOS fill) scored."""
     rows = build_rows([prompt] * len(responses), responses, model.family, model.config.context_length)
     rows = rows.to(next(model.parameters()).device)
-    first = model.family.response_noise(rows, generator)
-    noises = [first] + ([model.family.response_noise(rows, generator) for _ in range(mc_samples - 1)]
-                        if first is not None else [])
-    return sequence_logp(model, rows, noises).cpu()  # (K,)
+    return sequence_logp(model, rows, response_noises(model.family, rows, mc_samples, generator)).cpu()  # (K,)
 
 
 @torch.no_grad()
@@ -35,15 +32,13 @@ def best_of_ids(model, prompts: list[list[int]], sample, best_of: int = 1, gener
                 eos_id: int = 1, mc_samples: int = 8, choose=None) -> list[list[int]]:
     """One response (ids, cut before EOS) per prompt: the best of ``best_of`` samples by the model's likelihood, or
     by ``choose(index, candidates) -> ids`` when given. Prompts of equal length are generated in one batch."""
-    context = model.config.context_length
     by_length: dict[int, list[int]] = defaultdict(list)
     for i, prompt in enumerate(prompts):
         by_length[len(prompt)].append(i)
     out: list[list[int] | None] = [None] * len(prompts)
-    for length, members in sorted(by_length.items()):
+    for _, members in sorted(by_length.items()):
         batch = torch.tensor([prompts[i] for i in members]).repeat_interleave(best_of, 0)  # (N*K, P)
-        ids = generate_ids(model, batch, context - length, sample, len(batch), generator, eos_id)  # (N*K, L)
-        responses = generated_ids(ids.cpu(), length, context - length - 1, eos_id)
+        responses = generate_responses(model, batch, sample, len(batch), generator, eos_id)
         for j, i in enumerate(members):
             candidates = responses[j * best_of:(j + 1) * best_of]
             if choose is not None:

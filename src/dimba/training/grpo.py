@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from dimba.data.finetune import build_rows, cat_rows
-from dimba.generation import generate_ids, generated_ids
+from dimba.generation import generate_responses
 from dimba.training.objectives import Objective
 
 
@@ -39,10 +39,8 @@ class GRPO(Objective):
         """The rows and advantages (G,) of one prompt's group, and its rewards."""
         prompt = problem["prompt"]
         was_training = self.policy.training
-        ids = generate_ids(self.policy, prompt, self.context - len(prompt), self.sample, self.group, generator,
-                           self.tokenizer.eos_id)  # (G, P + canvas)
+        responses = generate_responses(self.policy, prompt, self.sample, self.group, generator, self.tokenizer.eos_id)
         self.policy.train(was_training)
-        responses = generated_ids(ids.cpu(), len(prompt), self.context - len(prompt) - 1, self.tokenizer.eos_id)
         rewards = torch.tensor([float(self.reward(self.tokenizer.decode(r), problem["answer"])) for r in responses])
         advantages = rewards - rewards.mean()  # (G,)
         if self.scale:
@@ -75,8 +73,6 @@ class GRPO(Objective):
         rewards = []
         for problem in val:
             prompt = problem["prompt"]
-            ids = generate_ids(model, prompt, self.context - len(prompt), self.sample, 1, generator,
-                               self.tokenizer.eos_id)  # (1, P + canvas)
-            response = generated_ids(ids.cpu(), len(prompt), self.context - len(prompt) - 1, self.tokenizer.eos_id)[0]
+            response = generate_responses(model, prompt, self.sample, 1, generator, self.tokenizer.eos_id)[0]
             rewards.append(float(self.reward(self.tokenizer.decode(response), problem["answer"])))
         return {"val_reward": sum(rewards) / len(rewards)}

@@ -48,6 +48,13 @@ class SFT(Objective):
         return loss, {"loss": loss.detach(), "ce": loss.detach()}
 
 
+def response_noises(family, rows, count: int, generator: torch.Generator | None = None) -> list:
+    """``count`` independent draws of `Family.response_noise` on ``rows`` (one, None, when the likelihood is exact):
+    the noises of a Monte Carlo likelihood estimate (`sequence_logp`)."""
+    first = family.response_noise(rows, generator)
+    return [first] + ([family.response_noise(rows, generator) for _ in range(count - 1)] if first is not None else [])
+
+
 def sequence_logp(model, rows, noises: list) -> torch.Tensor:
     """log p(response | prompt) of each row (B,), averaged over the noise draws ``noises`` (one estimate each)."""
     family = model.family
@@ -71,9 +78,7 @@ class Preference(Objective):
     def loss(self, model, rows, generator=None):
         rows = rows.to(self.device)
         family, b = model.family, len(rows) // 2
-        first = family.response_noise(rows, generator)
-        noises = [first] + ([family.response_noise(rows, generator) for _ in range(self.mc_samples - 1)]
-                            if first is not None else [])  # an exact likelihood needs one pass
+        noises = response_noises(family, rows, self.mc_samples, generator)  # an exact likelihood needs one pass
         logp = sequence_logp(model, rows, noises)  # (2B,)
         tokens = rows.scored.sum(-1).clamp_min(1)  # (2B,)
         if self.method == "simpo":
