@@ -2,9 +2,10 @@
 
     python bench/backbone.py [--png bench/backbone.png] [--lengths 512 2048] [--threads 1] [--warmup 1] [--breakdown]
 
-Layers are ``dimba.backbones.Block``s at d_model 256 with the default mixer settings (d_state 64,
-headdim 64, expand 2): ``mamba`` (SharedBiMamba2, the default bidirectional block), ``mamba-separate``
-(BiMamba2 with untied directions, the block before it) and ``transformer`` (Attention, 4 heads, +
+Layers are ``dimba.backbones.Block``s at d_model 256 with the default mixer settings (d_state 32,
+headdim 64, expand 2): ``mamba`` (SharedBiMamba2, the default bidirectional block), ``mamba-hydra``
+(SharedBiMamba2 in Hydra's quasiseparable form), ``mamba-separate`` (BiMamba2 with untied
+directions, the block before it) and ``transformer`` (Attention, 4 heads, +
 SwiGLU MLP). Batch 8; L = 128, 512, 2048, 8192; 1 thread (``--threads``). Every (layer, L) point runs in its own
 subprocess, one after the other, which reports its median time (after ``--warmup`` untimed passes) and its peak RSS (``ru_maxrss``)
 together with the RSS just before the first forward pass, so that one point's allocations cannot
@@ -42,7 +43,7 @@ from dimba.malloc import freed_memory_kept, keep_freed_memory
 D_MODEL, BATCH, COND, VOCAB = 256, 8, 256, 4096
 LENGTHS = (128, 512, 2048, 8192)
 REPEATS = {128: 10, 512: 5, 2048: 3, 8192: 3}  # after one warm-up pass; at 8192 the second pass still grows the heap
-KINDS = ("mamba", "mamba-separate", "transformer")
+KINDS = ("mamba", "mamba-hydra", "mamba-separate", "transformer")
 API_BACKBONES = {"mamba": "mamba2", "transformer": "transformer"}  # api point -> DIMBA(backbone=...)
 
 
@@ -50,6 +51,8 @@ def make_layer(kind: str) -> Block:
     """The benchmarked layer: one of `KINDS`."""
     if kind == "mamba":
         return Block(SharedBiMamba2(D_MODEL), D_MODEL, COND, "film", mlp=False)
+    if kind == "mamba-hydra":
+        return Block(SharedBiMamba2(D_MODEL, hydra=True), D_MODEL, COND, "film", mlp=False)
     if kind == "mamba-separate":
         return Block(BiMamba2(D_MODEL), D_MODEL, COND, "film", mlp=False)
     return Block(Attention(D_MODEL, num_heads=4), D_MODEL, COND, "film", mlp=True)

@@ -33,20 +33,25 @@ def mixer_reference(m: SharedBiMamba2, u: torch.Tensor) -> torch.Tensor:
     ahead = (K - 1) // 2
     conv = F.conv1d(F.pad(xBC.transpose(1, 2), (K - 1 - ahead, ahead)), m.conv1d.weight, m.conv1d.bias,
                     groups=m.conv_dim)  # (B, C, L)
-    x, Bf, Cf, Br, Cr = F.silu(conv).transpose(1, 2).split([m.d_inner] + [G * N] * 4, dim=-1)
+    x, *bc = F.silu(conv).transpose(1, 2).split([m.d_inner] + [G * N] * m.n_bc, dim=-1)
+    Bf, Cf, Br, Cr = bc if m.fc_D is None else bc * 2  # hydra: one B and C for both directions
     dt = F.softplus(dt + m.dt_bias)  # (B, L, 2H)
     A = -torch.exp(m.A_log)  # (2H,)
     y = quasiseparable_reference(x.unflatten(-1, (H, P)), dt[..., :H], dt[..., H:], A[:H], A[H:],
-                                 *(t.unflatten(-1, (G, N)) for t in (Bf, Cf, Br, Cr)), m.D).flatten(-2)
+                                 *(t.unflatten(-1, (G, N)) for t in (Bf, Cf, Br, Cr)), m.D,
+                                 forward_diagonal=m.fc_D is None).flatten(-2)
+    if m.fc_D is not None:  # hydra: the learned diagonal fc_D(x_t) x_t
+        y = y + (x.unflatten(-1, (H, P)) * (x @ m.fc_D.weight.T)[..., None]).flatten(-2)
     gated = (y * F.silu(z)).unflatten(-1, (G, -1))  # (B, L, G, d_inner / G)
     normed = gated * torch.rsqrt(gated.square().mean(-1, keepdim=True) + m.norm.eps)
     return m.out_proj(normed.flatten(-2) * m.norm.weight)  # (B, L, D)
 
 
+@pytest.mark.parametrize("hydra", [False, True])
 @pytest.mark.parametrize("ngroups,d_conv", [(1, 4), (2, 3), (1, 1)])
-def test_mixer_equals_plain_composition_float64(ngroups, d_conv):
+def test_mixer_equals_plain_composition_float64(ngroups, d_conv, hydra):
     torch.manual_seed(0)
-    mixer = SharedBiMamba2(16, ngroups=ngroups, d_conv=d_conv, **SMALL).double()
+    mixer = SharedBiMamba2(16, ngroups=ngroups, d_conv=d_conv, hydra=hydra, **SMALL).double()
     with torch.no_grad():
         for p in mixer.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -54,9 +59,10 @@ def test_mixer_equals_plain_composition_float64(ngroups, d_conv):
     torch.testing.assert_close(mixer(u), mixer_reference(mixer, u), rtol=1e-10, atol=1e-12)
 
 
-def test_mixer_sees_both_directions_and_its_gradients_reach_every_parameter():
+@pytest.mark.parametrize("hydra", [False, True])
+def test_mixer_sees_both_directions_and_its_gradients_reach_every_parameter(hydra):
     torch.manual_seed(0)
-    mixer = SharedBiMamba2(16, **SMALL)
+    mixer = SharedBiMamba2(16, hydra=hydra, **SMALL)
     u = tokens().requires_grad_()
     bumped = u.detach().clone()
     bumped[:, 10] += 1.0
@@ -70,15 +76,17 @@ def test_mixer_sees_both_directions_and_its_gradients_reach_every_parameter():
 
 
 def test_shared_block_has_one_of_each_projection():
-    shared, separate = SharedBiMamba2(256), BiMamba2(256)
-    d_inner, H, N = 512, 8, 64
+    shared, hydra, separate = SharedBiMamba2(256), SharedBiMamba2(256, hydra=True), BiMamba2(256)
+    d_inner, H, N = 512, 8, 32  # the default state size N = 32 per direction
     assert shared.in_proj.weight.shape == (2 * d_inner + 4 * N + 2 * H, 256)
-    assert shared.out_proj.weight.shape == (256, d_inner)
+    assert hydra.in_proj.weight.shape == (2 * d_inner + 2 * N + 2 * H, 256)  # one B and C for both directions
+    assert shared.out_proj.weight.shape == hydra.out_proj.weight.shape == (256, d_inner)
     assert shared.dt_bias.shape == shared.A_log.shape == (2 * H,) and shared.D.shape == (H,)
-    n_shared, n_separate = (sum(p.numel() for p in m.parameters()) for m in (shared, separate))
-    # in_proj, conv weight and bias, dt_bias, A_log, D, norm, out_proj
-    assert n_shared == 256 * 1296 + 768 * 5 + 16 + 16 + 8 + 512 + 512 * 256 == 467_240
-    assert n_separate == 2 * (256 * 1160 + 640 * 5 + 8 + 8 + 8 + 512 + 512 * 256) == 863_536
+    n_shared, n_hydra, n_separate = (sum(p.numel() for p in m.parameters()) for m in (shared, hydra, separate))
+    # in_proj, conv weight and bias, dt_bias, A_log, D, norm, out_proj (+ hydra's fc_D)
+    assert n_shared == 256 * 1168 + 640 * 5 + 16 + 16 + 8 + 512 + 512 * 256 == 433_832
+    assert n_hydra == 256 * 1104 + 576 * 5 + 16 + 16 + 8 + 512 + 512 * 256 + 512 * 8 == 421_224
+    assert n_separate == 2 * (256 * 1096 + 576 * 5 + 8 + 8 + 8 + 512 + 512 * 256) == 830_128
 
 
 @pytest.mark.parametrize("make", [lambda: SharedBiMamba2(16, **SMALL), lambda: BiMamba2(16, **SMALL)])
@@ -100,10 +108,12 @@ def test_config_default_and_configs_saved_before_the_setting():
         validate({"model": {"tie_reverse": True, "bimamba": "shared"}})
 
 
-@pytest.mark.parametrize("bimamba,cls", [("shared", SharedBiMamba2), ("separate", BiMamba2)])
+@pytest.mark.parametrize("bimamba,cls", [("shared", SharedBiMamba2), ("separate", BiMamba2), ("hydra", SharedBiMamba2)])
 def test_model_builds_the_chosen_block(bimamba, cls):
     model = DIMBA(vocab_size=64, d_model=16, num_denoiser_layers=2, family="masked", bimamba=bimamba, **SMALL)
     assert all(type(block.mixer) is cls for block in model.backbone.blocks)
+    assert all((block.mixer.fc_D is not None) == (bimamba == "hydra") for block in model.backbone.blocks
+               if cls is SharedBiMamba2)
     assert DIMBA(vocab_size=64, **model.config.model_dump(exclude={"vocab_size"})).config.bimamba == bimamba
 
 

@@ -30,11 +30,11 @@ def biscan_inputs(batch=2, length=50, heads=4, headdim=3, d_state=5, groups=1, d
             "C_rev": randn(*bl, groups, d_state), "D": randn(heads)}
 
 
-def quasiseparable_reference(x, dt_fwd, dt_rev, A_fwd, A_rev, B_fwd, C_fwd, B_rev, C_rev, D):
+def quasiseparable_reference(x, dt_fwd, dt_rev, A_fwd, A_rev, B_fwd, C_fwd, B_rev, C_rev, D, forward_diagonal=True):
     """y = M x + D x with the (L, L) matrix M of every (batch, head) written out: no chunks, no states.
 
-    M[t, s] = C^f_t . B^f_s exp(sum_{s<k<=t} dt^f_k A^f) dt^f_s for s <= t, and
-              C^r_t . B^r_s exp(sum_{t<=k<s} dt^r_k A^r) dt^r_s for s > t.
+    M[t, s] = C^f_t . B^f_s exp(sum_{s<k<=t} dt^f_k A^f) dt^f_s for s <= t (s < t without
+              ``forward_diagonal``), and C^r_t . B^r_s exp(sum_{t<=k<s} dt^r_k A^r) dt^r_s for s > t.
     """
     R = x.shape[2] // B_fwd.shape[2]
     Bf, Cf, Br, Cr = (t.repeat_interleave(R, dim=2) for t in (B_fwd, C_fwd, B_rev, C_rev))  # (b, L, H, N)
@@ -42,7 +42,8 @@ def quasiseparable_reference(x, dt_fwd, dt_rev, A_fwd, A_rev, B_fwd, C_fwd, B_re
     suffix = (dt_rev * A_rev).flip(1).cumsum(1).flip(1)  # (b, L, H)  sums over k >= t
     t = torch.arange(x.shape[1])
     lower = (t[None, :] <= t[:, None])[None, :, :, None]  # (1, L, L, 1): s <= t
-    decay_f = (prefix[:, :, None] - prefix[:, None]).masked_fill(~lower, float("-inf")).exp()  # (b, t, s, H)
+    reads_f = lower if forward_diagonal else (t[None, :] < t[:, None])[None, :, :, None]  # s <= t or s < t
+    decay_f = (prefix[:, :, None] - prefix[:, None]).masked_fill(~reads_f, float("-inf")).exp()  # (b, t, s, H)
     decay_r = (suffix[:, :, None] - suffix[:, None]).masked_fill(lower, float("-inf")).exp()  # (b, t, s, H)
     M = (torch.einsum("bthn,bshn->btsh", Cf, Bf) * decay_f * dt_fwd[:, None]
          + torch.einsum("bthn,bshn->btsh", Cr, Br) * decay_r * dt_rev[:, None])  # (b, t, s, H)
@@ -74,13 +75,29 @@ def test_one_pass_equals_the_explicit_matrix_float64(groups, chunk_size, length)
     assert_matches(with_grads(chunked_bidirectional_scan, inputs, chunk_size=chunk_size), ref, 1e-10)
 
 
+@pytest.mark.parametrize("chunk_size,length", [(16, 50), (8, 64), (4, 9)])
+def test_strictly_causal_forward_direction_equals_the_explicit_matrix_float64(chunk_size, length):
+    """forward_diagonal=False (Hydra's form): neither direction reads position t itself."""
+    inputs = biscan_inputs(length=length, groups=2)
+    ref = with_grads(quasiseparable_reference, inputs, forward_diagonal=False)
+    assert_matches(with_grads(chunked_bidirectional_scan, inputs, chunk_size=chunk_size, forward_diagonal=False),
+                   ref, 1e-10)
+    impulse = {**inputs, "D": None, "x": torch.zeros_like(inputs["x"])}
+    impulse["x"][:, 3] = 1.0
+    y = chunked_bidirectional_scan(**impulse, chunk_size=chunk_size, forward_diagonal=False)
+    assert y[:, 3].abs().max() == 0  # no diagonal: x_3 alone leaves y_3 at 0, and reaches both sides
+    assert y[:, 4].abs().max() > 0 and y[:, 2].abs().max() > 0
+
+
 @pytest.mark.parametrize("groups", [1, 2])
-def test_stacked_form_of_the_cuda_path_equals_the_explicit_matrix(groups):
+@pytest.mark.parametrize("forward_diagonal", [True, False])
+def test_stacked_form_of_the_cuda_path_equals_the_explicit_matrix(groups, forward_diagonal):
     """bidirectional_scan's CUDA path (the reverse direction as more heads over the flipped sequence, in
     one causal scan call), run here with the CPU scan in place of mamba_ssm's."""
     inputs = biscan_inputs(length=45, groups=groups)
-    ref = with_grads(quasiseparable_reference, inputs)
-    got = with_grads(lambda **kw: stacked_bidirectional_scan(chunked_selective_scan, **kw, chunk_size=16), inputs)
+    ref = with_grads(quasiseparable_reference, inputs, forward_diagonal=forward_diagonal)
+    got = with_grads(lambda **kw: stacked_bidirectional_scan(chunked_selective_scan, **kw, chunk_size=16,
+                                                             forward_diagonal=forward_diagonal), inputs)
     assert_matches(got, ref, 1e-10)
 
 

@@ -7,7 +7,7 @@ import torch
 from dimba.backbones import Backbone
 
 L, D = 24, 16
-BACKBONES = [("mamba2", "shared"), ("mamba2", "separate"), ("transformer", "shared")]
+BACKBONES = [("mamba2", "shared"), ("mamba2", "separate"), ("mamba2", "hydra"), ("transformer", "shared")]
 
 
 def make(name: str, bimamba: str, chunk: int = 4) -> Backbone:

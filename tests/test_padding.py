@@ -15,6 +15,7 @@ SMALL = {"d_state": 8, "headdim": 8, "chunk_size": 8, "d_conv": 4, "expand": 2}
 CASES = {
     "mamba2-shared": ("mamba2", True, {**SMALL, "bimamba": "shared"}),
     "mamba2-separate": ("mamba2", True, {**SMALL, "bimamba": "separate"}),
+    "mamba2-hydra": ("mamba2", True, {**SMALL, "bimamba": "hydra"}),
     "mamba2-separate-tied": ("mamba2", True, {**SMALL, "bimamba": "separate", "tie_reverse": True}),
     "mamba2-causal": ("mamba2", False, SMALL),
     "transformer": ("transformer", True, {"num_heads": 2}),

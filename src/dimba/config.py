@@ -58,15 +58,16 @@ class ModelConfig(_Strict):
                                "uniformly in the cross-entropy seen during training (CDCD's time warping)")
     tie_weights: bool = True
     num_heads: int = Field(4, gt=0, description="transformer attention heads")
-    d_state: int = Field(64, gt=0, description="Mamba-2 state size N")
+    d_state: int = Field(32, gt=0, description="Mamba-2 state size N (per direction in a bidirectional block)")
     headdim: int = Field(64, gt=0, description="Mamba-2 head dimension P")
     expand: int = Field(2, gt=0, description="Mamba-2 inner width = expand * d_model")
     d_conv: int = Field(4, gt=0)
     chunk_size: int = Field(64, gt=0, description="SSD chunk length")
     tie_reverse: bool = Field(False, description="bimamba=separate: one set of weights for both directions' mixers")
-    bimamba: Literal["shared", "separate"] = Field(
+    bimamba: Literal["shared", "separate", "hydra"] = Field(
         "shared", description="the bidirectional mamba2 block: shared (one mixer, shared projections, both scans in "
-        "one call) or separate (two whole mixers, the block of every model before this setting existed; a config "
+        "one call), hydra (the shared block in Hydra's quasiseparable form: one B and C for both scans, a learned "
+        "diagonal) or separate (two whole mixers, the block of every model before this setting existed; a config "
         "that sets tie_reverse but not bimamba, as all those models' saved configs do, gets separate)")
     block_size: int | None = Field(
         None, gt=0, description="block diffusion (BD3-LM), masked family: each block of this many tokens is denoised "

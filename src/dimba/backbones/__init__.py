@@ -27,7 +27,8 @@ from dimba.malloc import keep_freed_memory
 # speed of a Mamba-2 layer on CPU, for a higher peak RSS): see dimba.malloc; DIMBA_SYSTEM_MALLOC=1 opts out.
 keep_freed_memory()
 
-BIMAMBA_BLOCKS = ("shared", "separate")  # model.bimamba: SharedBiMamba2, or BiMamba2 (two mixers, the older block)
+# model.bimamba: SharedBiMamba2, BiMamba2 (two mixers, the older block), or SharedBiMamba2 in Hydra's form
+BIMAMBA_BLOCKS = ("shared", "separate", "hydra")
 
 
 def _mamba2(d_model: int, bidirectional: bool, **kw) -> nn.Module:
@@ -41,14 +42,14 @@ def _mamba2(d_model: int, bidirectional: bool, **kw) -> nn.Module:
         return BiMamba2(d_model, tie_reverse=kw.get("tie_reverse", False), **mixer_kw)
     if kw.get("tie_reverse"):
         raise ValueError("tie_reverse=True shares the weights of bimamba='separate''s two mixers: "
-                         "use bimamba='separate' (the shared block has one mixer already)")
-    return SharedBiMamba2(d_model, **mixer_kw)
+                         f"use bimamba='separate' (the {bimamba} block has one mixer already)")
+    return SharedBiMamba2(d_model, hydra=bimamba == "hydra", **mixer_kw)
 
 
 def _check_mamba2(cfg: Any) -> None:
-    if cfg.tie_reverse and cfg.bimamba == "shared":
+    if cfg.tie_reverse and cfg.bimamba != "separate":
         raise ValueError("tie_reverse=true ties the two mixers of bimamba=separate: set model.bimamba=separate "
-                         "(the shared block has one mixer already)")
+                         f"(the {cfg.bimamba} block has one mixer already)")
     if (cfg.expand * cfg.d_model) % cfg.headdim:
         raise ValueError(f"expand*d_model={cfg.expand * cfg.d_model} is not divisible by headdim={cfg.headdim}: "
                          "change one of them")

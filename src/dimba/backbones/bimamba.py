@@ -30,6 +30,11 @@ class SharedBiMamba2(BlockDiffusionMixin, BidirectionalMixer):
     positions <= t through the forward scan and > t through the reverse one;
     out = out_proj(norm(y * silu(z))).
 
+    ``hydra=True`` builds Hydra's quasiseparable form instead (Hwang et al. 2024): both scans read
+    one B and one C (still with their own dt and A), the forward scan is strictly causal (s < t) like
+    the reverse one is anti-causal, and the diagonal is learned from the token itself, a per-head
+    weight ``fc_D(x_t) + D`` of x_t, instead of the forward scan's C_t . B_t dt_t + D.
+
     With ``lengths`` (B,), the positions after each row's last real token are zeroed at the
     conv's input, at x and at dt, so they add nothing and decay nothing in either direction: real
     positions get the outputs of the row run alone (and the padding's dt, which can be anything,
@@ -43,15 +48,17 @@ class SharedBiMamba2(BlockDiffusionMixin, BidirectionalMixer):
         headdim: head size P; H = d_inner / P heads.
         ngroups: number G of B/C groups shared by the heads (must divide H).
         chunk_size: chunk length of the scan.
+        hydra: Hydra's form: shared B and C, no diagonal in either scan, a learned diagonal.
     """
 
-    def __init__(self, d_model: int, d_state: int = 64, d_conv: int = 4, expand: int = 2, headdim: int = 64,
-                 ngroups: int = 1, chunk_size: int = 64):
+    def __init__(self, d_model: int, d_state: int = 32, d_conv: int = 4, expand: int = 2, headdim: int = 64,
+                 ngroups: int = 1, chunk_size: int = 64, hydra: bool = False):
         super().__init__()
         d_inner, nheads = head_layout(d_model, expand, headdim, ngroups)
         self.d_inner, self.d_state, self.headdim = d_inner, d_state, headdim
         self.nheads, self.ngroups, self.chunk_size, self.d_conv = nheads, ngroups, chunk_size, d_conv
-        self.conv_dim = d_inner + 4 * ngroups * d_state  # channels of xBC: x and both directions' B, C
+        self.n_bc = 2 if hydra else 4  # B and C, shared by both directions (hydra) or per direction
+        self.conv_dim = d_inner + self.n_bc * ngroups * d_state  # channels of xBC: x and the B, C
 
         self.in_proj = nn.Linear(d_model, d_inner + self.conv_dim + 2 * nheads, bias=False)  # -> z, xBC, dt
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim)
@@ -62,6 +69,9 @@ class SharedBiMamba2(BlockDiffusionMixin, BidirectionalMixer):
             p._no_weight_decay = True
         self.norm = GatedRMSNorm(d_inner, group_size=d_inner // ngroups)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.fc_D = nn.Linear(d_inner, nheads, bias=False) if hydra else None  # the learned diagonal's part in x_t
+        if hydra:
+            nn.init.zeros_(self.fc_D.weight)  # starts as the plain skip D
         self._lookahead = (d_conv - 1) // 2  # the conv is centred: it reads this many positions ahead
         self._lookback = d_conv - 1 - self._lookahead
 
@@ -73,20 +83,31 @@ class SharedBiMamba2(BlockDiffusionMixin, BidirectionalMixer):
         if keep is not None:
             xBC = xBC * keep  # (B, L, conv_dim)
         xBC = conv_silu(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, lookahead=(self.d_conv - 1) // 2)
-        x, B_fwd, C_fwd, B_rev, C_rev = xBC.split([self.d_inner] + [G * N] * 4, dim=-1)
+        x, *bc = xBC.split([self.d_inner] + [G * N] * self.n_bc, dim=-1)
         dt = F.softplus(dt + self.dt_bias)  # (B, L, 2H)
         if keep is not None:
             x, dt = x * keep, dt * keep  # (B, L, d_inner), (B, L, 2H)
         A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))  # (2H,)
+        x = x.unflatten(-1, (H, P))  # (B, L, H, P)
         y = bidirectional_scan(
-            x.unflatten(-1, (H, P)),  # (B, L, H, P)
-            dt[..., :H], dt[..., H:],  # (B, L, H) each
+            x, dt[..., :H], dt[..., H:],  # (B, L, H) each
             A[:H], A[H:],  # (H,) each
-            *(t.unflatten(-1, (G, N)) for t in (B_fwd, C_fwd, B_rev, C_rev)),  # (B, L, G, N) each
+            *(t.unflatten(-1, (G, N)) for t in self._directions_bc(bc)),  # (B, L, G, N) each
             self.D,
             chunk_size=self.chunk_size,
+            forward_diagonal=self.fc_D is None,
         )  # (B, L, H, P)
-        return self.out_proj(self.norm(y.flatten(-2), z))  # (B, L, D)
+        return self.out_proj(self.norm(self._learned_diagonal(y, x).flatten(-2), z))  # (B, L, D)
+
+    def _directions_bc(self, bc: list[torch.Tensor]) -> list[torch.Tensor]:
+        """(B_fwd, C_fwd, B_rev, C_rev) from the conv's B, C channels: both directions read the same ones (hydra)."""
+        return bc * 2 if self.n_bc == 2 else bc
+
+    def _learned_diagonal(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y (..., H, P) plus Hydra's learned diagonal fc_D(x_t) x_t (hydra); else y itself."""
+        if self.fc_D is None:
+            return y
+        return y + x * self.fc_D(x.flatten(-2)).unsqueeze(-1).to(x.dtype)  # (..., H, P)
 
     def _project(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.in_proj(u).split([self.d_inner, self.conv_dim, 2 * self.nheads], dim=-1)
@@ -95,8 +116,8 @@ class SharedBiMamba2(BlockDiffusionMixin, BidirectionalMixer):
         """Post-conv tensors of blocks xBC (n, nb, Bk, C), raw dt (n, nb, Bk, 2H) after their clean context."""
         H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
         xBC = blockdiff.conv_blocks(xBC, context, self.conv1d.weight.squeeze(1), self.conv1d.bias, self._lookahead)
-        x, *bc = xBC.split([self.d_inner] + [G * N] * 4, dim=-1)
-        B_fwd, C_fwd, B_rev, C_rev = (t.unflatten(-1, (G, N)) for t in bc)  # (n, nb, Bk, G, N) each
+        x, *bc = xBC.split([self.d_inner] + [G * N] * self.n_bc, dim=-1)
+        B_fwd, C_fwd, B_rev, C_rev = (t.unflatten(-1, (G, N)) for t in self._directions_bc(bc))  # (n, nb, Bk, G, N) each
         dt = F.softplus(dt + self.dt_bias)  # (n, nb, Bk, 2H)
         A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))  # (2H,)
         x = x.unflatten(-1, (H, P))  # (n, nb, Bk, H, P)
@@ -109,7 +130,7 @@ class SharedBiMamba2(BlockDiffusionMixin, BidirectionalMixer):
         y = bidirectional_scan(
             *(t.flatten(0, 1) for t in (f.x, f.dt, dt_rev)), f.A, A_rev,
             *(t.flatten(0, 1) for t in (f.B, f.C, B_rev, C_rev)), self.D,
-            chunk_size=min(self.chunk_size, bk),
+            chunk_size=min(self.chunk_size, bk), forward_diagonal=self.fc_D is None,
         ).view(f.x.shape)  # (n, nb, Bk, H, P)
-        y = y + blockdiff.state_readout(h_in, f).to(y.dtype)
+        y = self._learned_diagonal(y, f.x) + blockdiff.state_readout(h_in, f).to(y.dtype)
         return self.out_proj(self.norm(y.flatten(-2), z))  # (n, nb, Bk, D)

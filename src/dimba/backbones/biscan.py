@@ -48,6 +48,7 @@ def chunked_bidirectional_scan(
     D: torch.Tensor | None = None,
     *,
     chunk_size: int = 64,
+    forward_diagonal: bool = True,
 ) -> torch.Tensor:
     """Forward plus reverse SSD scan of one input, pure PyTorch, any device (formula in the module docstring).
 
@@ -58,6 +59,9 @@ def chunked_bidirectional_scan(
         B_fwd, C_fwd, B_rev, C_rev: (batch, L, G, N), G dividing H.
         D: optional per-head skip (H,).
         chunk_size: chunk length Q; L need not be a multiple of it.
+        forward_diagonal: whether the forward direction reads position t itself (s <= t, as above); False
+            makes it strictly causal (s < t), so that neither direction has a diagonal and the only
+            diagonal term is ``D x`` plus whatever the caller adds (Hydra's quasiseparable form).
 
     Returns:
         y (batch, L, H, P) in the dtype of ``x``; computed in float32 (float64 for float64 inputs).
@@ -84,6 +88,7 @@ def chunked_bidirectional_scan(
             Ar.reshape(G, R),
             *(t.reshape(batch, n_chunks, Q, G, N) for t in (Bf, Cf, Br, Cr)),
             None if D_ is None else D_.reshape(G, R),
+            0 if forward_diagonal else -1,
         )
     return y.view(batch, n_chunks * Q, H, P)[:, :length].to(x.dtype)  # (b, L, H, P)
 
@@ -92,7 +97,8 @@ class _BidirectionalChunkedScan(torch.autograd.Function):
     """Both directions of SSD on padded, chunked inputs, with a hand-derived backward pass.
 
     Layouts as in ``_ChunkedScan``: x (b, c, Q, G, R, P), dt (b, c, Q, G, R), A (G, R), B and C
-    (b, c, Q, G, N), D (G, R) or None; head-major work tensors (b, c, G, R, Q, ...). Per chunk and
+    (b, c, Q, G, N), D (G, R) or None; ``diagonal`` 0, or -1 for a strictly causal forward direction
+    (``tril(., -1)`` below); head-major work tensors (b, c, G, R, Q, ...). Per chunk and
     head, with prefix sums s_t = a^f_1 + ... + a^f_t and suffix sums r_t = a^r_t + ... + a^r_Q:
 
         Y = (LD o CB) x  +  diag(exp(s)) C^f hf_in^T  +  diag(exp(r)) C^r hr_in^T  +  D x
@@ -106,12 +112,12 @@ class _BidirectionalChunkedScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, dtf, dtr, Af, Ar, Bf, Cf, Br, Cr, D):
+    def forward(ctx, x, dtf, dtr, Af, Ar, Bf, Cf, Br, Cr, D, diagonal):
         x_h = x.permute(0, 1, 3, 4, 2, 5).contiguous()  # (b, c, G, R, Q, P)
         dtf_h, dtr_h = dtf.permute(0, 1, 3, 4, 2), dtr.permute(0, 1, 3, 4, 2)  # (b, c, G, R, Q) each
         s, r = _log_decays(dtf_h, dtr_h, Af, Ar)  # (b, c, G, R, Q) each
         Bfg, Cfg, Brg, Crg = (t.transpose(2, 3) for t in (Bf, Cf, Br, Cr))  # (b, c, G, Q, N) each
-        CB = torch.tril(Cfg @ Bfg.transpose(-1, -2))  # (b, c, G, Q, Q)
+        CB = torch.tril(Cfg @ Bfg.transpose(-1, -2), diagonal)  # (b, c, G, Q, Q)
         CB += torch.triu(Crg @ Brg.transpose(-1, -2), 1)
         LD = _decay_dt_matrix(s, r, dtf_h, dtr_h)  # (b, c, G, R, Q, Q)
         Y = (LD * CB.unsqueeze(3)) @ x_h  # (b, c, G, R, Q, P)
@@ -120,6 +126,7 @@ class _BidirectionalChunkedScan(torch.autograd.Function):
         if D is not None:
             y.addcmul_(x, D[..., None])
         ctx.save_for_backward(x, dtf, dtr, Af, Ar, Bf, Cf, Br, Cr, D, h, CB, LD)
+        ctx.diagonal = diagonal
         return y
 
     @staticmethod
@@ -143,7 +150,7 @@ class _BidirectionalChunkedScan(torch.autograd.Function):
         dCB = dLD.sum(3)  # (b, c, G, Q, Q)
         ds, dr, ddtf, ddtr = _log_matrix_grads(dLD.mul_(CB.unsqueeze(3)), dtf_h, dtr_h)  # dM o M
         del dLD
-        dCBf, dCBr = torch.tril(dCB), dCB.triu_(1)  # (b, c, G, Q, Q) each
+        dCBf, dCBr = torch.tril(dCB, ctx.diagonal), dCB.triu_(1)  # (b, c, G, Q, Q) each
         dCf, dBf = dCBf @ Bfg, dCBf.transpose(-1, -2) @ Cfg  # (b, c, G, Q, N) each
         dCr, dBr = dCBr @ Brg, dCBr.transpose(-1, -2) @ Crg  # (b, c, G, Q, N) each
 
@@ -167,7 +174,7 @@ class _BidirectionalChunkedScan(torch.autograd.Function):
             dx.addcmul_(dy, D[..., None])
             dD = torch.mul(dy, x, out=dY.view(x.shape)).sum(-1).sum((0, 1, 2))  # (G, R)  (dY: scratch)
         return (dx, ddtf.permute(0, 1, 4, 2, 3), ddtr.permute(0, 1, 4, 2, 3), dAf, dAr,
-                *(t.transpose(2, 3) for t in (dBf, dCf, dBr, dCr)), dD)
+                *(t.transpose(2, 3) for t in (dBf, dCf, dBr, dCr)), dD, None)
 
 
 def _log_decays(dtf_h: torch.Tensor, dtr_h: torch.Tensor, Af: torch.Tensor, Ar: torch.Tensor

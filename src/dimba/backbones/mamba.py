@@ -66,7 +66,7 @@ class Mamba2Mixer(BlockDiffusionMixin, nn.Module):
         chunk_size: chunk length of the SSD scan.
     """
 
-    def __init__(self, d_model: int, d_state: int = 64, d_conv: int = 4, expand: int = 2, headdim: int = 64,
+    def __init__(self, d_model: int, d_state: int = 32, d_conv: int = 4, expand: int = 2, headdim: int = 64,
                  ngroups: int = 1, chunk_size: int = 64):
         super().__init__()
         d_inner, nheads = head_layout(d_model, expand, headdim, ngroups)

@@ -118,11 +118,12 @@ def bidirectional_scan(
     D: torch.Tensor | None = None,
     *,
     chunk_size: int = 64,
+    forward_diagonal: bool = True,
 ) -> torch.Tensor:
     """A forward and a reverse SSD scan of one input x (batch, L, H, P), summed, in one call.
 
-    The forward direction reads positions <= t (with dt_fwd, A_fwd, B_fwd, C_fwd), the reverse one
-    positions > t (with the ``_rev`` tensors), plus ``D x``; shapes as in :func:`selective_scan`. The
+    The forward direction reads positions <= t (with dt_fwd, A_fwd, B_fwd, C_fwd; < t if not
+    ``forward_diagonal``), the reverse one positions > t (with the ``_rev`` tensors), plus ``D x``; shapes as in :func:`selective_scan`. The
     formula is in :mod:`dimba.backbones.biscan`. Returns y (batch, L, H, P) in the dtype of x.
 
     On CUDA with ``mamba_ssm``, float32/fp16/bf16 inputs go through ``mamba_chunk_scan_combined`` in
@@ -132,18 +133,19 @@ def bidirectional_scan(
     if x.is_cuda and x.dtype != torch.float64:
         if mamba_chunk_scan_combined is not None:
             return stacked_bidirectional_scan(_mamba_ssm_scan, x, dt_fwd, dt_rev, A_fwd, A_rev, B_fwd, C_fwd,
-                                              B_rev, C_rev, D, chunk_size=chunk_size)
+                                              B_rev, C_rev, D, chunk_size=chunk_size,
+                                              forward_diagonal=forward_diagonal)
         _warn_pure_pytorch_on_cuda("mamba_ssm", "bidirectional_scan runs the pure-PyTorch chunked scan")
     return chunked_bidirectional_scan(x, dt_fwd, dt_rev, A_fwd, A_rev, B_fwd, C_fwd, B_rev, C_rev, D,
-                                      chunk_size=chunk_size)
+                                      chunk_size=chunk_size, forward_diagonal=forward_diagonal)
 
 
 def stacked_bidirectional_scan(scan, x, dt_fwd, dt_rev, A_fwd, A_rev, B_fwd, C_fwd, B_rev, C_rev, D=None, *,
-                               chunk_size: int = 64) -> torch.Tensor:
+                               chunk_size: int = 64, forward_diagonal: bool = True) -> torch.Tensor:
     """:func:`bidirectional_scan` through one call of a causal ``scan`` with the signature of
     :func:`selective_scan` (without D): the reverse direction runs as H more heads, and G more groups
     of B and C, over the flipped sequence. Its diagonal term, which the reverse direction does not
-    have, is subtracted.
+    have, is subtracted (and the forward one's too without ``forward_diagonal``).
     """
     H, G = x.shape[2], B_fwd.shape[2]
     x2 = torch.cat([x, x.flip(1)], dim=2)  # (b, L, 2H, P)
@@ -155,9 +157,16 @@ def stacked_bidirectional_scan(scan, x, dt_fwd, dt_rev, A_fwd, A_rev, B_fwd, C_f
         torch.cat([C_fwd, C_rev.flip(1)], dim=2),  # (b, L, 2G, N)
         chunk_size=chunk_size,
     )  # (b, L, 2H, P)
-    cb_rev = (C_rev * B_rev).sum(-1).repeat_interleave(H // G, dim=2)  # (b, L, H)  C_t . B_t of each head
-    y = y2[:, :, :H] + y2[:, :, H:].flip(1) - (cb_rev * dt_rev)[..., None] * x  # (b, L, H, P)
+    diag = _diagonal(B_rev, C_rev, dt_rev, H // G)  # (b, L, H)
+    if not forward_diagonal:
+        diag = diag + _diagonal(B_fwd, C_fwd, dt_fwd, H // G)
+    y = y2[:, :, :H] + y2[:, :, H:].flip(1) - diag[..., None] * x  # (b, L, H, P)
     return y if D is None else y + D[:, None] * x
+
+
+def _diagonal(B: torch.Tensor, C: torch.Tensor, dt: torch.Tensor, heads_per_group: int) -> torch.Tensor:
+    """A causal scan's diagonal, the weight of x_t in y_t: C_t . B_t dt_t per head (b, L, H) from B, C (b, L, G, N)."""
+    return (C * B).sum(-1).repeat_interleave(heads_per_group, dim=2) * dt
 
 
 def _mamba_ssm_scan(x, dt, A, B, C, *, chunk_size):
