@@ -199,12 +199,12 @@ def test_bf16_autocast_block_is_finite_and_close_to_float32():
 
 
 @needs_mamba_ssm
-@pytest.mark.parametrize("length,groups", [(300, 2), (37, 1)])
-def test_bidirectional_scan_is_one_mamba_ssm_call_and_matches_float64(monkeypatch, length, groups):
+@pytest.mark.parametrize("length,groups,forward_diagonal", [(300, 2, True), (37, 1, True), (300, 2, False)])
+def test_bidirectional_scan_is_one_mamba_ssm_call_and_matches_float64(monkeypatch, length, groups, forward_diagonal):
     calls = count_calls(monkeypatch, ssm, "mamba_chunk_scan_combined")
     inputs = biscan_inputs(length=length, heads=8, headdim=16, d_state=16, groups=groups)
-    y_ref, grads_ref = with_grads(quasiseparable_reference, inputs)  # CPU, float64
-    y, grads = with_grads(bidirectional_scan, on_cuda(inputs), chunk_size=32)
+    y_ref, grads_ref = with_grads(quasiseparable_reference, inputs, forward_diagonal=forward_diagonal)  # CPU, float64
+    y, grads = with_grads(bidirectional_scan, on_cuda(inputs), chunk_size=32, forward_diagonal=forward_diagonal)
     assert len(calls) == 1, "both directions should take one mamba_chunk_scan_combined call"
     assert y.is_cuda and y.dtype == torch.float32
     assert_rel_close(y.cpu(), y_ref, TF32, "y")
@@ -244,10 +244,10 @@ def test_conv_with_lookahead_uses_causal_conv1d_and_matches_cpu(monkeypatch, loo
         assert_rel_close(got, ref, 1e-5, name)
 
 
-@pytest.mark.parametrize("ngroups", [1, 2])
-def test_shared_bimamba_on_cuda_matches_cpu(ngroups):
+@pytest.mark.parametrize("ngroups,hydra", [(1, False), (2, False), (2, True)])
+def test_shared_bimamba_on_cuda_matches_cpu(ngroups, hydra):
     torch.manual_seed(0)
-    layer = SharedBiMamba2(64, **mixer_kwargs(ngroups))
+    layer = SharedBiMamba2(64, hydra=hydra, **mixer_kwargs(ngroups))
     assert_cuda_matches_cpu(layer)
 
 
