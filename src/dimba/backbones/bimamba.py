@@ -117,7 +117,8 @@ class SharedBiMamba2(BlockDiffusionMixin, BidirectionalMixer):
         H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
         xBC = blockdiff.conv_blocks(xBC, context, self.conv1d.weight.squeeze(1), self.conv1d.bias, self._lookahead)
         x, *bc = xBC.split([self.d_inner] + [G * N] * self.n_bc, dim=-1)
-        B_fwd, C_fwd, B_rev, C_rev = (t.unflatten(-1, (G, N)) for t in self._directions_bc(bc))  # (n, nb, Bk, G, N) each
+        bc = self._directions_bc(bc)
+        B_fwd, C_fwd, B_rev, C_rev = (t.unflatten(-1, (G, N)) for t in bc)  # (n, nb, Bk, G, N) each
         dt = F.softplus(dt + self.dt_bias)  # (n, nb, Bk, 2H)
         A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))  # (2H,)
         x = x.unflatten(-1, (H, P))  # (n, nb, Bk, H, P)

@@ -123,8 +123,9 @@ def bidirectional_scan(
     """A forward and a reverse SSD scan of one input x (batch, L, H, P), summed, in one call.
 
     The forward direction reads positions <= t (with dt_fwd, A_fwd, B_fwd, C_fwd; < t if not
-    ``forward_diagonal``), the reverse one positions > t (with the ``_rev`` tensors), plus ``D x``; shapes as in :func:`selective_scan`. The
-    formula is in :mod:`dimba.backbones.biscan`. Returns y (batch, L, H, P) in the dtype of x.
+    ``forward_diagonal``), the reverse one positions > t (with the ``_rev`` tensors), plus ``D x``;
+    shapes as in :func:`selective_scan`. The formula is in :mod:`dimba.backbones.biscan`. Returns y
+    (batch, L, H, P) in the dtype of x.
 
     On CUDA with ``mamba_ssm``, float32/fp16/bf16 inputs go through ``mamba_chunk_scan_combined`` in
     one call, the reverse direction as H more heads reading the flipped sequence
