@@ -82,7 +82,7 @@ class SharedBiMamba2(BlockDiffusionMixin, BidirectionalMixer):
         keep = None if lengths is None else real_positions(lengths, u.shape[1])[..., None].to(xBC.dtype)  # (B, L, 1)
         if keep is not None:
             xBC = xBC * keep  # (B, L, conv_dim)
-        xBC = conv_silu(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, lookahead=(self.d_conv - 1) // 2)
+        xBC = conv_silu(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, lookahead=self._lookahead)
         x, *bc = xBC.split([self.d_inner] + [G * N] * self.n_bc, dim=-1)
         dt = F.softplus(dt + self.dt_bias)  # (B, L, 2H)
         if keep is not None:
