@@ -75,8 +75,8 @@ def test_stop_cuts_the_text_before_the_stop_string(server):
     client, _ = server
     body = {"prompt": "ROMEO:", "max_tokens": 20, "steps": 8, "seed": 1, "temperature": 0}
     text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
-    stop = text.strip()[:1]
-    assert stop, "the greedy completion is blank"
+    assert text, "the greedy completion is empty"
+    stop = text[len(text) // 2]  # one of its characters (blank ones too): the text is cut at its first occurrence
     cut = client.post("/v1/completions", json={**body, "stop": [stop, "\u2603"]}).json()["choices"][0]
     assert cut["text"] == text[: text.index(stop)] and cut["finish_reason"] == "stop"
 
