@@ -8,8 +8,8 @@ scan's included) and attention, not elementwise work, which is how MFU is usuall
 Mamba-2 mixer's depthwise convolution is elementwise work (4 taps) and is not counted; note that
 FlopCounterMode counts an ``nn.Conv1d`` with ``groups=C`` as a dense convolution, C times its work.
 On CUDA, the fused ``mamba_ssm`` / ``causal_conv1d`` kernels are invisible to it, so the scan's
-FLOPs are missing there and MFU is understated. The peak is the median
-rate of a large square matmul (2048 on CPU, 8192 on CUDA) in the run's precision (fp32 on CPU, bf16 under bf16-mixed),
+FLOPs are missing there and MFU is understated. The peak is the median rate of a large square
+matmul (2048 on CPU, 8192 on CUDA) in the run's precision (fp32 on CPU, bf16 under bf16-mixed),
 measured in the same process at the same thread count, before and after the timed steps.
 """
 
