@@ -47,9 +47,12 @@ def product_gflops(a: torch.Tensor, b: torch.Tensor, repeats: int = 10) -> float
     return 2 * a.numel() * b.shape[-1] / statistics.median(times) / 1e9
 
 
-def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048,
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None,
                        repeats: int = 10) -> float:
-    """Median GFLOP/s of an n x n matmul (2 n^3 FLOPs) on ``device`` in ``dtype``."""
+    """Median GFLOP/s of an n x n matmul (2 n^3 FLOPs) on ``device`` in ``dtype``; by default n is 8192 on CUDA
+    (a GPU needs a large product to reach its peak, and a short one cannot be timed by the host clock), else 2048."""
+    if n is None:
+        n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     return product_gflops(a, b, repeats)
@@ -73,8 +76,7 @@ def measure_training(cfg: Config, steps: int = 20, warmup: int = 3) -> dict:
     device, precision, tc = ts.fabric.device, ts.precision, ts.cfg.train
     peak_dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") \
         else torch.float32
-    size = 8192 if device.type == "cuda" else 2048  # a GPU needs a large product to reach its peak
-    peak_before = matmul_peak_gflops(device, peak_dtype, size)
+    peak_before = matmul_peak_gflops(device, peak_dtype)
     for _ in range(warmup):
         train_step(ts)
     counter = FlopCounterMode(display=False)
@@ -90,7 +92,7 @@ def measure_training(cfg: Config, steps: int = 20, warmup: int = 3) -> dict:
         train_step(ts)
         _sync(device)
         times.append(time.perf_counter() - start)
-    peak_after = matmul_peak_gflops(device, peak_dtype, size)
+    peak_after = matmul_peak_gflops(device, peak_dtype)
     median = statistics.median(times)
     tokens = tc.batch_size * tc.grad_accum * ts.cfg.data.seq_len
     achieved = flops / median / 1e9
