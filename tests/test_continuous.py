@@ -58,6 +58,17 @@ def test_an_absorbed_position_has_no_skip_logits():
     assert torch.allclose(x0[masked], m.codebook().mean(0).expand_as(x0[masked]), atol=1e-5)
 
 
+def test_the_training_pass_reads_the_logits_without_forming_the_x0_estimate():
+    m = small(family="hybrid")
+    ids = torch.randint(3, V, (2, 16))
+    t, noise = torch.tensor([0.3, 0.8]), torch.randn(2, 16, m.d_x)
+    masked = torch.rand(2, 16) < 0.3  # (B, L)
+    _, _, full = m(ids, t, noise=noise, masked=masked)
+    _, _, lean = m(ids, t, noise=noise, masked=masked, estimate_x0=False)
+    assert lean["x0_hat"] is None and full["x0_hat"].shape == (2, 16, m.d_x)
+    assert torch.equal(lean["logits"], full["logits"])
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(logit_skip=False), dict(self_conditioning=True, time_warping=True),
                                 dict(family="hybrid", self_conditioning=True)])
 def test_the_cross_entropy_objective_learns(kw):

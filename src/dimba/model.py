@@ -215,15 +215,17 @@ class DIMBA(nn.Module):
         return self.out_proj(self.backbone(h, cond, lengths))  # (B, L, d_x)
 
     def interpret(self, x_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar: torch.Tensor,
-                  masked: torch.Tensor | None = None,
-                  score_temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  masked: torch.Tensor | None = None, score_temperature: float = 1.0,
+                  estimate_x0: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The x0 estimate (B, L, d_x) a network output implies, and for ``prediction_type="logits"`` the predicted
         token logits (B, L, V) (float32; else None). Logits prediction estimates x0 by score interpolation: the
         codebook latents averaged under softmax(logits / ``score_temperature``) (`score_interpolate`; the
         returned logits are not divided); with ``logit_skip`` the logits include the Bayes logits
         of z_t under a uniform prior over the codebook, sqrt(ab) / (1 - ab) z_t . e_v (Gaussian q(z_t | x = v)
         with equal-norm codebook latents), so the network learns what the context adds to them; an absorbed
-        position (``masked`` (B, L) bool, hybrid family) has no latent and so no skip logits."""
+        position (``masked`` (B, L) bool, hybrid family) has no latent and so no skip logits. ``estimate_x0=False``
+        skips a logits model's score interpolation (its x0 estimate is then None): for callers that read only the
+        logits, such as the training pass."""
         kind = self.config.prediction_type
         if kind == "v":
             return x0_from_v(z_t, x_pred, alpha_bar), None
@@ -236,6 +238,8 @@ class DIMBA(nn.Module):
             if masked is not None:
                 z_t = z_t.masked_fill(masked[..., None], 0.0)  # (B, L, d_x)
             logits = logits + ab.sqrt() / (1 - ab).clamp_min(1e-4) * (z_t.float() @ book.float().T)
+        if not estimate_x0:
+            return None, logits
         return self.score_interpolate(logits, score_temperature, book), logits
 
     def score_interpolate(self, logits: torch.Tensor, temperature: float = 1.0,
@@ -271,17 +275,18 @@ class DIMBA(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
                 prompt_mask: torch.Tensor | None = None, x_self_cond: torch.Tensor | None = None,
-                drop_cond: bool | torch.Tensor = False, masked: torch.Tensor | None = None):
+                drop_cond: bool | torch.Tensor = False, masked: torch.Tensor | None = None, estimate_x0: bool = True):
         """Noise ``input_ids`` to time t and denoise: returns (x_pred, noise, latent_info) (latent families).
 
         With ``prompt_mask`` (B, L) bool, prompt tokens stay clean in the sequence and condition the denoiser;
         ``drop_cond`` (bool or (B,)) drops the prompt for classifier-free guidance: those sequences are noised
         and scored entirely. Hybrid: each non-prompt token is absorbed with probability 1 - alpha(t) of the mask
         schedule (``masked`` (B, L) bool gives the draw), and the others get Gaussian noise at the same t.
-        ``latent_info`` holds z0, z_t, alpha_bar, t, x0_hat, the effective prompt_mask and masked.
+        ``latent_info`` holds z0, z_t, alpha_bar, t, x0_hat (None for a logits model with ``estimate_x0=False``,
+        see `interpret`), logits, the effective prompt_mask and masked.
         """
         return self.family.forward(self, input_ids, t, noise=noise, prompt_mask=prompt_mask, x_self_cond=x_self_cond,
-                                   drop_cond=drop_cond, masked=masked)
+                                   drop_cond=drop_cond, masked=masked, estimate_x0=estimate_x0)
 
     # ----- token inputs (masked, ar) --------------------------------------------------------
     def _token_input(self, ids: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,7 @@ def compute_dimba_losses(model, input_ids: torch.Tensor, t: torch.Tensor | None 
             _, _, info = model(input_ids, t, noise=noise, prompt_mask=prompt_mask, drop_cond=drop_cond, masked=masked)
             x_sc = info["x0_hat"].detach()
     x_pred, noise, info = model(input_ids, t, noise=noise, prompt_mask=prompt_mask, x_self_cond=x_sc, drop_cond=drop_cond,
-                                masked=masked)
+                                masked=masked, estimate_x0=False)  # the loss reads the logits, not the x0 estimate
     scored = torch.ones_like(input_ids, dtype=torch.float32)  # (B, L)
     if info["prompt_mask"] is not None:
         scored = (~info["prompt_mask"]).float()
@@ -210,7 +210,7 @@ class ContinuousFamily(Family):
 
     def forward(self, model, input_ids: torch.Tensor, t, noise: torch.Tensor | None = None,
                 prompt_mask: torch.Tensor | None = None, x_self_cond: torch.Tensor | None = None,
-                drop_cond: bool | torch.Tensor = False, masked: torch.Tensor | None = None):
+                drop_cond: bool | torch.Tensor = False, masked: torch.Tensor | None = None, estimate_x0: bool = True):
         """`DIMBA.forward`: noise the latents of ``input_ids`` to time t, keep the prompt clean, and denoise."""
         b = input_ids.shape[0]
         t = model.time_of(t, b, input_ids.device)  # (B,)
@@ -230,7 +230,7 @@ class ContinuousFamily(Family):
                 masked = masked & ~prompt_mask  # the clean prompt is never absorbed
         cond = model.condition(input_ids, t, prompt_mask, drop)
         x_pred = model.denoise(z_t, t, cond, prompt_mask, x_self_cond, masked)
-        x0_hat, logits = model.interpret(x_pred, z_t, alpha_bar, masked)
+        x0_hat, logits = model.interpret(x_pred, z_t, alpha_bar, masked, estimate_x0=estimate_x0)
         info = {"z0": z0, "z_t": z_t, "alpha_bar": alpha_bar, "t": t, "x0_hat": x0_hat, "logits": logits,
                 "prompt_mask": prompt_mask, "masked": masked}
         return x_pred, noise, info
