@@ -69,6 +69,21 @@ def test_the_training_pass_reads_the_logits_without_forming_the_x0_estimate():
     assert torch.equal(lean["logits"], full["logits"])
 
 
+def test_self_conditioning_feeds_back_the_clean_latent_at_prompt_positions(monkeypatch):
+    m = small(self_conditioning=True)
+    ids = torch.randint(3, V, (2, 16))
+    prompt = torch.rand(2, 16) < 0.5  # (B, L): a clean subset
+    seen = []
+    denoise = m.denoise
+    monkeypatch.setattr(m, "denoise", lambda *a, **k: seen.append(a[4]) or denoise(*a, **k))
+    compute_dimba_losses(m, ids, torch.tensor([0.5, 0.9]), prompt_mask=prompt, self_cond_prob=1.0, objective="ce")
+    first, fed = seen  # the no-grad pass reads no estimate; the second reads the first's
+    assert first is None
+    z0 = m.encode(ids)  # (B, L, d)
+    assert torch.equal(fed[prompt], z0[prompt].detach())
+    assert not torch.allclose(fed[~prompt], z0[~prompt])  # elsewhere, the first pass's estimate
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(logit_skip=False), dict(self_conditioning=True, time_warping=True),
                                 dict(family="hybrid", self_conditioning=True)])
 def test_the_cross_entropy_objective_learns(kw):

@@ -38,7 +38,8 @@ def compute_dimba_losses(model, input_ids: torch.Tensor, t: torch.Tensor | None 
       latent must keep every token decodable, which also prevents embedding collapse), estimated on
       the first quarter of the batch.
     With self-conditioning, a first no-grad pass supplies x_self_cond with probability
-    ``self_cond_prob`` (Chen et al. 2022). ``objective="mse_ce"``: ``loss = mse + ce_w * ce + recon_w * recon``;
+    ``self_cond_prob`` (Chen et al. 2022); at the clean (prompt) positions it is their clean latent, as the sampler
+    and the likelihood bound feed it back. ``objective="mse_ce"``: ``loss = mse + ce_w * ce + recon_w * recon``;
     ``objective="ce"``: ``loss = ce_w * ce + recon_w * recon`` (CDCD; ``mse`` is still reported).
 
     The hybrid family uses the same objective: its absorbed positions are scored like the noisy
@@ -60,7 +61,9 @@ def compute_dimba_losses(model, input_ids: torch.Tensor, t: torch.Tensor | None 
     if model.config.self_conditioning and torch.rand((), generator=generator) < self_cond_prob:
         with torch.no_grad():
             _, _, info = model(input_ids, t, noise=noise, prompt_mask=prompt_mask, drop_cond=drop_cond, masked=masked)
-            x_sc = info["x0_hat"].detach()
+            x_sc = info["x0_hat"].detach()  # (B, L, d_x)
+            if info["prompt_mask"] is not None:  # clean positions feed back their own latent, as in generation
+                x_sc = torch.where(info["prompt_mask"][..., None], info["z0"], x_sc)
     x_pred, noise, info = model(input_ids, t, noise=noise, prompt_mask=prompt_mask, x_self_cond=x_sc, drop_cond=drop_cond,
                                 masked=masked, estimate_x0=False)  # the loss reads the logits, not the x0 estimate
     scored = torch.ones_like(input_ids, dtype=torch.float32)  # (B, L)
