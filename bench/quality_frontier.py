@@ -16,20 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
-import sys
+
+from continuous_recipes import dimba  # the CLI in a subprocess (this folder is on the path of a script run here)
 
 KEYS = ("gen_ppl", "entropy", "train_word_fraction", "distinct_2", "seconds_per_sample")
 
 
 def sample_quality(model: str, judge: str, steps: int, samples: int, flags: str) -> dict:
     """One `dimba sample-quality` call: its JSON figures (``KEYS``) and first sample."""
-    cmd = [sys.executable, "-m", "dimba", "sample-quality", model, "--judge", judge, "--json",
-           "--samples", str(samples), "--steps", str(steps), *shlex.split(flags)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"sample-quality {model} {flags} failed: {done.stderr.strip().splitlines()[-1:]}")
-    out = json.loads(done.stdout)
+    out = json.loads(dimba("sample-quality", model, "--judge", judge, "--json", "--samples", str(samples),
+                           "--steps", str(steps), *shlex.split(flags)))
     return {**{k: out.get(k) for k in KEYS}, "first_sample": out["texts"][0][:300]}
 
 
