@@ -56,21 +56,28 @@ def score(run: Path, judge: str, steps: int, samples: int, score_temperatures: l
         "stderr_nats_per_token"), "t0": bound.get("t0"), "clamp": bound.get("clamp")}
 
 
-def plot(results: dict, judge_row: dict, path: str) -> None:
-    """gen-PPL (log) against unigram entropy, one point per (recipe, score temperature)."""
+def plot_frontier(curves: dict[str, list[dict]], judge: dict, path: str, title: str = "",
+                  target_box: bool = False) -> None:
+    """gen-PPL (log) against unigram entropy: one line per curve (points with ``entropy`` and ``gen_ppl``), the
+    judge's own samples as a star, and with ``target_box`` issue 16's target (<= 2.5x its gen-PPL at >= 0.9x its
+    entropy)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    for name, r in results.items():
-        pts = sorted((v["entropy"], v["gen_ppl"], st) for st, v in r["samples"].items())
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{name} ({r['bits_per_byte']:.3f} bits/B)")
-    ax.plot([judge_row["entropy"]], [judge_row["gen_ppl"]], "k*", markersize=12, label="ar judge, its own samples")
+    for name, points in curves.items():
+        pts = sorted(points, key=lambda p: p["entropy"])
+        ax.plot([p["entropy"] for p in pts], [p["gen_ppl"] for p in pts], "o-", label=name)
+    ax.plot([judge["entropy"]], [judge["gen_ppl"]], "k*", markersize=12, label="ar judge, its own samples")
+    if target_box:
+        ax.fill_between([0.9 * judge["entropy"], 1.05 * judge["entropy"]], 1, 2.5 * judge["gen_ppl"], color="g",
+                        alpha=0.12, label="target: <= 2.5x judge, entropy >= 0.9x")
     ax.set(yscale="log", xlabel="unigram entropy of the samples (nats)", ylabel="gen-PPL under the ar judge",
-           title="continuous recipes at 650 steps (tiny preset); lines: score temperature")
-    ax.legend(fontsize=7)
+           title=title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -102,8 +109,10 @@ def main() -> None:
     judge_row = {k: judge[k] for k in ("gen_ppl", "entropy", "train_word_fraction")}
     judge_row["bits_per_byte"] = json.loads(dimba("eval", args.judge, "--json", "--max-tokens", "16384"))[
         "bits_per_byte"]
-    if args.png:
-        plot(results, judge_row, args.png)
+    if args.png:  # one point per (recipe, score temperature)
+        curves = {f"{n} ({r['bits_per_byte']:.3f} bits/B)": list(r["samples"].values()) for n, r in results.items()}
+        plot_frontier(curves, judge_row, args.png, "continuous recipes at 650 steps (tiny preset); lines: score "
+                      "temperature")
     print(json.dumps({"judge": judge_row, "recipes": results}, indent=1))
 
 

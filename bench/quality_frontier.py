@@ -17,7 +17,8 @@ import argparse
 import json
 import shlex
 
-from continuous_recipes import dimba  # the CLI in a subprocess (this folder is on the path of a script run here)
+# the CLI in a subprocess and the entropy plot (this folder is on the path of a script run here)
+from continuous_recipes import dimba, plot_frontier
 
 KEYS = ("gen_ppl", "entropy", "train_word_fraction", "distinct_2", "seconds_per_sample")
 
@@ -27,29 +28,6 @@ def sample_quality(model: str, judge: str, steps: int, samples: int, flags: str)
     out = json.loads(dimba("sample-quality", model, "--judge", judge, "--json", "--samples", str(samples),
                            "--steps", str(steps), *shlex.split(flags)))
     return {**{k: out.get(k) for k in KEYS}, "first_sample": out["texts"][0][:300]}
-
-
-def plot(result: dict, path: str) -> None:
-    """gen-PPL (log) against entropy per run, the judge's point and the target box."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, points in result["runs"].items():
-        pts = sorted(points, key=lambda p: p["entropy"])
-        ax.plot([p["entropy"] for p in pts], [p["gen_ppl"] for p in pts], "o-", label=name)
-    judge = result["judge_own"]
-    ax.plot([judge["entropy"]], [judge["gen_ppl"]], "k*", markersize=12, label="ar judge's own samples")
-    ax.fill_between([0.9 * judge["entropy"], 1.05 * judge["entropy"]], 1, 2.5 * judge["gen_ppl"], color="g",
-                    alpha=0.12, label="target: <= 2.5x judge, entropy >= 0.9x")
-    ax.set_yscale("log")
-    ax.set_xlabel("unigram entropy of the samples (nats)")
-    ax.set_ylabel("gen-PPL under the ar judge")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -75,7 +53,7 @@ def main() -> None:
                                 for f in settings[name] or [""]]
     result["judge_own"] = sample_quality(args.judge, args.judge, args.steps, args.samples, "")
     if args.png:
-        plot(result, args.png)
+        plot_frontier(result["runs"], result["judge_own"], args.png, target_box=True)
     print(json.dumps(result, indent=1))
 
 
