@@ -1,12 +1,18 @@
 """Block diffusion on a cached state against the ar model with its cache: speed (batch 1, 256 new tokens, CPU)
 and sample quality (gen-PPL under the ar judge, unigram entropy), with each unmasking rule.
 
-    python bench/block_gen.py runs/ar runs/block16 [runs/block8 ...] [--rules count:256,count:64,threshold:0.9,...]
-                              [--judge runs/judge] [--repeats 3] [--samples 16] [--png bench/block_gen.png]
+    python bench/block_gen.py runs/ar runs/block16 [runs/masked ...] [--rules count:256,count:64,threshold:0.9,...]
+                              [--judge runs/judge] [--repeats 3] [--samples 16] [--block-length 32]
+                              [--png bench/block_gen.png]
+
+A run without ``model.block_size`` (a full-sequence masked model) is sampled in semi-autoregressive blocks of
+``--block-length``, each rule twice: without a cache (every step reads the whole canvas) and with the DualCache
+(`dimba.backbones.dualcache`: the canvas read at each block's first step, the block alone at the others).
 
 Speed: every configuration generates 256 tokens with no EOS stop, ``repeats`` times interleaved (round robin,
 so machine noise hits all alike) after one warm-up round; median seconds, tokens/s and model calls per token
-(ar: ``ar_step`` calls; block: ``block_step`` calls, the denoising steps plus one read of each finished block).
+(ar: ``ar_step`` calls; block: ``block_step`` calls, the denoising steps plus one read of each finished block;
+full-sequence: whole-canvas reads plus DualCache block reads).
 Quality: ``samples`` samples of 256 tokens per configuration, batched, scored by `dimba.evaluation.sample_quality`
 with the ar model as the judge (or ``--judge``, another ar run). A rule is ``count:S`` (S steps in all, an even
 share per step, LLaDA's low confidence order), ``threshold:P`` (Fast-dLLM, at most 256 steps) or ``entropy:G`` (EB-sampler, at most 256 steps).
@@ -34,17 +40,25 @@ RULES = {"count": lambda v: {"num_steps": int(v)},
          "entropy": lambda v: {"num_steps": NEW_TOKENS, "unmask_entropy": float(v)}}
 
 
-def configurations(ar, block_runs: list[str], rules: list[str]) -> dict:
+def configurations(ar, runs: list[str], rules: list[str], block_length: int) -> dict:
     """name -> (model, tokenizer, call counter, SampleConfig)."""
     model, tok = ar
     configs = {"ar (cache)": (model, tok, counting(model, "ar_step"), SampleConfig())}
-    for run in block_runs:
+    for run in runs:
         model, tok = load_for_inference(run)
-        calls = counting(model, "block_step")
+        if model.config.block_size is not None:
+            calls = counting(model, "block_step")
+            for rule in rules:
+                kind, value = rule.split(":")
+                configs[f"block {model.config.block_size} {kind} {value}"] = (
+                    model, tok, calls, SampleConfig(**RULES[kind](value)))
+            continue
+        calls = counting(model, "token_logits", "dual_forward", "dual_step")
         for rule in rules:
             kind, value = rule.split(":")
-            name = f"block {model.config.block_size} {kind} {value}"
-            configs[name] = (model, tok, calls, SampleConfig(**RULES[kind](value)))
+            for dual, label in ((False, "no cache"), (True, "DualCache")):
+                settings = SampleConfig(**RULES[kind](value), block_length=block_length, dual_cache=dual)
+                configs[f"full, blocks of {block_length}, {label}, {kind} {value}"] = (model, tok, calls, settings)
     return configs
 
 
@@ -90,7 +104,7 @@ def draw(results: dict, png: str) -> None:
         ax.annotate(name, (r["median_s"], r["gen_ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel(f"seconds per sample of {NEW_TOKENS} tokens (batch 1, median)")
     ax.set_ylabel("gen-PPL under the ar judge")
-    ax.set_title("block diffusion vs ar, CPU")
+    ax.set_title("block diffusion, DualCache and ar, CPU")
     fig.tight_layout()
     fig.savefig(png, dpi=120)
 
@@ -98,19 +112,21 @@ def draw(results: dict, png: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("ar_run")
-    ap.add_argument("block_runs", nargs="+")
+    ap.add_argument("runs", nargs="+", help="block-diffusion runs and / or full-sequence masked runs")
     ap.add_argument("--rules", default="count:256,count:128,count:64,threshold:0.9,threshold:0.7,entropy:0.5,entropy:2")
     ap.add_argument("--judge", default=None, help="the ar run that scores gen-PPL (default: ar_run)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--png", default=None)
+    ap.add_argument("--block-length", type=int, default=32, help="the sampler's blocks on a full-sequence run")
     args = ap.parse_args()
     ar = load_for_inference(args.ar_run)
-    configs = configurations(ar, args.block_runs, args.rules.split(","))
+    configs = configurations(ar, args.runs, args.rules.split(","), args.block_length)
     speed = time_all(configs, args.repeats)
     quality = quality_all(configs, *(load_for_inference(args.judge) if args.judge else ar), args.samples)
     results = {name: {**speed[name], **quality[name]} for name in configs}
     print(json.dumps({"threads": torch.get_num_threads(), "new_tokens": NEW_TOKENS, "repeats": args.repeats,
+                      "block_length": args.block_length,
                       "samples": args.samples, "results": results}, indent=2))
     if args.png:
         draw(results, args.png)

@@ -24,16 +24,18 @@ from dimba.generation import sample_from_model
 NEW_TOKENS = 256
 
 
-def counting(model, method: str) -> dict:
-    """Wrap ``model.method`` so that calls are counted in the returned dict."""
+def counting(model, *methods: str) -> dict:
+    """Wrap each of ``model``'s ``methods`` so that their calls are counted, together, in the returned dict."""
     calls = {"n": 0}
-    inner = getattr(model, method)
 
-    def counted(*args, **kwargs):
-        calls["n"] += 1
-        return inner(*args, **kwargs)
+    def wrap(inner):
+        def counted(*args, **kwargs):
+            calls["n"] += 1
+            return inner(*args, **kwargs)
+        return counted
 
-    setattr(model, method, counted)
+    for method in methods:
+        setattr(model, method, wrap(getattr(model, method)))
     return calls
 
 

@@ -8,10 +8,13 @@ import sys
 import pytest
 import torch
 
-from dimba import sample_from_model
+from dimba import DIMBA, sample_from_model
 from dimba.cli import main
 from dimba.loading import load_for_inference
 from dimba.special_tokens import MASK_ID
+
+DUAL_FORWARD = DIMBA.dual_forward
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, corpus, tiny):
@@ -129,7 +132,7 @@ def test_tokenizer_train_verb_writes_and_refuses_overwrite(corpus, tmp_path, cap
 
 @pytest.mark.parametrize("family, flags", [("masked", ["--block-length", "4", "--remasking", "random"]),
                                            ("ar", []), ("hybrid", [])])
-def test_every_family_trains_and_generates(family, flags, corpus, tmp_path, capsys, tiny, metrics):
+def test_every_family_trains_and_generates(family, flags, corpus, tmp_path, capsys, tiny, metrics, monkeypatch):
     out = tmp_path / family
     assert main(["train", "--family", family, "--data", str(corpus), "--max-steps", "10", "--out", str(out), "--quiet",
                  *tiny]) == 0
@@ -141,6 +144,11 @@ def test_every_family_trains_and_generates(family, flags, corpus, tmp_path, caps
     assert main(["generate", str(out), *args]) == 0
     text = capsys.readouterr().out
     assert text.startswith("ROMEO:")
+    if family == "masked":  # the DualCache flag: 8 steps over the 8 blocks of the 32-token canvas, one per block,
+        reads = []  # where the cache changes nothing; each block's step reads the canvas
+        monkeypatch.setattr(DIMBA, "dual_forward", lambda self, *a: reads.append(1) or DUAL_FORWARD(self, *a))
+        assert main(["generate", str(out), *args, "--dual-cache"]) == 0
+        assert capsys.readouterr().out == text and len(reads) == 8
     model, tokenizer = load_for_inference(out)  # the same generation: every position is filled, none left masked
     prompt = tokenizer.encode("ROMEO:")
     ids = sample_from_model(model, prompt, seq_len=32 - len(prompt), num_steps=8, remasking="random",

@@ -150,7 +150,7 @@ def test_bad_fields_are_4xx_json_and_the_server_stays_up(server, body, status, w
 
 FIELDS = ["model", "prompt", "max_tokens", "n", "seed", "stop", "stream", "temperature", "top_p", "top_k", "steps",
           "guidance", "eta", "remasking", "block_length", "clamp", "score_temperature", "commit",
-          "unmask_threshold", "unmask_entropy"]
+          "unmask_threshold", "unmask_entropy", "dual_cache"]
 
 
 def test_the_request_fields_are_these():

@@ -206,6 +206,10 @@ class SampleConfig(_Strict):
         None, ge=0, description="masked family: parallel unmasking (EB-sampler): each step commits masked tokens in "
         "order of increasing entropy while the entropies before stay within this many nats (at least one); --steps "
         "is then a maximum")
+    dual_cache: bool = Field(
+        False, description="masked family, full-sequence models: Fast-dLLM's DualCache, an approximate cache: each "
+        "block's first step reads the whole canvas and keeps every layer's state before and after the block; its "
+        "other steps read the block alone (use with --block-length)")
 
 
 FINETUNE_METHODS = ("sft", "dpo", "ipo", "simpo", "grpo")
@@ -248,7 +252,8 @@ class FinetuneConfig(_Strict):
 SAMPLE_NAMES = {"steps": "num_steps", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
                 "guidance": "guidance_scale", "eta": "eta", "clamp": "clamp", "remasking": "remasking",
                 "block_length": "block_length", "score_temperature": "score_temperature",
-                "commit": "commit", "unmask_threshold": "unmask_threshold", "unmask_entropy": "unmask_entropy"}
+                "commit": "commit", "unmask_threshold": "unmask_threshold", "unmask_entropy": "unmask_entropy",
+                "dual_cache": "dual_cache"}
 
 
 class Config(_Strict):

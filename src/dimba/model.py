@@ -330,6 +330,18 @@ class DIMBA(nn.Module):
         h, cache = self.backbone.block_step(self._token_input(ids), cond, cache, pos)  # (B, Bk, D)
         return self._head_logits(h), cache
 
+    # ----- DualCache (full-sequence token models) ------------------------------------------------
+    def dual_forward(self, ids: torch.Tensor, cond: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, list]:
+        """Raw float32 logits (B, L, V) of a full-sequence token model on ids (B, L), and a DualCache of the block
+        [start, end) for `dual_step` (`Backbone.dual_forward`). ``cond`` (B, D): `condition`'s vector."""
+        h, cache = self.backbone.dual_forward(self._token_input(ids), cond, start, end)  # (B, L, D)
+        return self._head_logits(h), cache
+
+    def dual_step(self, ids: torch.Tensor, cond: torch.Tensor, cache: list, start: int) -> torch.Tensor:
+        """Logits (B, Bk, V) of the block ids (B, Bk) at positions start..start+Bk-1, read with the ``cache`` of
+        `dual_forward` for that block in O(Bk) work: approximate, the rest of the canvas as it was then."""
+        return self._head_logits(self.backbone.dual_step(self._token_input(ids), cond, cache, start))
+
     def _block_size(self) -> int:
         if self.config.block_size is None:
             raise ValueError("this model has no model.block_size: it was not trained for block diffusion")

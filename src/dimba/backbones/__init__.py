@@ -134,6 +134,15 @@ class Block(nn.Module):
         y, state = self.mixer.block_step(self.mod1(self.norm1(h), c), state, pos)  # (B, Bk, D)
         return self._mlp(h + y, c), state
 
+    def dual_forward(self, h: torch.Tensor, c: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, object]:
+        """:meth:`forward` on h (B, L, D) and the mixer's DualCache state of the block [start, end)."""
+        y, state = self.mixer.dual_forward(self.mod1(self.norm1(h), c), start, end)  # (B, L, D)
+        return self._mlp(h + y, c), state
+
+    def dual_step(self, h: torch.Tensor, c: torch.Tensor, state, start: int) -> torch.Tensor:
+        """The block h (B, Bk, D) at ``start`` read with the DualCache ``state`` of its surroundings."""
+        return self._mlp(h + self.mixer.dual_step(self.mod1(self.norm1(h), c), state, start), c)  # (B, Bk, D)
+
     def _mlp(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """The residual MLP sub-block, when present: (B, [L,] D) -> (B, [L,] D)."""
         if self.mlp is not None:
@@ -214,6 +223,23 @@ class Backbone(nn.Module):
             h, state = layer.block_step(h, c, state, pos)  # (B, Bk, D)
             new_cache.append(state)
         return self.norm(h), new_cache
+
+    def dual_forward(self, h: torch.Tensor, c: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, list]:
+        """:meth:`forward` on h (B, L, D) that also returns a DualCache for the block [start, end): what every
+        layer's mixer keeps of the positions outside it (`dimba.backbones.dualcache`)."""
+        cache = []
+        for layer in self.blocks:
+            h, state = layer.dual_forward(h, c, start, end)  # (B, L, D)
+            cache.append(state)
+        return self.norm(h), cache
+
+    def dual_step(self, h: torch.Tensor, c: torch.Tensor, cache: list, start: int) -> torch.Tensor:
+        """The block h (B, Bk, D) at positions start..start+Bk-1, every layer on the block alone with the
+        ``cache`` of :meth:`dual_forward` -> (B, Bk, D) after the final norm. Approximate: the cache keeps the
+        surroundings as they were when it was made (exact while the block is unchanged)."""
+        for layer, state in zip(self.blocks, cache, strict=True):
+            h = layer.dual_step(h, c, state, start)  # (B, Bk, D)
+        return self.norm(h)
 
     def allocate_cache(self, batch: int, max_len: int, device: torch.device | None = None,
                        dtype: torch.dtype | None = None) -> list:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dimba.backbones import blockdiff
+from dimba.backbones import blockdiff, dualcache
 from dimba.backbones.blockdiff import BlockDiffusionMixin, BlockFeatures
 from dimba.backbones.mamba import GatedRMSNorm, _inverse_softplus_log_uniform, head_layout
 from dimba.backbones.mixer import BidirectionalMixer, real_positions
@@ -112,10 +112,13 @@ class SharedBiMamba2(BlockDiffusionMixin, BidirectionalMixer):
     def _project(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.in_proj(u).split([self.d_inner, self.conv_dim, 2 * self.nheads], dim=-1)
 
-    def _block_features(self, xBC: torch.Tensor, dt: torch.Tensor, context: torch.Tensor) -> BlockFeatures:
-        """Post-conv tensors of blocks xBC (n, nb, Bk, C), raw dt (n, nb, Bk, 2H) after their clean context."""
+    def _block_features(self, xBC: torch.Tensor, dt: torch.Tensor, context: torch.Tensor,
+                        after: torch.Tensor | None = None) -> BlockFeatures:
+        """Post-conv tensors of blocks xBC (n, nb, Bk, C), raw dt (n, nb, Bk, 2H) after their clean context
+        (before each block's end the conv reads ``after``, (n, nb, lookahead, C), or zeros)."""
         H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
-        xBC = blockdiff.conv_blocks(xBC, context, self.conv1d.weight.squeeze(1), self.conv1d.bias, self._lookahead)
+        xBC = blockdiff.conv_blocks(xBC, context, self.conv1d.weight.squeeze(1), self.conv1d.bias, self._lookahead,
+                                    after)
         x, *bc = xBC.split([self.d_inner] + [G * N] * self.n_bc, dim=-1)
         bc = self._directions_bc(bc)
         B_fwd, C_fwd, B_rev, C_rev = (t.unflatten(-1, (G, N)) for t in bc)  # (n, nb, Bk, G, N) each
@@ -124,14 +127,35 @@ class SharedBiMamba2(BlockDiffusionMixin, BidirectionalMixer):
         x = x.unflatten(-1, (H, P))  # (n, nb, Bk, H, P)
         return BlockFeatures(x, dt[..., :H], A[:H], B_fwd, C_fwd, (dt[..., H:], A[H:], B_rev, C_rev))
 
-    def _block_output(self, z: torch.Tensor, f: BlockFeatures, h_in: torch.Tensor) -> torch.Tensor:
-        """Both scans of every block alone plus the entering state's readout -> (n, nb, Bk, D)."""
+    def _block_output(self, z: torch.Tensor, f: BlockFeatures, h_in: torch.Tensor | None,
+                      h_rev: torch.Tensor | None = None) -> torch.Tensor:
+        """Both scans of every block alone plus the readouts of the forward state entering it, ``h_in``, and of the
+        reverse state entering it from its end, ``h_rev`` (n, nb, H, P, N) each (None: zero) -> (n, nb, Bk, D)."""
         dt_rev, A_rev, B_rev, C_rev = f.rest
-        n, nb, bk = f.x.shape[:3]
+        bk = f.x.shape[2]
         y = bidirectional_scan(
             *(t.flatten(0, 1) for t in (f.x, f.dt, dt_rev)), f.A, A_rev,
             *(t.flatten(0, 1) for t in (f.B, f.C, B_rev, C_rev)), self.D,
             chunk_size=min(self.chunk_size, bk), forward_diagonal=self.fc_D is None,
         ).view(f.x.shape)  # (n, nb, Bk, H, P)
-        y = self._learned_diagonal(y, f.x) + blockdiff.state_readout(h_in, f).to(y.dtype)
+        y = self._learned_diagonal(y, f.x)
+        if h_in is not None:
+            y = y + blockdiff.state_readout(h_in, f).to(y.dtype)
+        if h_rev is not None:
+            backwards = blockdiff.flip_blocks(self._reverse_features(f))
+            y = y + blockdiff.state_readout(h_rev, backwards).flip(2).to(y.dtype)  # (n, nb, Bk, H, P)
         return self.out_proj(self.norm(y.flatten(-2), z))  # (n, nb, Bk, D)
+
+    @staticmethod
+    def _reverse_features(f: BlockFeatures) -> BlockFeatures:
+        """The reverse direction's features (its dt, A, B, C; the shared x) in the forward order."""
+        return BlockFeatures(f.x, *f.rest)
+
+    def dual_forward(self, u: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, tuple]:
+        """:meth:`forward` on u (n, L, D) and the DualCache state of the block [start, end)
+        (`dimba.backbones.dualcache`)."""
+        return dualcache.shared_forward(self, u, start, end)
+
+    def dual_step(self, u: torch.Tensor, state: tuple, start: int) -> torch.Tensor:
+        """The block u (n, Bk, D) read with the DualCache ``state`` of its surroundings -> (n, Bk, D)."""
+        return dualcache.shared_step(self, u, state)

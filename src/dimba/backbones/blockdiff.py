@@ -61,13 +61,15 @@ def clean_context(xBC: torch.Tensor, lookback: int, block: int) -> torch.Tensor:
 
 
 def conv_blocks(xBC: torch.Tensor, context: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                lookahead: int) -> torch.Tensor:
+                lookahead: int, after: torch.Tensor | None = None) -> torch.Tensor:
     """SiLU of the depthwise conv of each block alone, after its clean ``context``: xBC (n, nb, Bk, C) and
-    context (n, nb, lookback, C) -> (n, nb, Bk, C); positions after the block's end read zeros."""
+    context (n, nb, lookback, C) -> (n, nb, Bk, C); positions after the block's end read ``after``
+    (n, nb, lookahead, C), or zeros without it."""
     n, nb, bk, c = xBC.shape
     lb = context.shape[2]
-    seq = torch.cat([context.to(xBC.dtype), xBC], dim=2).flatten(0, 1)  # (n nb, lb + Bk, C)
-    return conv_silu(seq, weight, bias, lookahead)[:, lb:].reshape(n, nb, bk, c)
+    parts = [context.to(xBC.dtype), xBC] + ([] if after is None else [after.to(xBC.dtype)])
+    seq = torch.cat(parts, dim=2).flatten(0, 1)  # (n nb, lb + Bk [+ la], C)
+    return conv_silu(seq, weight, bias, lookahead)[:, lb:lb + bk].reshape(n, nb, bk, c)
 
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -103,6 +105,22 @@ def entering_states(S: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     before = torch.ones(nb, nb, dtype=torch.bool, device=total.device).tril_(-1)[None, :, :, None]  # i < k
     decay = torch.where(before, diff, torch.full_like(diff, float("-inf"))).exp()  # (n, k, i, H)
     return torch.einsum("nkih,nihpq->nkhpq", decay, S)
+
+
+def span_state(f: BlockFeatures, lo: int, hi: int) -> torch.Tensor:
+    """The state a forward scan over positions [lo, hi) of the features ``f`` of one block (n, 1, L, ...) writes
+    from zero: (n, H, P, N); zeros for an empty span."""
+    n, _, _, heads, p = f.x.shape
+    if hi <= lo:
+        dtype = torch.promote_types(f.dt.dtype, torch.float32)
+        return torch.zeros(n, heads, p, f.B.shape[-1], dtype=dtype, device=f.x.device)
+    part = BlockFeatures(f.x[:, :, lo:hi], f.dt[:, :, lo:hi], f.A, f.B[:, :, lo:hi], f.C[:, :, lo:hi])
+    return block_writes(part)[0][:, 0]
+
+
+def flip_blocks(f: BlockFeatures) -> BlockFeatures:
+    """The features of each block read backwards (a forward scan of them is the reverse scan of ``f``)."""
+    return BlockFeatures(f.x.flip(2), f.dt.flip(2), f.A, f.B.flip(2), f.C.flip(2))
 
 
 def state_readout(h_in: torch.Tensor, f: BlockFeatures) -> torch.Tensor:

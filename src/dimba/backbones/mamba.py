@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dimba.backbones import blockdiff
+from dimba.backbones import blockdiff, dualcache
 from dimba.backbones.blockdiff import BlockDiffusionMixin, BlockFeatures
 from dimba.backbones.mixer import BidirectionalMixer, reverse_rows
 from dimba.backbones.mixer_ops import gated_rms_norm
@@ -186,6 +186,15 @@ class Mamba2Mixer(BlockDiffusionMixin, nn.Module):
         y = y + blockdiff.state_readout(h_in, f).to(y.dtype)
         return self.out_proj(self.norm(y.flatten(-2), z))  # (n, nb, Bk, D)
 
+    def dual_forward(self, u: torch.Tensor, start: int, end: int | None = None) -> tuple[torch.Tensor, tuple]:
+        """:meth:`forward` on u (n, L, D) and the `block_step` state of the prefix before ``start`` (a causal
+        mixer reads nothing after a block; see `dimba.backbones.dualcache`)."""
+        return dualcache.causal_forward(self, u, start)
+
+    def dual_step(self, u: torch.Tensor, state: tuple, start: int | None = None) -> torch.Tensor:
+        """The block u (n, Bk, D) after the prefix in ``state`` -> (n, Bk, D)."""
+        return self.block_step(u, state)[0]
+
     def _causal_conv(self, xBC: torch.Tensor) -> torch.Tensor:
         """Depthwise causal convolution over time followed by SiLU: (B, L, C) -> (B, L, C)."""
         return conv_silu(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias)  # (B, L, C)
@@ -240,10 +249,24 @@ class BiMamba2(BidirectionalMixer):
         y, state = self.forward_mixer.block_step(u, state)  # (n, Bk, D)
         return y + self._reverse_within(u), state
 
+    def dual_forward(self, u: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, tuple]:
+        """:meth:`forward` on u (n, L, D) and the DualCache state of the block [start, end): the forward mixer's
+        state at ``start``, the reverse mixer's at ``end`` with the sequence read backwards."""
+        y_fwd, fwd = self.forward_mixer.dual_forward(u, start)  # (n, L, D)
+        y_rev, rev = self._reverse_mixer().dual_forward(u.flip(1), u.shape[1] - end)  # (n, L, D), read backwards
+        return y_fwd + y_rev.flip(1), (fwd, rev)
+
+    def dual_step(self, u: torch.Tensor, state: tuple, start: int | None = None) -> torch.Tensor:
+        """The block u (n, Bk, D) between the surroundings in ``state`` (from :meth:`dual_forward`) -> (n, Bk, D)."""
+        fwd, rev = state
+        return self.forward_mixer.dual_step(u, fwd) + self._reverse_mixer().dual_step(u.flip(1), rev).flip(1)
+
+    def _reverse_mixer(self) -> Mamba2Mixer:
+        return self.forward_mixer if self.reverse_mixer is None else self.reverse_mixer
+
     def _reverse_within(self, u: torch.Tensor) -> torch.Tensor:
         """The reverse mixer on rows u (m, Bk, D) read backwards, flipped back: (m, Bk, D)."""
-        mixer = self.forward_mixer if self.reverse_mixer is None else self.reverse_mixer
-        return mixer(u.flip(1)).flip(1)
+        return self._reverse_mixer()(u.flip(1)).flip(1)
 
 
 def _inverse_softplus_log_uniform(n: int, low: float, high: float) -> torch.Tensor:

@@ -139,6 +139,23 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end])  # (n, H, Bk, Dh)
         return self._output(y), cache
 
+    # ----- DualCache (`dimba.backbones.dualcache`) ------------------------------------------------
+    def dual_forward(self, x: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`forward` on x (n, L, D) and the keys and values of every position, (n, H, L, Dh) each."""
+        q, k, v = self._rotated_qkv(x, start=0)  # (n, H, L, Dh) each
+        return self._output(F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)), (k, v)
+
+    def dual_step(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], start: int) -> torch.Tensor:
+        """The block x (n, Bk, D) at positions start..start+Bk-1, attending to itself and to the cached keys and
+        values of every other position -> (n, Bk, D)."""
+        end = start + x.shape[1]
+        q, k, v = self._rotated_qkv(x, start=start)  # (n, H, Bk, Dh) each
+        k, v = (torch.cat([c[:, :, :start], new, c[:, :, end:]], dim=2) for c, new in zip(state, (k, v)))  # (n, H, L, Dh)
+        mask = None
+        if self.causal:
+            mask = torch.arange(k.shape[2], device=x.device)[None] <= torch.arange(start, end, device=x.device)[:, None]
+        return self._output(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))  # (n, Bk, D)
+
     def _rotated_qkv(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values of x (B, L, D) at positions start..start+L-1, RoPE applied to q and k."""
         b, length, _ = x.shape

@@ -26,6 +26,9 @@ class BlockMaskedGeneration(Generation):
         if settings.guidance_scale != 1.0:
             raise UsageError("classifier-free guidance is not available with a block-diffusion model "
                              "(model.block_size): leave --guidance at 1")
+        if settings.dual_cache:
+            raise UsageError("--dual-cache is for full-sequence models: a block-diffusion model (model.block_size) "
+                             "caches its clean prefix exactly already; drop --dual-cache")
         n, p = prompt.shape
         self.block = block = model.config.block_size
         self.wanted = p + seq_len

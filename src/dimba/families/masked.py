@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from dimba.diffusion.masked import mask_tokens, subs_log_probs
 from dimba.diffusion.schedules import stratified_times
+from dimba.errors import UsageError
 from dimba.families.block_generation import BlockMaskedGeneration
 from dimba.families.base import Family, Generation, LikelihoodEstimate, masked_mean, mc_stderr, model_device
 from dimba.samplers.masked import MaskedSampler
@@ -152,6 +153,11 @@ class MaskedGeneration(Generation):
     ``use_cache`` a step whose canvas did not change since the last model call reuses the logits
     (MDLM's caching). Guidance: log p_u + w (log p_c - log p_u), p_u from the canvas with the
     prompt replaced by [MASK] and the prompt conditioning dropped.
+
+    With ``settings.dual_cache`` (Fast-dLLM's DualCache) the first step of each block reads the whole canvas and
+    keeps what every layer needs of the positions outside the block (`DIMBA.dual_forward`); the block's other
+    steps read the block alone with it (`DIMBA.dual_step`), an approximation: the rest of the canvas as it was
+    at the block's first step.
     """
 
     def __init__(self, model, prompt: torch.Tensor, seq_len: int, settings, eos_id: int | None, use_cache: bool):
@@ -167,10 +173,19 @@ class MaskedGeneration(Generation):
         self.prompt_mask = torch.arange(p + seq_len, device=prompt.device)[None].expand(n, -1) < p  # (N, L)
         self._logits: torch.Tensor | None = None
         self._seen: torch.Tensor | None = None
+        self.dual = settings.dual_cache
+        if self.dual and self.guidance is not None:
+            raise UsageError("classifier-free guidance is not available with the DualCache (--dual-cache): "
+                             "leave --guidance at 1")
+        if self.dual:
+            self.cond = model.condition(state.x, torch.zeros((), device=prompt.device), self.prompt_mask)  # (N, D)
+        self._dual: tuple[tuple[int, int], list] | None = None  # (the block, its DualCache)
 
     def predict(self, state: SamplerState, i: int) -> ModelOutput:
         """Log-probabilities (N, L, V) of the (guided) model on the canvas, reused while it is unchanged."""
         x, model = state.x, self.model
+        if self.dual:
+            return self._dual_predict(state, i)
         if self._logits is None or not self.use_cache or not torch.equal(x, self._seen):
             logits = model.token_logits(x, self.prompt_mask).log_softmax(-1)  # (N, L, V)
             if self.guidance is not None:
@@ -181,13 +196,27 @@ class MaskedGeneration(Generation):
         return ModelOutput(logits=self._logits)
 
 
+    def _dual_predict(self, state: SamplerState, i: int) -> ModelOutput:
+        """Step ``i`` with the DualCache: the whole canvas at a block's first step (making the cache), then the
+        block alone, (N, Bk, V) from its ``start``."""
+        block = self.sampler.active_block(state, i)
+        start, end = block
+        if self._dual is None or self._dual[0] != block:
+            logits, cache = self.model.dual_forward(state.x, self.cond, start, end)  # (N, L, V)
+            self._dual = (block, cache)
+            return ModelOutput(logits=logits.log_softmax(-1))
+        logits = self.model.dual_step(state.x[:, start:end], self.cond, self._dual[1], start)  # (N, Bk, V)
+        return ModelOutput(logits=logits.log_softmax(-1), start=start)
+
+
 class MaskedFamily(Family):
     """Absorbing-state [MASK] diffusion (see the module docstring)."""
 
     name = "masked"
     block_diffusion = True
     description = "A masked ([MASK] absorbing-state) diffusion language model"
-    sample_settings = Family.sample_settings + ("remasking", "block_length", "unmask_threshold", "unmask_entropy")
+    sample_settings = Family.sample_settings + ("remasking", "block_length", "unmask_threshold", "unmask_entropy",
+                                                "dual_cache")
 
     def loss(self, model, input_ids, dc, t=None, prompt_mask=None, drop_cond=False, self_cond_prob=None, noise=None,
              generator=None):

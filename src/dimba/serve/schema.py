@@ -87,6 +87,7 @@ class CompletionRequest(BaseModel):
     block_length: int | None = Field(None, description="masked: semi-autoregressive blocks of this many tokens")
     unmask_threshold: float | None = Field(None, description="masked: commit every token above this probability")
     unmask_entropy: float | None = Field(None, description="masked: commit tokens within this entropy bound (nats)")
+    dual_cache: bool | None = Field(None, description="masked, full-sequence models: the approximate DualCache")
     clamp: str | None = Field(None, description="continuous / hybrid: none, soft or hard")
     score_temperature: float | None = Field(None, description="continuous logits models: score temperature")
     commit: str | None = Field(None, description="continuous: commit tokens while denoising (none, confidence, random)")
