@@ -72,7 +72,7 @@ class TrainState:
 
 def precision_of(cfg: Config) -> str:
     """``train.precision``, with ``auto`` resolved: bf16-mixed on CUDA and on a CPU with native bf16 products
-    (AVX512-BF16 or AMX; 1.6-1.9x faster tiny-preset steps than float32 on such a CPU, BENCHMARKS.md), 32-true
+    (AVX512-BF16 or AMX: 1.6-1.7x the tiny preset's float32 steps in the same time, BENCHMARKS.md), 32-true
     elsewhere."""
     if cfg.train.precision != "auto":
         return cfg.train.precision
