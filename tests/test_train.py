@@ -61,6 +61,18 @@ def test_bf16_mixed_precision_trains_on_cpu(family, corpus, tmp_path):
     assert len(val) == 2 and val[1] < val[0]
 
 
+@pytest.mark.parametrize("flags, expected", [({"avx512_bf16": True}, "bf16-mixed"), ({"amx_bf16": True}, "bf16-mixed"),
+                                             ({"avx512_bf16": False, "avx2": True}, "32-true")])
+def test_auto_precision_is_bf16_on_a_cpu_that_multiplies_bf16(flags, expected, monkeypatch):
+    from dimba.training.setup import precision_of
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch._C._cpu, "_get_cpu_capability", lambda: flags)
+    cfg = load_config("tiny", None, [])
+    assert precision_of(cfg) == expected
+    assert precision_of(load_config("tiny", None, ["train.precision=32-true"])) == "32-true"
+
+
 def test_fit_leaves_the_callers_config_alone_and_bench_times_its_step(corpus, tmp_path, tiny):
     from dimba.config import dump_yaml
     from dimba.training import fit, setup, train_step
