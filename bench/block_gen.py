@@ -4,6 +4,7 @@ and sample quality (gen-PPL under the ar judge, unigram entropy), with each unma
     python bench/block_gen.py runs/ar runs/block16 [runs/masked ...] [--rules count:256,count:64,threshold:0.9,...]
                               [--judge runs/judge] [--repeats 3] [--samples 16] [--block-length 32]
                               [--png bench/block_gen.png]
+    python bench/block_gen.py --redraw bench/block_gen.json --png bench/block_gen.png
 
 A run without ``model.block_size`` (a full-sequence masked model) is sampled in semi-autoregressive blocks of
 ``--block-length``, each rule twice: without a cache (every step reads the whole canvas) and with the DualCache
@@ -92,34 +93,63 @@ def quality_all(configs: dict, judge, judge_tok, samples: int) -> dict:
     return out
 
 
+def _kind_and_rule(name: str) -> tuple[str, str]:
+    """("ar", "") / ("block 16", "count 64") / ("full, blocks of 32, DualCache", "count 64") from a configuration name."""
+    if name.startswith("ar"):
+        return "ar (cache)", ""
+    if name.startswith("block"):
+        size, kind, value = name.split()[1:]
+        return f"block {size}", f"{kind} {value}"
+    head, rule = name.rsplit(", ", 1)
+    return head, rule
+
+
 def draw(results: dict, png: str) -> None:
+    """gen-PPL against seconds per sample, one marker per kind of configuration, each point named by its rule."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    markers = iter("*osD^vP")
+    groups: dict[str, list] = {}
     for name, r in results.items():
-        ax.scatter(r["median_s"], r["gen_ppl"], marker="*" if name.startswith("ar") else "o", s=60)
-        ax.annotate(name, (r["median_s"], r["gen_ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        kind, rule = _kind_and_rule(name)
+        groups.setdefault(kind, []).append((r["median_s"], r["gen_ppl"], rule))
+    for kind, points in groups.items():
+        xs, ys, rules = zip(*points)
+        ax.scatter(xs, ys, marker=next(markers), s=60, label=kind)
+        for x, y, rule in points:
+            ax.annotate(rule, (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
     ax.set_xlabel(f"seconds per sample of {NEW_TOKENS} tokens (batch 1, median)")
     ax.set_ylabel("gen-PPL under the ar judge")
     ax.set_title("block diffusion, DualCache and ar, CPU")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("ar_run")
-    ap.add_argument("runs", nargs="+", help="block-diffusion runs and / or full-sequence masked runs")
+    ap.add_argument("ar_run", nargs="?")
+    ap.add_argument("runs", nargs="*", help="block-diffusion runs and / or full-sequence masked runs")
     ap.add_argument("--rules", default="count:256,count:128,count:64,threshold:0.9,threshold:0.7,entropy:0.5,entropy:2")
     ap.add_argument("--judge", default=None, help="the ar run that scores gen-PPL (default: ar_run)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--png", default=None)
     ap.add_argument("--block-length", type=int, default=32, help="the sampler's blocks on a full-sequence run")
+    ap.add_argument("--redraw", help="draw --png from this JSON of an earlier run instead of measuring")
     args = ap.parse_args()
+    if args.redraw:
+        with open(args.redraw) as f:
+            draw(json.load(f)["results"], args.png)
+        return
+    if not args.ar_run or not args.runs:
+        ap.error("give the ar run and at least one block-diffusion or masked run (or --redraw JSON)")
     ar = load_for_inference(args.ar_run)
     configs = configurations(ar, args.runs, args.rules.split(","), args.block_length)
     speed = time_all(configs, args.repeats)
