@@ -195,7 +195,6 @@ class MaskedGeneration(Generation):
             self._logits, self._seen = logits, x
         return ModelOutput(logits=self._logits)
 
-
     def _dual_predict(self, state: SamplerState, i: int) -> ModelOutput:
         """Step ``i`` with the DualCache: the whole canvas at a block's first step (making the cache), then the
         block alone, (N, Bk, V) from its ``start``."""
