@@ -107,14 +107,14 @@ def entering_states(S: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nkih,nihpq->nkhpq", decay, S)
 
 
-def span_state(f: BlockFeatures, lo: int, hi: int) -> torch.Tensor:
-    """The state a forward scan over positions [lo, hi) of the features ``f`` of one block (n, 1, L, ...) writes
-    from zero: (n, H, P, N); zeros for an empty span."""
+def prefix_state(f: BlockFeatures, end: int) -> torch.Tensor:
+    """The state a forward scan over the first ``end`` positions of the features ``f`` of one block (n, 1, L, ...)
+    writes from zero: (n, H, P, N); zeros for ``end = 0``."""
     n, _, _, heads, p = f.x.shape
-    if hi <= lo:
+    if end <= 0:
         dtype = torch.promote_types(f.dt.dtype, torch.float32)
         return torch.zeros(n, heads, p, f.B.shape[-1], dtype=dtype, device=f.x.device)
-    part = BlockFeatures(f.x[:, :, lo:hi], f.dt[:, :, lo:hi], f.A, f.B[:, :, lo:hi], f.C[:, :, lo:hi])
+    part = BlockFeatures(f.x[:, :, :end], f.dt[:, :, :end], f.A, f.B[:, :, :end], f.C[:, :, :end])
     return block_writes(part)[0][:, 0]
 
 

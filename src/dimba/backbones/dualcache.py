@@ -42,9 +42,9 @@ def shared_forward(mixer, u: torch.Tensor, start: int, end: int) -> tuple[torch.
     before = xBC.new_zeros(n, 1, mixer._lookback, xBC.shape[-1])  # zeros before position 0
     f = mixer._block_features(xBC[:, None], dt[:, None], before)  # the sequence as one block: (n, 1, L, ...)
     y = mixer._block_output(z[:, None], f, None)[:, 0]  # (n, L, D)
-    h_fwd = blockdiff.span_state(f, 0, start)  # (n, H, P, N): positions < start, read forwards
+    h_fwd = blockdiff.prefix_state(f, start)  # (n, H, P, N): positions < start, read forwards
     backwards = blockdiff.flip_blocks(mixer._reverse_features(f))  # position L - 1 first
-    h_rev = blockdiff.span_state(backwards, 0, length - end)  # (n, H, P, N): positions >= end, read backwards
+    h_rev = blockdiff.prefix_state(backwards, length - end)  # (n, H, P, N): positions >= end, read backwards
     sides = window(xBC, start - mixer._lookback, start), window(xBC, end, end + mixer._lookahead)
     return y, (*sides, h_fwd, h_rev)
 
@@ -62,9 +62,8 @@ def causal_forward(mixer, u: torch.Tensor, start: int) -> tuple[torch.Tensor, tu
     """A causal `Mamba2Mixer` on u (n, L, D) -> (y (n, L, D), its `block_step` state at ``start``: the conv inputs
     before it (n, lookback, C) and the scan state (n, H, P, N))."""
     n = u.shape[0]
-    empty = mixer.allocate_block_state(n, device=u.device, dtype=u.dtype)
     if start == 0:
-        return mixer(u), empty
+        return mixer(u), mixer.allocate_block_state(n, device=u.device, dtype=u.dtype)
     y_before, (conv, h) = mixer.prefill(u[:, :start], mixer.allocate_state(n, device=u.device, dtype=u.dtype))
     y_after, _ = mixer.prefill(u[:, start:], (conv, h))  # (n, L - start, D)
-    return torch.cat([y_before, y_after], dim=1), (conv.transpose(1, 2).to(empty[0].dtype), h)
+    return torch.cat([y_before, y_after], dim=1), (conv.transpose(1, 2), h)  # conv (n, lookback, C)
