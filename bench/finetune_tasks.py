@@ -2,7 +2,10 @@
 best-of-8 against best-of-1, per family and seed; each stage's wall-clock. Prints one JSON object (and writes it
 with --out).
 
-    flock -s /work/cpu.lock python bench/finetune_tasks.py --base runs/base-masked --seeds 0,1,2 --out bench/ft_masked
+    python bench/finetune_tasks.py --base runs/base-masked --seeds 0,1,2 --out bench/ft_masked_sft4k
+
+The SFT stage trains 4,000 steps at lr 2e-3 (the tiny masked model learns the units digit only after about 2,000);
+``sft300`` is the first round's 300 steps at lr 5e-4.
 
 The base run is a `dimba train --data task:arithmetic` run; every stage is the library's `finetune` (the CLI's
 `dimba finetune`), every score `exact_match` (`dimba task eval`).
@@ -24,7 +27,9 @@ from dimba.loading import load_for_inference
 from dimba.training import finetune
 
 STAGES = {  # method, parent stage, overrides
-    "sft": ("sft", "base", ["train.max_steps=300", "train.lr=5e-4"]),
+    "sft": ("sft", "base", ["train.max_steps=4000", "train.lr=2e-3", "train.warmup_steps=50", "train.eval_every=250",
+                            "train.save_every=1000"]),
+    "sft300": ("sft", "base", ["train.max_steps=300", "train.lr=5e-4"]),
     "dpo": ("dpo", "sft", ["train.max_steps=100", "train.lr=1e-4", "finetune.beta=0.1"]),
     "grpo": ("grpo", "sft", ["train.max_steps=60", "train.lr=1e-4", "train.batch_size=4", "finetune.group_size=8",
                              "finetune.val_rows=16", "train.eval_every=30"]),
