@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dimba import DIMBA, sample_from_model
-from dimba.cli import main
+from dimba.cli import main, parse_cli
 from dimba.loading import load_for_inference
 from dimba.special_tokens import MASK_ID
 
@@ -167,3 +167,21 @@ def test_lm_eval_without_the_extra_is_one_line(monkeypatch, capsys):
     assert main(["lm-eval", "--model", "dimba", "--tasks", "dimba_continuation"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install 'dimba[lmeval]'" in err, err
+
+
+def test_overrides_may_sit_among_the_options_in_several_groups():
+    args = parse_cli(["train", "--family", "masked", "model.d_model=64", "--backbone", "transformer",
+                      "model.num_heads=4", "--max-steps", "3", "train.lr=1e-3"])
+    assert args.overrides == ["model.d_model=64", "model.num_heads=4", "train.lr=1e-3"]
+    assert (args.backbone, args.max_steps) == ("transformer", 3)
+    args = parse_cli(["finetune", "sft", "--init", "runs/x", "--data", "task:arithmetic", "--out", "runs/y",
+                      "train.lr=2e-3", "--max-steps", "40", "finetune.val_rows=8"])
+    assert args.overrides == ["train.lr=2e-3", "finetune.val_rows=8"]
+
+
+@pytest.mark.parametrize("argv", [["train", "model.d_model=64", "--nope"], ["train", "model.d_model=64", "--quiet",
+                                                                              "stray"]])
+def test_an_unknown_word_among_the_overrides_stops_in_one_line(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"unrecognized arguments: {argv[-1]}" in err and err.count("\n") == 1

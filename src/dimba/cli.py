@@ -523,11 +523,24 @@ def _check_ranges(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
+def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line. ``KEY=VALUE`` overrides may sit among the options in any groups (argparse takes
+    only the first group of a positional list; the later ones are added in order); anything else unknown stops
+    with the parser's one-line error."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
+        parser.parse_args(argv)  # a one-line UsageError naming what it does not know
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dimba`` console script; user errors exit with status 2."""
     keep_freed_memory()
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_cli(argv)
         _check_ranges(args)
         return args.func(args)
     except DimbaError as exc:
