@@ -31,9 +31,9 @@ FT = ("train.num_threads=1", "finetune.task_rows=64", "finetune.val_rows=8", "tr
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
-    """Tiny masked and ar runs pre-trained for a few steps on the arithmetic mix (24-token context)."""
+    """Tiny masked, ar and continuous runs pre-trained for a few steps on the arithmetic mix (24-token context)."""
     out = {}
-    for family in ("masked", "ar"):
+    for family in ("masked", "ar", "continuous"):
         run = tmp_path_factory.mktemp("base") / family
         assert main(["train", "--family", family, "--data", "task:arithmetic", "--max-steps", "10", "--out", str(run),
                      "--quiet", *TINY]) == 0
@@ -120,6 +120,34 @@ def test_masked_response_nll_averages_to_the_conditional_nelbo_and_never_masks_t
     assert abs(float(ours.mean()) - estimate.total_nats) < 4 * spread
 
 
+@pytest.mark.parametrize("family", ["continuous", "hybrid"])
+def test_latent_response_nll_averages_to_the_conditional_bound_and_shares_noise(bases, tmp_path, family):
+    if family == "continuous":
+        model = run_model(bases["continuous"]).eval()
+    else:
+        run = tmp_path / family
+        assert main(["train", "--family", family, "--data", "task:arithmetic", "--max-steps", "3", "--out", str(run),
+                     "--quiet", *TINY]) == 0
+        model = run_model(run).eval()
+    fam = model.family
+    rows = build_rows([[20, 21, 13, 22, 31]] * 128, [[19, 20]] * 128, fam, 24)
+    gen = torch.Generator().manual_seed(0)
+    sums = []
+    with torch.no_grad():
+        for _ in range(12):  # the terms are heavy-tailed (most draws land where the model is already sure)
+            noise = fam.response_noise(rows, gen)
+            terms = fam.response_nll(model, rows, noise)  # (B, L)
+            assert not terms[rows.prompt].any() and torch.equal(terms, fam.response_nll(model, rows, noise))
+            sums.append(terms.sum(-1))
+        other = fam.response_nll(model, rows, fam.response_noise(rows, gen)).sum(-1)
+        estimate = fam.likelihood(model, rows.ids[:1], 1536, 128, torch.Generator().manual_seed(1), False, context=5,
+                                  t0=1e-4, clamp="soft")
+    assert not torch.equal(other, sums[0])  # new noise, another estimate
+    ours = torch.cat(sums).double()
+    spread = math.sqrt(float(ours.var()) / len(ours) + estimate.stderr_nats ** 2)
+    assert abs(float(ours.mean()) - estimate.total_nats) < 4 * spread
+
+
 def test_best_of_k_keeps_the_candidate_the_model_finds_most_likely(bases):
     model, tok = load_for_inference(bases["ar"])
     prompt = tok.encode("12+34=")
@@ -145,21 +173,23 @@ def _weights(run):
     return load_training_state(run / "checkpoints" / "last.ckpt")["model"]
 
 
-def test_sft_starts_from_the_init_run_lowers_its_loss_and_logs_metrics(bases, tmp_path, metrics):
+@pytest.mark.parametrize("family", ["masked", "continuous"])
+def test_sft_starts_from_the_init_run_lowers_its_loss_and_logs_metrics(bases, tmp_path, metrics, family):
     run = tmp_path / "sft"
-    assert main(["finetune", "sft", "--init", str(bases["masked"]), "--data", "task:arithmetic", "--out", str(run),
+    assert main(["finetune", "sft", "--init", str(bases[family]), "--data", "task:arithmetic", "--out", str(run),
                  "--max-steps", "6", "--lr", "3e-3", "--quiet", *FT]) == 0
     cfg = load_run_config(run / "config.yaml")
-    assert cfg.finetune.method == "sft" and cfg.model == load_run_config(bases["masked"] / "config.yaml").model
-    assert (run / "tokenizer.json").read_text() == (bases["masked"] / "tokenizer.json").read_text()
+    assert cfg.finetune.method == "sft" and cfg.model == load_run_config(bases[family] / "config.yaml").model
+    assert (run / "tokenizer.json").read_text() == (bases[family] / "tokenizer.json").read_text()
     val = metrics(run, "val_loss")
     assert len(val) == 4 and val[-1] < val[0]
     assert {"loss", "ce", "grad_norm", "val_ce"} <= set(metrics(run)[0])
 
 
-def test_dpo_starts_at_log2_with_shared_noise_and_resumes_bitwise(bases, tmp_path, metrics):
+@pytest.mark.parametrize("family", ["masked", "continuous"])
+def test_dpo_starts_at_log2_with_shared_noise_and_resumes_bitwise(bases, tmp_path, metrics, family):
     whole, part = tmp_path / "whole", tmp_path / "part"
-    args = ["--init", str(bases["masked"]), "--data", "task:arithmetic", "--quiet", *FT]
+    args = ["--init", str(bases[family]), "--data", "task:arithmetic", "--quiet", *FT]
     assert main(["finetune", "dpo", "--out", str(whole), "--max-steps", "4", *args]) == 0
     # policy == reference at step 0, scored with the same masks: every margin is exactly 0
     assert metrics(whole, "val_loss")[0] == pytest.approx(math.log(2), abs=1e-6)
@@ -256,19 +286,15 @@ def test_an_ar_run_adapts_into_a_masked_model_from_its_weights(tmp_path, capsys)
     assert len(shared) == len(source) and all(torch.allclose(source[k], adapted[k], atol=1e-6) for k in shared)
 
 
-@pytest.mark.parametrize("family, extra, message", [
-    ("continuous", [], "the continuous family has none yet"),
-    ("masked", ["model.block_size=8"], "is a block-diffusion model"),  # its whole-sequence NLL would see the future
-])
-def test_a_model_without_a_response_likelihood_is_refused_in_one_line(tmp_path, capsys, family, extra, message):
-    base, run = tmp_path / family, tmp_path / "sft"
-    assert main(["train", "--family", family, "--data", "task:arithmetic", "--max-steps", "1", "--out",
-                 str(base), "--quiet", *TINY, *extra]) == 0
+def test_a_block_diffusion_model_is_refused_in_one_line(tmp_path, capsys):
+    base, run = tmp_path / "block", tmp_path / "sft"  # its whole-sequence NLL would see the future
+    assert main(["train", "--family", "masked", "--data", "task:arithmetic", "--max-steps", "1", "--out",
+                 str(base), "--quiet", *TINY, "model.block_size=8"]) == 0
     capsys.readouterr()
     assert main(["finetune", "sft", "--init", str(base), "--data", "task:arithmetic", "--out", str(run),
                  "--quiet", *FT]) == 2
     err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1 and not run.exists()
+    assert "is a block-diffusion model" in err and len(err.splitlines()) == 1 and not run.exists()
 
 
 @pytest.mark.parametrize("method", ["ipo", "simpo"])

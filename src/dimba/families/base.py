@@ -124,18 +124,26 @@ class Family:
         """
         raise NotImplementedError
 
+    def sft_loss(self, model, rows, dc, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Supervised fine-tuning on ``rows`` (`dimba.data.finetune.TokenRows`) with the diffusion settings ``dc``:
+        the loss and the response's cross-entropy per scored token; here both are one sample of `response_nll`
+        (the exact NLL for ar, a NELBO sample for masked) per scored token, the prompt and padding never scored."""
+        terms = self.response_nll(model, rows, self.response_noise(rows, generator))  # (B, L)
+        loss = terms.sum() / rows.scored.sum().clamp_min(1)
+        return loss, loss
+
     def response_noise(self, rows, generator: torch.Generator | None = None, full: bool = False):
         """The randomness of one estimate of `response_nll` on ``rows`` (`dimba.data.finetune.TokenRows`), drawn
         once so that a policy and its frozen reference are scored with the same noise (VRPO); ``full``: the
         one-pass per-token surrogate of diffu-GRPO / d1 (every response token noised at once) where that differs."""
         raise UsageError(f"fine-tuning needs a likelihood of the response given the prompt; the {self.name} family "
-                         "has none yet: fine-tune a masked or ar model")
+                         "has none yet: fine-tune a model of another family")
 
     def response_nll(self, model, rows, noise) -> torch.Tensor:
         """Per-position terms (B, L) whose row sums estimate -log p(response | prompt) of ``rows`` (exactly, or an
         upper bound's Monte Carlo estimate with ``noise`` from `response_noise`); 0 off the scored positions."""
         raise UsageError(f"fine-tuning needs a likelihood of the response given the prompt; the {self.name} family "
-                         "has none yet: fine-tune a masked or ar model")
+                         "has none yet: fine-tune a model of another family")
 
     def check_likelihood_options(self, options: dict[str, Any]) -> None:
         """A one-line `UsageError` for an option (given, not None) that this family's likelihood does not take."""

@@ -211,6 +211,29 @@ class ContinuousFamily(Family):
         return compute_dimba_losses(model, input_ids, t, dc.ce_loss_weight, dc.min_snr_gamma, prompt_mask,
                                     dc.recon_loss_weight, sc, drop_cond, noise, generator, dc.objective)
 
+    def sft_loss(self, model, rows, dc, generator=None):
+        """The family's own training objective (`compute_dimba_losses`) on the response given the clean prompt: a
+        continuous model is fine-tuned as it was trained, not on its bound (whose low-noise terms make a noisy
+        gradient); returns the loss and the response's cross-entropy."""
+        loss, parts = self.loss(model, rows.ids, dc, prompt_mask=rows.prompt, generator=generator)
+        return loss, parts["ce"]
+
+    def response_noise(self, rows, generator=None, full=False):
+        """One bound sample's randomness per row: u (B,) stratified across the batch (None with ``full``) and the
+        seed of its noise (`dimba.families.gaussian_bound.response_terms`)."""
+        seed = int(torch.randint(2 ** 62, (1,), generator=generator))
+        if full:
+            return None, seed
+        b = len(rows)
+        u = (torch.arange(b, dtype=torch.float64) + torch.rand(1, generator=generator, dtype=torch.float64)) / b  # (B,)
+        return u[torch.randperm(b, generator=generator)], seed
+
+    def response_nll(self, model, rows, noise):
+        """Per position, one Monte Carlo sample of the variational bound on -log p(response | prompt)
+        (`dimba.families.gaussian_bound.response_terms`; with the ``full`` noise, the d1 surrogate at t = 1)."""
+        u, seed = noise
+        return gaussian_bound.response_terms(model, rows, u, seed).float()  # (B, L)
+
     def forward(self, model, input_ids: torch.Tensor, t, noise: torch.Tensor | None = None,
                 prompt_mask: torch.Tensor | None = None, x_self_cond: torch.Tensor | None = None,
                 drop_cond: bool | torch.Tensor = False, masked: torch.Tensor | None = None, estimate_x0: bool = True):

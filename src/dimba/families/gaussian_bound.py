@@ -91,12 +91,20 @@ def _dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def _noisy_state(model, ids: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None, context: int = 0):
+def context_mask(ids: torch.Tensor, context: int) -> torch.Tensor | None:
+    """The first ``context`` positions of every row of ``ids`` (B, L) as a prompt mask (B, L); None for none."""
+    if not context:
+        return None
+    return (torch.arange(ids.shape[1], device=ids.device) < context)[None].expand(len(ids), -1)  # (B, L)
+
+
+def _noisy_state(model, ids: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None,
+                 prompt: torch.Tensor | None = None):
     """z_0, the x0 estimate and the decoder's logits p_theta (float64 each; the predicted logits of a logits
     model, the head on the x0 estimate otherwise) and the absorbed positions (hybrid; else None) at times t.
 
     ids (B, L) on the model's device; t (B,) float64. The noise and masks are drawn on the CPU
-    with ``generator``. The first ``context`` positions are a clean prompt (never noised nor absorbed).
+    with ``generator``. The positions of ``prompt`` (B, L) bool are a clean prompt (never noised nor absorbed).
     """
     dev = ids.device
     z0 = model.encode(ids).double()  # (B, L, d)
@@ -107,32 +115,32 @@ def _noisy_state(model, ids: torch.Tensor, t: torch.Tensor, generator: torch.Gen
     if model.family.absorbing:
         alpha = model.mask_schedule.alpha(t)  # (B,)
         masked = (torch.rand(ids.shape, generator=generator, dtype=torch.float64) >= alpha[:, None]).to(dev)  # (B, L)
-    prompt = {}
-    if context:
-        mask = (torch.arange(ids.shape[1], device=dev) < context)[None].expand(len(ids), -1)  # (B, L)
-        z_t = torch.where(mask[..., None], z0, z_t)  # the prompt stays clean
-        masked = None if masked is None else masked & ~mask
-        prompt = {"ids": ids, "prompt_mask": mask}
+    given = {}
+    if prompt is not None:
+        z_t = torch.where(prompt[..., None], z0, z_t)  # the prompt stays clean
+        masked = None if masked is None else masked & ~prompt
+        given = {"ids": ids, "prompt_mask": prompt}
     dtype = _dtype(model)
-    x0, logits = model.estimate(z_t.to(dtype), t.to(dev, dtype), ab.to(dtype), masked, **prompt)  # (B, L, d), (B, L, V)
+    x0, logits = model.estimate(z_t.to(dtype), t.to(dev, dtype), ab.to(dtype), masked, **given)  # (B, L, d), (B, L, V)
     if logits is None:  # the head on the estimate
         logits = model.decode(x0)
     return z0, x0.double(), logits.double(), masked
 
 
 def _integrand(model, ids: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None,
-               clamps: tuple[str, ...] = ("none",), context: int = 0) -> tuple[dict, torch.Tensor, torch.Tensor]:
+               clamps: tuple[str, ...] = ("none",), prompt: torch.Tensor | None = None
+               ) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """Per position at times t (B,) float64, in nats per unit time: the Gaussian integrand (B, L) of the
     reverse process of each clamp in ``clamps``, the absorbing integrand (B, L) (zeros but for hybrid),
     and -log p_theta(x | state_t) (B, L), p_theta the model's token distribution (`_noisy_state`); all three
-    are zero on the first ``context`` positions, a clean prompt.
+    are zero on the positions of ``prompt`` (B, L) bool, a clean prompt.
 
     Clamps: ``none`` steps with the network's x0 estimate, ``soft`` with the mean of the codebook under
     p_theta (score interpolation, as `dimba generate --clamp soft`).
     """
-    z0, x0, logits, masked = _noisy_state(model, ids, t, generator, context)
+    z0, x0, logits, masked = _noisy_state(model, ids, t, generator, prompt)
     _, slope = model.schedule.snr_and_slope(t)  # (B,) dSNR/dt < 0
-    scored = (torch.arange(ids.shape[1], device=ids.device) >= context).double()  # (L,)
+    scored = torch.ones_like(ids, dtype=torch.float64) if prompt is None else (~prompt).double()  # (B, L)
     nll = -logits.log_softmax(-1).gather(-1, ids[..., None])[..., 0] * scored  # (B, L)
     kept = scored if masked is None else (~masked).double() * scored  # the Gaussian term skips absorbed positions
     gauss = {}
@@ -148,12 +156,16 @@ def _integrand(model, ids: torch.Tensor, t: torch.Tensor, generator: torch.Gener
 def prior_nats(model, blocks: torch.Tensor, context: int = 0) -> np.ndarray:
     """KL(q(z_1 | x) || N(0, I)) of each block (N,) after its first ``context`` positions, float64: 0 with zero
     terminal SNR (and for hybrid)."""
+    return prior_terms(model, blocks[:, context:].to(model_device(model))).sum(1).cpu().numpy()
+
+
+def prior_terms(model, ids: torch.Tensor) -> torch.Tensor:
+    """KL(q(z_1 | x_l) || N(0, I)) of each position of ``ids`` (B, L), float64 (B, L): 0 with zero terminal SNR."""
     ab1 = float(model.schedule.alpha_bar64(torch.ones((), dtype=torch.float64)))
     if model.family.absorbing or ab1 == 0.0:
-        return np.zeros(len(blocks))
-    z0 = model.encode(blocks[:, context:].to(model_device(model))).double()  # (N, L - c, d)
-    kl = 0.5 * (ab1 * z0.pow(2) - ab1 - math.log(1 - ab1))  # (N, L, d)
-    return kl.sum((1, 2)).cpu().numpy()
+        return torch.zeros(ids.shape, dtype=torch.float64, device=ids.device)
+    z0 = model.encode(ids).double()  # (B, L, d)
+    return 0.5 * (ab1 * z0.pow(2) - ab1 - math.log(1 - ab1)).sum(-1)  # (B, L)
 
 
 def reconstruction_nats(model, blocks: torch.Tensor, batch_size: int, generator: torch.Generator | None,
@@ -164,7 +176,7 @@ def reconstruction_nats(model, blocks: torch.Tensor, batch_size: int, generator:
                       leave=False):
         ids = blocks[start:start + batch_size].to(model_device(model))  # (B, L)
         t = torch.full((len(ids),), t0, dtype=torch.float64)  # (B,)
-        nll = _integrand(model, ids, t, generator, (), context)[2]  # (B, L)
+        nll = _integrand(model, ids, t, generator, (), context_mask(ids, context))[2]  # (B, L)
         out.append(nll.sum(-1).cpu().numpy())
     return np.concatenate(out)
 
@@ -187,11 +199,32 @@ def diffusion_terms(model, blocks: torch.Tensor, mc_samples: int, batch_size: in
         sl = slice(start, start + batch_size)
         ids = blocks[rows[sl]].to(model_device(model))  # (B, L)
         t, q = t_all[sl], q_all[sl]  # (B,)
-        g, a, _ = _integrand(model, ids, t, generator, (clamp,), context)  # (B, L) each
+        g, a, _ = _integrand(model, ids, t, generator, (clamp,), context_mask(ids, context))  # (B, L) each
         gauss.append((g[clamp].sum(-1).cpu() / q).numpy())
         absorb.append((a.sum(-1).cpu() / q).numpy())
     shape = (n, mc_samples)
     return np.concatenate(gauss).reshape(shape), np.concatenate(absorb).reshape(shape)
+
+
+def response_terms(model, rows, u: torch.Tensor | None, seed: int) -> torch.Tensor:
+    """Per position (B, L), float64, the terms of one Monte Carlo sample of the bound on -log p(response |
+    prompt) of ``rows`` (`dimba.data.finetune.TokenRows`: the prompt clean, the scored positions summed): the
+    soft-clamp Gaussian (and, for hybrid, absorbing) integrand at t ~ q on [T_MIN, 1] from ``u`` (B,) in [0, 1)
+    over q(t), plus the reconstruction at T_MIN and the prior. The noise comes from ``seed``, so a policy and
+    its reference scored with the same (u, seed) see the same draws (VRPO). ``u=None``: the one-pass surrogate
+    of diffu-GRPO / d1, -log p_theta(x | z_1) with every response latent pure noise (not a bound).
+
+    T_MIN and the soft clamp (for a logits model, its own x0 estimate) make a valid bound for every model, with
+    no calibration that a policy and its reference could choose differently."""
+    generator = torch.Generator().manual_seed(seed)
+    ids, prompt, scored = rows.ids, rows.prompt, rows.scored.double()  # (B, L) each
+    if u is None:
+        return _integrand(model, ids, torch.ones(len(ids), dtype=torch.float64), generator, (), prompt)[2] * scored
+    t, q = proposal(u, T_MIN)  # (B,) each
+    gauss, absorb, _ = _integrand(model, ids, t, generator, ("soft",), prompt)  # (B, L) each
+    recon = _integrand(model, ids, torch.full_like(t, T_MIN), generator, (), prompt)[2]  # (B, L)
+    diffusion = (gauss["soft"] + absorb) / q.to(ids.device)[:, None]  # (B, L)
+    return (diffusion + recon + prior_terms(model, ids)) * scored
 
 
 def choose_reverse(model, blocks: torch.Tensor, clamp: str | None = None, t0: float | None = None,

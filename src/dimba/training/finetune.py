@@ -102,7 +102,7 @@ def make_objective(cfg: Config, policy, tokenizer, device):
     """The `dimba.training.objectives.Objective` of ``cfg.finetune.method`` for the trained model ``policy``."""
     fc = cfg.finetune
     if fc.method == "sft":
-        return SFT(device)
+        return SFT(device, cfg.diffusion)
     if fc.method == "grpo":
         return GRPO(device, policy, _reference(cfg, device), tokenizer, cfg.sample, cfg.data.seq_len, fc,
                     get_reward(fc.reward))

@@ -9,8 +9,9 @@ its gradient is A_i grad log pi), with the k3 estimate of KL(pi || ref) per toke
     loss = -mean_i [ (1 / |o_i|) sum_t ( A_i log pi(o_i,t | ...) - kl_coef * KL_t ) ]
 
 The per-token log-probabilities come from `Family.response_nll` with the ``full`` noise of `response_noise`: exact
-for ar; for a diffusion family every response token is masked at once and read in one pass with the prompt clean
-(the per-token surrogate of diffu-GRPO / d1, Zhao et al. 2025), the same noise for the policy and the reference.
+for ar; for a diffusion family every response token is masked (continuous: pure noise) at once and read in one pass
+with the prompt clean (the per-token surrogate of diffu-GRPO / d1, Zhao et al. 2025), the same noise for the policy
+and the reference.
 """
 
 from __future__ import annotations

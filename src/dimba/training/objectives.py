@@ -1,9 +1,9 @@
 """The losses of fine-tuning: supervised fine-tuning and preference optimisation (DPO, IPO, SimPO). `fit` takes a
 step with an objective's ``loss`` instead of the family's pre-training loss; GRPO is in `dimba.training.grpo`.
 
-Every objective reads the likelihood of a response given its prompt from the model's family
-(`dimba.families.Family.response_nll`): exact for ar, a Monte Carlo NELBO sample for the masked family. A
-preference loss draws that noise once per batch and scores the policy and the frozen reference with it (VRPO's
+SFT trains with the family's `dimba.families.Family.sft_loss`; the preference losses read the likelihood of a
+response given its prompt from the model's family (`dimba.families.Family.response_nll`): exact for ar, a Monte
+Carlo NELBO sample for the diffusion families. A preference loss draws that noise once per batch and scores the policy and the frozen reference with it (VRPO's
 shared, antithetic noise: the difference of the two estimates has a far lower variance than either).
 """
 
@@ -37,15 +37,17 @@ class Objective:
 
 
 class SFT(Objective):
-    """Supervised fine-tuning: the NLL (ar) or NELBO (diffusion) of the response given the clean prompt, per scored
-    token; the prompt and the padding are never scored."""
+    """Supervised fine-tuning: the family's `sft_loss` of the response given the clean prompt (the NLL for ar, the
+    NELBO for masked, the training objective for the continuous families) with the diffusion settings ``dc``; the
+    prompt and the padding are never scored."""
+
+    def __init__(self, device: torch.device, dc):
+        super().__init__(device)
+        self.dc = dc
 
     def loss(self, model, rows, generator=None):
-        rows = rows.to(self.device)
-        family = model.family
-        terms = family.response_nll(model, rows, family.response_noise(rows, generator))  # (B, L)
-        loss = terms.sum() / rows.scored.sum().clamp_min(1)
-        return loss, {"loss": loss.detach(), "ce": loss.detach()}
+        loss, ce = model.family.sft_loss(model, rows.to(self.device), self.dc, generator)
+        return loss, {"loss": loss.detach(), "ce": ce.detach()}
 
 
 def response_noises(family, rows, count: int, generator: torch.Generator | None = None) -> list:
