@@ -235,6 +235,10 @@ class FinetuneConfig(_Strict):
     kl_coef: float = Field(0.04, ge=0, description="grpo: weight of the KL penalty to the reference")
     reward: str = Field("exact_match", description="grpo: a reward by name (exact_match, numeric) or module:function")
     group_temperature: float = Field(1.0, gt=0, description="grpo: sampling temperature of the groups")
+    grpo_likelihood: Literal["one_pass", "elbo"] = Field(
+        "one_pass", description="grpo, diffusion families: the per-token log-probabilities from one pass with the whole "
+        "response noised (diffu-GRPO / d1), or from one NELBO sample per row (a random share of the response noised, "
+        "as SFT and DPO score it)")
     scale_rewards: bool = Field(True, description="grpo: divide the advantages by the group's reward std (GRPO); "
                                 "false: rewards minus the group mean only (Dr. GRPO)")
     lora_rank: int = Field(0, ge=0, description="LoRA adapters of this rank on the backbone's linear maps (peft); "

@@ -8,10 +8,11 @@ its gradient is A_i grad log pi), with the k3 estimate of KL(pi || ref) per toke
 
     loss = -mean_i [ (1 / |o_i|) sum_t ( A_i log pi(o_i,t | ...) - kl_coef * KL_t ) ]
 
-The per-token log-probabilities come from `Family.response_nll` with the ``full`` noise of `response_noise`: exact
-for ar; for a diffusion family every response token is masked (continuous: pure noise) at once and read in one pass
-with the prompt clean (the per-token surrogate of diffu-GRPO / d1, Zhao et al. 2025), the same noise for the policy
-and the reference.
+The per-token log-probabilities come from `Family.response_nll`, the same noise for the policy and the reference:
+exact for ar; for a diffusion family, with ``finetune.grpo_likelihood=one_pass``, every response token is masked
+(continuous: pure noise) at once and read in one pass with the prompt clean (the per-token surrogate of diffu-GRPO /
+d1, Zhao et al. 2025); with ``elbo``, one NELBO sample per row (a random share of the response noised, the
+likelihood SFT and DPO use), whose row sum estimates the sequence's log-likelihood (as wd1 and SPG do).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class GRPO(Objective):
         self.policy, self.reference, self.tokenizer, self.context = policy, reference, tokenizer, context
         self.sample = sample.model_copy(update={"temperature": fc.group_temperature})
         self.group, self.kl_coef, self.reward, self.scale = fc.group_size, fc.kl_coef, reward, fc.scale_rewards
+        self.one_pass = fc.grpo_likelihood == "one_pass"
 
     @torch.no_grad()
     def _group(self, problem: dict, generator) -> tuple:
@@ -53,7 +55,7 @@ class GRPO(Objective):
         rows = cat_rows([g[0] for g in groups]).to(self.device)
         advantages = torch.cat([g[1] for g in groups]).to(self.device)  # (N,)
         family = model.family
-        noise = family.response_noise(rows, generator, full=True)
+        noise = family.response_noise(rows, generator, full=self.one_pass)
         logp = -family.response_nll(model, rows, noise)  # (N, L)
         with torch.no_grad():
             ref = -family.response_nll(self.reference, rows, noise)  # (N, L)
