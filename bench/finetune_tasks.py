@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-from dimba.config import SampleConfig
 from dimba.data.tasks import problems, task_of
 from dimba.evaluation.exact_match import exact_match
-from dimba.loading import load_for_inference
+from dimba.loading import load_for_inference, sample_defaults
 from dimba.training import finetune
 
 STAGES = {  # method, parent stage, overrides
@@ -37,19 +36,33 @@ STAGES = {  # method, parent stage, overrides
                                    "finetune.val_rows=16", "train.eval_every=50"]),
     "grpo_dr": ("grpo", "sft", ["train.max_steps=200", "train.lr=1e-4", "train.batch_size=4", "finetune.group_size=8",
                                 "finetune.val_rows=16", "train.eval_every=50", "finetune.scale_rewards=false"]),
+    "sft2k": ("sft", "base", ["train.max_steps=2000", "train.lr=2e-3", "train.warmup_steps=50", "train.eval_every=250",
+                              "train.save_every=1000"]),
+    "grpo_mid": ("grpo", "sft2k", ["train.max_steps=300", "train.lr=5e-4", "train.batch_size=4", "finetune.group_size=8",
+                                   "finetune.val_rows=16", "train.eval_every=100"]),
+    "grpo_mid_elbo": ("grpo", "sft2k", ["train.max_steps=300", "train.lr=5e-4", "train.batch_size=4",
+                                        "finetune.group_size=8", "finetune.val_rows=16", "train.eval_every=100",
+                                        "finetune.grpo_likelihood=elbo"]),
+    "dpo_mid": ("dpo", "sft2k", ["train.max_steps=100", "train.lr=1e-4", "finetune.beta=0.1"]),
     "grpo_long": ("grpo", "sft", ["train.max_steps=200", "train.lr=3e-4", "train.batch_size=4", "finetune.group_size=8",
                                   "finetune.val_rows=16", "train.eval_every=50"]),
 }
 
 
 def score(run: Path, probs, steps: int, best_of: bool, seed: int) -> dict:
-    """Greedy exact match, and sampled (temperature 1) best-of-1 and best-of-8 when ``best_of``."""
+    """Greedy exact match, and sampled (temperature 1) best-of-1 and best-of-8 when ``best_of``; the run's own
+    sampler settings otherwise (as `dimba task eval`)."""
     model, tok = load_for_inference(run)
-    out = {"greedy": exact_match(model, tok, probs, SampleConfig(num_steps=steps, temperature=0.0), seed=seed)}
+    defaults = sample_defaults(run)
+
+    def sample(temperature: float):
+        return defaults.model_copy(update={"num_steps": steps, "temperature": temperature})
+
+    out = {"greedy": exact_match(model, tok, probs, sample(0.0), seed=seed)}
     if best_of:
         for k in (1, 8):
-            out[f"sampled_best_of_{k}"] = exact_match(model, tok, probs, SampleConfig(num_steps=steps, temperature=1.0),
-                                                      best_of=k, seed=seed, mc_samples=4)
+            out[f"sampled_best_of_{k}"] = exact_match(model, tok, probs, sample(1.0), best_of=k, seed=seed,
+                                                      mc_samples=4)
     return {k: v["accuracy"] for k, v in out.items()}
 
 
