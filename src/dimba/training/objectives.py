@@ -3,8 +3,9 @@ step with an objective's ``loss`` instead of the family's pre-training loss; GRP
 
 SFT trains with the family's `dimba.families.Family.sft_loss`; the preference losses read the likelihood of a
 response given its prompt from the model's family (`dimba.families.Family.response_nll`): exact for ar, a Monte
-Carlo NELBO sample for the diffusion families. A preference loss draws that noise once per batch and scores the policy and the frozen reference with it (VRPO's
-shared, antithetic noise: the difference of the two estimates has a far lower variance than either).
+Carlo NELBO sample for the diffusion families. A preference loss draws that noise once per batch and scores the
+policy and the frozen reference with it (VRPO's shared, antithetic noise: the difference of the two estimates has a
+far lower variance than either).
 """
 
 from __future__ import annotations
