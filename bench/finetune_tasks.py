@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from dimba.config import SampleConfig
 from dimba.data.tasks import problems, task_of
 from dimba.evaluation.exact_match import exact_match
 from dimba.loading import load_for_inference, sample_defaults
@@ -46,20 +47,23 @@ STAGES = {  # method, parent stage, overrides
     "grpo_mid_t05": ("grpo", "sft2k", ["train.max_steps=400", "train.lr=1e-4", "train.batch_size=8",
                                        "finetune.group_size=8", "finetune.val_rows=16", "train.eval_every=100",
                                        "finetune.grpo_likelihood=elbo", "finetune.group_temperature=0.5"]),
+    "grpo_mid_lr1e3": ("grpo", "sft2k", ["train.max_steps=400", "train.lr=1e-3", "train.batch_size=8",
+                                         "finetune.group_size=8", "finetune.val_rows=16", "train.eval_every=100",
+                                         "finetune.grpo_likelihood=elbo", "finetune.group_temperature=0.5"]),
     "dpo_mid": ("dpo", "sft2k", ["train.max_steps=100", "train.lr=1e-4", "finetune.beta=0.1"]),
     "grpo_long": ("grpo", "sft", ["train.max_steps=200", "train.lr=3e-4", "train.batch_size=4", "finetune.group_size=8",
                                   "finetune.val_rows=16", "train.eval_every=50"]),
 }
 
 
-def score(run: Path, probs, steps: int, best_of: bool, seed: int) -> dict:
+def score(run: Path, probs, steps: int, best_of: bool, seed: int, given: dict) -> dict:
     """Greedy exact match, and sampled (temperature 1) best-of-1 and best-of-8 when ``best_of``; the run's own
-    sampler settings otherwise (as `dimba task eval`)."""
+    sampler settings otherwise (as `dimba task eval`), with the settings ``given`` (``--sample``)."""
     model, tok = load_for_inference(run)
-    defaults = sample_defaults(run)
+    defaults = sample_defaults(run).model_dump()
 
     def sample(temperature: float):
-        return defaults.model_copy(update={"num_steps": steps, "temperature": temperature})
+        return SampleConfig.model_validate({**defaults, **given, "num_steps": steps, "temperature": temperature})
 
     out = {"greedy": exact_match(model, tok, probs, sample(0.0), seed=seed)}
     if best_of:
@@ -80,13 +84,17 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/dimba_ft_bench", help="where the runs are written")
     ap.add_argument("--out", help="write PREFIX.json")
     ap.add_argument("--no-best-of", action="store_true", help="greedy scores only (no best-of-1 / best-of-8)")
+    ap.add_argument("--sample", default="", help="sampler settings KEY=VALUE,... for scoring and GRPO's groups "
+                    "(e.g. commit=none)")
     args = ap.parse_args()
+    given = dict(kv.split("=", 1) for kv in args.sample.split(",") if kv)
     torch.set_num_threads(1)
     probs = problems(task_of(args.task), args.problems, 0, "test")
     base = Path(args.base)
     work = Path(args.work) / base.name
     result = {"base": str(base), "task": args.task, "problems": args.problems, "stages": STAGES,
-              "scores": {"base": score(base, probs, args.steps, not args.no_best_of, 0)}, "seconds": {}}
+              "sample": given, "scores": {"base": score(base, probs, args.steps, not args.no_best_of, 0, given)},
+              "seconds": {}}
     print(json.dumps(result["scores"]["base"]), flush=True)
     for seed in [int(s) for s in args.seeds.split(",")]:
         runs = {"base": base}
@@ -95,11 +103,11 @@ def main() -> None:
             runs[stage] = work / f"{stage}-s{seed}"
             start = time.perf_counter()
             if not (runs[stage] / "checkpoints" / "last.ckpt").is_file():
-                finetune(runs[parent], method, args.task, runs[stage],
-                         overrides + [f"train.seed={seed}", "train.num_threads=1"], progress=False)
+                finetune(runs[parent], method, args.task, runs[stage], overrides + [f"train.seed={seed}",
+                         "train.num_threads=1"] + [f"sample.{k}={v}" for k, v in given.items()], progress=False)
             result["seconds"][f"{stage}-s{seed}"] = round(time.perf_counter() - start, 1)
             result["scores"][f"{stage}-s{seed}"] = score(runs[stage], probs, args.steps, stage == "sft" and
-                                                         not args.no_best_of, seed)
+                                                         not args.no_best_of, seed, given)
             print(stage, seed, json.dumps(result["scores"][f"{stage}-s{seed}"]), result["seconds"][f"{stage}-s{seed}"],
                   flush=True)
     print(json.dumps(result))

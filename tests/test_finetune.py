@@ -282,6 +282,22 @@ def test_task_cli_writes_rows_and_scores_exact_match(bases, tmp_path, capsys):
     assert capsys.readouterr().out.count("1+2=") == 2
 
 
+def test_task_eval_takes_the_sampler_flags_over_the_run_s_own_settings(bases, capsys, monkeypatch):
+    import dimba.evaluation.exact_match as em
+
+    seen = []
+    monkeypatch.setattr(em, "exact_match", lambda model, tok, rows, sample, *a: seen.append(sample) or
+                        {"accuracy": 0.0, "correct": 0, "n": len(rows), "best_of": 1})
+    run = str(bases["continuous"])
+    assert main(["task", "eval", run, "--task", "arithmetic", "--problems", "2", "--json"]) == 0
+    assert main(["task", "eval", run, "--task", "arithmetic", "--problems", "2", "--commit", "none", "--steps", "3",
+                 "--score-temperature", "0.9", "--json"]) == 0
+    own = load_run_config(bases["continuous"] / "config.yaml").sample
+    assert seen[0] == own and own.commit == "confidence"
+    assert seen[1] == own.model_copy(update={"commit": "none", "num_steps": 3, "score_temperature": 0.9})
+    assert main(["task", "eval", run, "--task", "arithmetic", "--commit", "sometimes"]) == 2
+
+
 def test_an_ar_run_adapts_into_a_masked_model_from_its_weights(tmp_path, capsys):
     ar, masked = tmp_path / "ar", tmp_path / "a2d"
     tiny = (*TINY, "model.backbone=transformer", "model.num_heads=2")

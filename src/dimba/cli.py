@@ -16,6 +16,7 @@ from dimba.errors import CheckpointError, DataError, DimbaError, UsageError
 from dimba.cli_finetune import add_finetune
 from dimba.cli_publish import add_publish
 from dimba.cli_runs import launch, resolve_run_dir
+from dimba.cli_sampling import sample_settings, sampler_flags
 from dimba.io import as_disk_error
 from dimba.loading import load_for_inference, sample_defaults
 from dimba.malloc import keep_freed_memory
@@ -58,20 +59,6 @@ def _run_config(model_path: str) -> Config | None:
     return load_run_config(run_cfg) if run_cfg.is_file() else None
 
 
-def _sample_settings(args: argparse.Namespace) -> SampleConfig:
-    """The run's `sample` config (an export folder's sampler defaults), overridden by the flags given."""
-    from pydantic import ValidationError
-
-    base = sample_defaults(args.model)
-    given = {field: getattr(args, flag) for flag, field in SAMPLE_NAMES.items() if getattr(args, flag, None) is not None}
-    try:
-        return SampleConfig(**{**base.model_dump(), **given})
-    except ValidationError as err:
-        first = err.errors()[0]
-        flag = next(f for f, field in SAMPLE_NAMES.items() if field == first["loc"][0])
-        raise UsageError(f"--{flag.replace('_', '-')} {first['input']!r}: {first['msg']}") from None
-
-
 def _prompt_and_length(args: argparse.Namespace, model, tokenizer) -> tuple[list[int], int]:
     """The ids of ``--prompt`` and ``--length`` (default: fill the context); one line if they do not fit the context."""
     from dimba.evaluation.sample_quality import check_fits
@@ -91,7 +78,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from dimba.generation import completions, generate_ids
 
-    sc = _sample_settings(args)
+    sc = sample_settings(args)
     model, tokenizer = load_for_inference(args.model)
     prompt, length = _prompt_and_length(args, model, tokenizer)
     gen = torch.Generator().manual_seed(args.seed)
@@ -177,7 +164,7 @@ def cmd_sample_quality(args: argparse.Namespace) -> int:
     if args.judge is None:
         raise UsageError("--samples needs --judge AR_MODEL: an ar-family run or export folder that scores gen-PPL")
     references = load_references(args.references) if args.references is not None else None
-    sc = _sample_settings(args)
+    sc = sample_settings(args)
     judge, judge_tokenizer = _load_judge(args.judge)
     model, tokenizer = load_for_inference(args.model)
     prompt, length = _prompt_and_length(args, model, tokenizer)
@@ -317,25 +304,6 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     _setting(p, "--backbone", ModelConfig, "backbone", help="the denoiser network")
 
 
-def _sampler_flags(p: argparse.ArgumentParser, hidden: bool = False) -> None:
-    """The sampler settings of `SampleConfig` a run's `sample` config provides when left out."""
-    h = (lambda text: argparse.SUPPRESS) if hidden else (lambda text: text)
-    p.add_argument("--steps", type=int, help=h("denoising steps (diffusion families)"))
-    p.add_argument("--guidance", type=float, help=h("classifier-free guidance scale"))
-    p.add_argument("--temperature", type=float, help=h("0 = greedy"))
-    p.add_argument("--top-k", type=int, help=h("sample among the k most likely tokens"))
-    p.add_argument("--top-p", type=float, help=h("sample within the nucleus of this mass"))
-    p.add_argument("--eta", type=float, help=h("0 = DDIM, 1 = ancestral"))
-    p.add_argument("--remasking", choices=choices(SampleConfig, "remasking"),
-                   help=h(describe(SampleConfig, "remasking")))
-    p.add_argument("--block-length", type=int, help=h(describe(SampleConfig, "block_length")))
-    p.add_argument("--unmask-threshold", type=float, help=h(describe(SampleConfig, "unmask_threshold")))
-    p.add_argument("--unmask-entropy", type=float, help=h(describe(SampleConfig, "unmask_entropy")))
-    p.add_argument("--dual-cache", action="store_true", default=None, help=h(describe(SampleConfig, "dual_cache")))
-    p.add_argument("--score-temperature", type=float, help=h(describe(SampleConfig, "score_temperature")))
-    p.add_argument("--commit", choices=choices(SampleConfig, "commit"), help=h(describe(SampleConfig, "commit")))
-
-
 def _sample_quality_flags(p: argparse.ArgumentParser, hidden: bool = False) -> None:
     """The flags of `dimba sample-quality` (hidden: `dimba eval --samples`, the old spelling)."""
     h = (lambda text: argparse.SUPPRESS) if hidden else (lambda text: text)
@@ -378,7 +346,7 @@ def _add_generate(sub) -> None:
                    "most likely (exact log-probability for ar, an ELBO estimate for diffusion)")
     p.add_argument("--show", action="store_true", help="draw the canvas at every step on stderr (masks, newly "
                    "committed tokens, confidence as colour); needs pip install 'dimba[serve]'")
-    _sampler_flags(p)
+    sampler_flags(p)
     _setting(p, "--clamp", SampleConfig, "clamp",
              help="continuous: move x0 estimates onto the token embeddings at every step")
     p.set_defaults(func=cmd_generate)
@@ -440,7 +408,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     _sample_quality_flags(p, hidden=True)
-    _sampler_flags(p, hidden=True)
+    sampler_flags(p, hidden=True)
     p.set_defaults(func=cmd_eval)
 
 
@@ -453,7 +421,7 @@ def _add_sample_quality(sub) -> None:
     p.add_argument("--data", help="the training text of the word fraction (default: a run's own corpus)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--seed", type=int, default=0)
-    _sampler_flags(p)
+    sampler_flags(p)
     _setting(p, "--clamp", SampleConfig, "clamp", help="continuous: move x0 estimates onto the token embeddings")
     p.set_defaults(func=cmd_sample_quality)
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from dimba.config import FINETUNE_METHODS, FinetuneConfig, apply_overrides, describe, load_run_config
+from dimba.cli_sampling import sample_settings, sampler_flags
 from dimba.errors import UsageError
 
 _FLAGS = {"max_steps": "train.max_steps", "lr": "train.lr", "batch_size": "train.batch_size",
@@ -62,18 +63,16 @@ def cmd_task_write(args: argparse.Namespace) -> int:
 
 def cmd_task_eval(args: argparse.Namespace) -> int:
     """`dimba task eval MODEL --task NAME`: exact-match accuracy on held-out problems (or a .jsonl of answers)."""
-    from dimba.config import SampleConfig
     from dimba.data.finetune import load_rows, task_rows
     from dimba.data.tasks import TASK_PREFIX, task_of
     from dimba.evaluation.exact_match import exact_match
-    from dimba.loading import load_for_inference, sample_defaults
+    from dimba.loading import load_for_inference
 
     spec = args.task if args.task.startswith(TASK_PREFIX) or args.task.endswith(".jsonl") else TASK_PREFIX + args.task
     rows = task_rows(spec, "answer", args.problems, args.seed, "test") if task_of(spec) else \
         load_rows(spec, "answer", args.problems, args.seed)[:args.problems]
     model, tokenizer = load_for_inference(args.model)
-    given = {k: v for k, v in {"num_steps": args.steps, "temperature": args.temperature}.items() if v is not None}
-    sample = SampleConfig(**{**sample_defaults(args.model).model_dump(), **given})
+    sample = sample_settings(args)
     result = exact_match(model, tokenizer, rows, sample, args.best_of, args.seed, args.mc_samples)
     result.update(model=str(args.model), task=spec, temperature=sample.temperature)
     if args.json:
@@ -141,8 +140,7 @@ def add_finetune(sub) -> None:
     t.add_argument("--best-of", type=int, default=1, help="keep the most likely of K samples (the model's own "
                    "likelihood: exact for ar, an ELBO estimate for diffusion)")
     t.add_argument("--mc-samples", type=int, default=8, help="--best-of, diffusion families: ELBO samples per answer")
-    t.add_argument("--temperature", type=float, help="sampling temperature (default: the model's; 0 = greedy)")
-    t.add_argument("--steps", type=int, help="denoising steps (diffusion families)")
+    sampler_flags(t)  # the model's own sampler settings where left out
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--json", action="store_true", help="print one JSON object")
     t.set_defaults(func=cmd_task_eval)
