@@ -1,5 +1,6 @@
-"""The sampler flags shared by the verbs that generate (`dimba generate`, `eval`, `sample-quality`, `serve`,
-`task eval`) and the `SampleConfig` they give: a run's own `sample` config, overridden by the flags given."""
+"""The sampler flags shared by the verbs that generate (`dimba generate`, `sample-quality`, `task eval`, and `eval`'s
+hidden old spelling of `sample-quality`) and the `SampleConfig` they give: a run's own `sample` config, overridden by
+the flags given. (`dimba serve` takes the same settings per request: `dimba.serve.schema`.)"""
 
 from __future__ import annotations
 
