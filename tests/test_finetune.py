@@ -224,6 +224,29 @@ def test_diffusion_grpo_scores_policy_and_reference_with_the_same_noise(bases, t
     assert float(rows[0]["kl"]) == 0.0 < float(rows[1]["kl"])  # the first group is scored before any update
 
 
+def test_grpo_updates_reuse_each_batch_of_groups_through_the_clipped_ratio_and_resume_bitwise(bases, tmp_path,
+                                                                                              metrics, monkeypatch):
+    (tmp_path / "parity_reward.py").write_text("def reward(text, answer):\n    return float(len(text) % 2)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # a reward that varies within a group of a barely trained model
+    args = ["--init", str(bases["masked"]), "--data", "task:arithmetic", "--group-size", "8", "--updates", "2",
+            "--lr", "3e-2", "--reward", "parity_reward:reward", "--quiet", *FT, "finetune.val_rows=2",
+            "train.batch_size=2", "finetune.clip_eps=0.05"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert main(["finetune", "grpo", "--out", str(whole), "--max-steps", "4", *args]) == 0
+    rows = [r for r in metrics(whole) if r["reward"]]
+    # steps 1-2 and 3-4 each read one batch of groups: the same rewards, and only a reuse step can clip
+    assert rows[0]["reward"] == rows[1]["reward"] and rows[2]["reward"] == rows[3]["reward"]
+    assert float(rows[0]["clipped"]) == 0.0 == float(rows[2]["clipped"])
+    assert float(rows[1]["clipped"]) > 0 and float(rows[1]["kl"]) > 0
+    assert main(["finetune", "grpo", "--out", str(part), "--max-steps", "2", *args]) == 0
+    assert main(["finetune", "grpo", "--resume", str(part), "--max-steps", "4", "--quiet"]) == 0
+    a, b = _weights(whole), _weights(part)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    bad = tmp_path / "bad"
+    assert main(["finetune", "grpo", "--out", str(bad), "--max-steps", "4", *args, "train.save_every=3"]) == 2
+    assert not bad.exists()
+
+
 def test_lora_trains_adapters_only_and_merges_on_load_and_export(bases, tmp_path):
     run = tmp_path / "lora"
     assert main(["finetune", "sft", "--init", str(bases["ar"]), "--data", "task:arithmetic", "--out", str(run),
@@ -282,6 +305,29 @@ def test_task_cli_writes_rows_and_scores_exact_match(bases, tmp_path, capsys):
     assert capsys.readouterr().out.count("1+2=") == 2
 
 
+def test_task_pairs_rejects_the_model_s_own_wrong_answers(bases, tmp_path, monkeypatch):
+    from dimba.generation import generate_responses
+
+    out = tmp_path / "pairs.jsonl"
+    args = ["task", "pairs", str(bases["ar"]), "--task", "arithmetic", "--n", "6", "--samples", "1",
+            "--temperature", "0"]
+    assert main([*args, "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    answers = {p["prompt"]: p["answer"] for p in problems(TASKS["arithmetic"], 6, 0)}
+    model, tok = load_for_inference(bases["ar"])
+    greedy = SampleConfig(temperature=0.0)
+    assert rows and all(r["prompt"] in answers and r["chosen"] == answers[r["prompt"]] for r in rows)
+    for r in rows:  # the rejected answer is what the model itself answers, and it is wrong
+        own = tok.decode(generate_responses(model, tok.encode(r["prompt"]), greedy, 1, None, tok.eos_id)[0])
+        assert r["rejected"] == own and own.strip() != r["chosen"]
+    before = out.read_text()
+    assert main([*args, "--out", str(out)]) == 2 and out.read_text() == before  # never overwritten
+    (tmp_path / "lenient.py").write_text("def reward(text, answer):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # a reward that finds every answer right leaves nothing to prefer
+    assert main([*args, "--reward", "lenient:reward", "--out", str(tmp_path / "none.jsonl")]) == 0
+    assert (tmp_path / "none.jsonl").read_text() == ""
+
+
 def test_task_eval_takes_the_sampler_flags_over_the_run_s_own_settings(bases, capsys, monkeypatch):
     import dimba.evaluation.exact_match as em
 
@@ -336,6 +382,14 @@ def test_ipo_and_simpo_runs(bases, tmp_path, metrics, method):
     else:  # no reference: the margin is the model's own length-normalised preference, not 0
         assert metrics(run, "val_margin")[0] != 0.0 and first > 0
     assert len(metrics(run, "val_loss")) == 2
+
+
+def test_dpo_nll_weight_adds_the_chosen_nll_per_token(bases, tmp_path, metrics):
+    run = tmp_path / "rpo"
+    assert main(["finetune", "dpo", "--init", str(bases["masked"]), "--data", "task:arithmetic", "--out", str(run),
+                 "--max-steps", "2", "--quiet", *FT, "finetune.nll_weight=0.5"]) == 0
+    # policy == reference at step 0: the DPO term is log 2, and the chosen NLL is added at half weight
+    assert metrics(run, "val_loss")[0] == pytest.approx(math.log(2) + 0.5 * metrics(run, "val_ce")[0], rel=1e-5)
 
 
 @pytest.mark.parametrize("scale", [True, False])

@@ -13,7 +13,8 @@ from dimba.errors import UsageError
 
 _FLAGS = {"max_steps": "train.max_steps", "lr": "train.lr", "batch_size": "train.batch_size",
           "lora_rank": "finetune.lora_rank", "beta": "finetune.beta", "group_size": "finetune.group_size",
-          "template": "finetune.template", "reward": "finetune.reward", "seed": "train.seed"}
+          "updates": "finetune.grpo_updates", "template": "finetune.template", "reward": "finetune.reward",
+          "seed": "train.seed"}
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -83,6 +84,33 @@ def cmd_task_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_task_pairs(args: argparse.Namespace) -> int:
+    """`dimba task pairs MODEL --task NAME --out FILE.jsonl`: preference rows from the model's own wrong answers."""
+    from dimba.data.finetune import load_rows, task_rows
+    from dimba.data.tasks import TASK_PREFIX, task_of
+    from dimba.evaluation.exact_match import self_preference_rows
+    from dimba.evaluation.rewards import get_reward
+    from dimba.io import atomic_write_text, disk_errors
+    from dimba.loading import load_for_inference
+
+    out = Path(args.out)
+    if out.exists():
+        raise UsageError(f"--out {str(out)!r} already exists: choose another file name or delete it")
+    if args.samples < 1:
+        raise UsageError(f"--samples must be at least 1, got {args.samples}")
+    spec = args.task if args.task.startswith(TASK_PREFIX) or args.task.endswith(".jsonl") else TASK_PREFIX + args.task
+    rows = task_rows(spec, "answer", args.n, args.seed, "train") if task_of(spec) else \
+        load_rows(spec, "answer", args.n, args.seed)[:args.n]
+    reward = get_reward(args.reward)
+    model, tokenizer = load_for_inference(args.model)
+    pairs = self_preference_rows(model, tokenizer, rows, sample_settings(args), args.samples, args.seed, reward)
+    with disk_errors(out.parent if str(out.parent) else Path(".")):
+        atomic_write_text(out, "".join(json.dumps(row) + "\n" for row in pairs))
+    print(f"wrote {len(pairs)} preference rows to {out}: {len(rows) - len(pairs)} of {len(rows)} problems had no "
+          f"wrong answer in {args.samples} samples")
+    return 0
+
+
 def _finetune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", help="the run to start from (its EMA weights; also the DPO / GRPO reference)")
     p.add_argument("--data", help="JSON lines ({prompt, response} for sft; {prompt, chosen, rejected} for dpo / ipo "
@@ -95,6 +123,7 @@ def _finetune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-rank", type=int, help=describe(FinetuneConfig, "lora_rank"))
     p.add_argument("--beta", type=float, help=describe(FinetuneConfig, "beta"))
     p.add_argument("--group-size", type=int, help=describe(FinetuneConfig, "group_size"))
+    p.add_argument("--updates", type=int, help=describe(FinetuneConfig, "grpo_updates"))
     p.add_argument("--reward", help=describe(FinetuneConfig, "reward"))
     p.add_argument("--template", help=describe(FinetuneConfig, "template"))
     p.add_argument("--seed", type=int, help="the run's seed (data order, noise)")
@@ -144,3 +173,15 @@ def add_finetune(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--json", action="store_true", help="print one JSON object")
     t.set_defaults(func=cmd_task_eval)
+    t = tsub.add_parser("pairs", help="preference rows (for dpo / ipo / simpo) from a model's own wrong answers")
+    t.add_argument("model", help="run directory or export folder")
+    t.add_argument("--task", required=True, help="arithmetic, reverse (training problems), or a .jsonl file of "
+                   "{prompt, answer}")
+    t.add_argument("--n", type=int, default=2000, help="problems to try")
+    t.add_argument("--samples", type=int, default=4, help="answers drawn per problem; the first wrong one is kept")
+    t.add_argument("--reward", default="exact_match", help="what counts as wrong: a reward below the reference "
+                   "answer's (by name or module:function)")
+    sampler_flags(t)  # the model's own sampler settings where left out
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True, help="the .jsonl file to write (never overwritten)")
+    t.set_defaults(func=cmd_task_pairs)

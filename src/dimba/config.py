@@ -229,6 +229,9 @@ class FinetuneConfig(_Strict):
     val_rows: int = Field(64, gt=0, description="held-out rows of the validation loss (a file: its last rows)")
     beta: float = Field(0.1, gt=0, description="dpo / ipo / simpo: the inverse temperature of the log-ratio margin")
     simpo_gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin")
+    nll_weight: float = Field(0.0, ge=0, description="dpo / ipo / simpo: weight of the chosen responses' NLL per "
+                              "token added to the loss (RPO, Pang et al. 2024: keeps the chosen likelihood from "
+                              "falling with the rejected one)")
     mc_samples: int = Field(2, gt=0, description="diffusion families: ELBO samples per row of a preference "
                             "likelihood (shared by policy and reference)")
     group_size: int = Field(8, gt=1, description="grpo: samples per prompt")
@@ -239,6 +242,11 @@ class FinetuneConfig(_Strict):
         "one_pass", description="grpo, diffusion families: the per-token log-probabilities from one pass with the whole "
         "response noised (diffu-GRPO / d1), or from one NELBO sample per row (a random share of the response noised, "
         "as SFT and DPO score it)")
+    grpo_updates: int = Field(1, ge=1, description="grpo: optimizer steps on each batch of groups (PPO's inner "
+                              "epochs, GRPO's mu): the first on-policy, the later ones through the clipped ratio to the "
+                              "policy that drew the groups; train.save_every must be a multiple of it")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="grpo: the PPO clip range of the per-token ratio "
+                            "(bites from the second update of a batch of groups)")
     scale_rewards: bool = Field(True, description="grpo: divide the advantages by the group's reward std (GRPO); "
                                 "false: rewards minus the group mean only (Dr. GRPO)")
     lora_rank: int = Field(0, ge=0, description="LoRA adapters of this rank on the backbone's linear maps (peft); "
@@ -269,6 +277,19 @@ class Config(_Strict):
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+
+    @model_validator(mode="after")
+    def _grpo_cycle(self) -> "Config":
+        """A checkpoint falls where a GRPO run draws new groups, so that a resumed run draws them where it would
+        have (the groups in use are not saved)."""
+        mu = self.finetune.grpo_updates
+        if self.finetune.method == "grpo" and mu > 1 and self.train.grad_accum > 1:
+            raise ValueError(f"finetune.grpo_updates={mu} needs train.grad_accum=1 (each step takes one batch of "
+                             "groups): raise train.batch_size instead")
+        if self.finetune.method == "grpo" and self.train.save_every % mu:
+            raise ValueError(f"train.save_every={self.train.save_every} is not a multiple of "
+                             f"finetune.grpo_updates={mu}: make it one")
+        return self
 
 
 def preset_names() -> list[str]:

@@ -3,7 +3,8 @@
 `solve` generates answers to ``{"prompt", "answer"}`` problems (rows of equal prompt length generated together);
 with ``best_of`` = K it draws K candidates per problem and keeps the one the model itself finds most likely
 (`rank_by_likelihood`: the exact log-probability for ar, a Monte Carlo ELBO for a diffusion family: a score that
-needs no answer) or, given a reward, the one it rewards most. `exact_match` is the share solved exactly.
+needs no answer) or, given a reward, the one it rewards most. `exact_match` is the share solved exactly;
+`self_preference_rows` turns the model's own wrong answers into preference rows.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections import defaultdict
 import torch
 
 from dimba.data.finetune import build_rows
+from dimba.evaluation.rewards import exact_match as exact_reward
 from dimba.generation import generate_ids, generate_responses, generated_ids
 from dimba.training.objectives import response_noises, sequence_logp
 
@@ -86,3 +88,22 @@ def exact_match(model, tokenizer, problems: list[dict[str, str]], sample, best_o
     responses = best_of_ids(model, prompts, sample, best_of, generator, tokenizer.eos_id, mc_samples, choose)
     correct = sum(tokenizer.decode(r).strip() == p["answer"].strip() for r, p in zip(responses, problems))
     return {"accuracy": correct / len(problems), "correct": correct, "n": len(problems), "best_of": best_of}
+
+
+def self_preference_rows(model, tokenizer, problems: list[dict[str, str]], sample, samples: int = 4, seed: int = 0,
+                         reward=exact_reward) -> list[dict[str, str]]:
+    """On-policy preference rows ``{"prompt", "chosen", "rejected"}``: per problem, ``samples`` answers drawn from
+    ``model`` with ``sample``; the first one that ``reward`` scores below the reference answer is the rejected
+    answer, the reference the chosen one (the pairs of iterative RPO, Pang et al. 2024: the model's own mistakes
+    against the truth). Problems it never gets wrong give no row."""
+    generator = torch.Generator().manual_seed(seed)
+    prompts = [tokenizer.encode(p["prompt"]) for p in problems]
+
+    def first_wrong(i, candidates):
+        answer = problems[i]["answer"]
+        best = float(reward(answer, answer))
+        return next((c for c in candidates if float(reward(tokenizer.decode(c), answer)) < best), None)
+
+    picks = best_of_ids(model, prompts, sample, samples, generator, tokenizer.eos_id, choose=first_wrong)
+    return [{"prompt": p["prompt"], "chosen": p["answer"], "rejected": tokenizer.decode(r)}
+            for p, r in zip(problems, picks) if r is not None]

@@ -69,14 +69,17 @@ class Preference(Objective):
 
     h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)); DPO: -log sigmoid(beta h) (Rafailov et al.
     2023); IPO: (h - 1 / (2 beta))^2 (Azar et al. 2023); SimPO, without a reference: -log sigmoid(beta (log pi(y_w)
-    / |y_w| - log pi(y_l) / |y_l|) - gamma) (Meng et al. 2024). ``margin`` is h (SimPO: its length-normalised
-    margin), ``acc`` the share of pairs with h > 0, ``ce`` the chosen responses' NLL per token."""
+    / |y_w| - log pi(y_l) / |y_l|) - gamma) (Meng et al. 2024). ``nll_weight`` adds that weight times ``ce`` (RPO,
+    Pang et al. 2024). ``margin`` is h (SimPO: its length-normalised margin), ``acc`` the share of pairs with h > 0,
+    ``ce`` the chosen responses' NLL per token."""
 
     metrics = ("loss", "ce", "margin", "acc")
 
-    def __init__(self, device, method: str, beta: float, gamma: float, mc_samples: int, reference=None):
+    def __init__(self, device, method: str, beta: float, gamma: float, mc_samples: int, reference=None,
+                 nll_weight: float = 0.0):
         super().__init__(device)
         self.method, self.beta, self.gamma, self.mc_samples, self.reference = method, beta, gamma, mc_samples, reference
+        self.nll_weight = nll_weight
 
     def loss(self, model, rows, generator=None):
         rows = rows.to(self.device)
@@ -95,5 +98,7 @@ class Preference(Objective):
             h = ratio[:b] - ratio[b:]  # (B,)
             loss = (-F.logsigmoid(self.beta * h) if self.method == "dpo" else (h - 0.5 / self.beta) ** 2).mean()
         ce = -logp[:b].sum() / tokens[:b].sum()
+        if self.nll_weight:
+            loss = loss + self.nll_weight * ce
         return loss, {"loss": loss.detach(), "ce": ce.detach(), "margin": h.mean().detach(),
                       "acc": (h > 0).float().mean()}
