@@ -8,7 +8,9 @@ The SFT stage trains 4,000 steps at lr 2e-3 (the tiny masked model learns the un
 ``sft300`` is the first round's 300 steps at lr 5e-4.
 
 The base run is a `dimba train --data task:arithmetic` run; every stage is the library's `finetune` (the CLI's
-`dimba finetune`), every score `exact_match` (`dimba task eval`).
+`dimba finetune`), every score `exact_match` (`dimba task eval`). A stage named in ``ON_POLICY`` trains on the
+preference rows of its parent's own wrong answers (`self_preference_rows`, `dimba task pairs`: 2,000 training
+problems, 4 samples each at temperature 1), written beside the runs.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import torch
 
 from dimba.config import SampleConfig
 from dimba.data.tasks import problems, task_of
-from dimba.evaluation.exact_match import exact_match
+from dimba.data.finetune import task_rows
+from dimba.evaluation.exact_match import exact_match, self_preference_rows
 from dimba.loading import load_for_inference, sample_defaults
 from dimba.training import finetune
 
@@ -51,9 +54,35 @@ STAGES = {  # method, parent stage, overrides
                                          "finetune.group_size=8", "finetune.val_rows=16", "train.eval_every=100",
                                          "finetune.grpo_likelihood=elbo", "finetune.group_temperature=0.5"]),
     "dpo_mid": ("dpo", "sft2k", ["train.max_steps=100", "train.lr=1e-4", "finetune.beta=0.1"]),
+    # from the unfinished SFT: 300 more SFT steps, and DPO / DPO + NLL (RPO) at the same steps and lr
+    "sft_mid_more": ("sft", "sft2k", ["train.max_steps=300", "train.lr=5e-4", "train.eval_every=100"]),
+    "dpo_mid300": ("dpo", "sft2k", ["train.max_steps=300", "train.lr=5e-4", "train.eval_every=100", "finetune.beta=0.1"]),
+    "rpo_mid300": ("dpo", "sft2k", ["train.max_steps=300", "train.lr=5e-4", "train.eval_every=100", "finetune.beta=0.1",
+                                    "finetune.nll_weight=1.0"]),
+    "dpo_mid_self": ("dpo", "sft2k", ["train.max_steps=300", "train.lr=5e-4", "train.eval_every=100",
+                                      "finetune.beta=0.1"]),
+    "rpo_mid_self": ("dpo", "sft2k", ["train.max_steps=300", "train.lr=5e-4", "train.eval_every=100",
+                                      "finetune.beta=0.1", "finetune.nll_weight=1.0"]),
+    "grpo_mid_mu4": ("grpo", "sft2k", ["train.max_steps=1200", "train.lr=1e-4", "train.batch_size=4",
+                                       "finetune.group_size=8", "finetune.val_rows=16", "train.eval_every=400",
+                                       "train.save_every=100", "finetune.grpo_updates=4",
+                                       "finetune.group_temperature=0.7"]),
     "grpo_long": ("grpo", "sft", ["train.max_steps=200", "train.lr=3e-4", "train.batch_size=4", "finetune.group_size=8",
                                   "finetune.val_rows=16", "train.eval_every=50"]),
 }
+
+ON_POLICY = ("dpo_mid_self", "rpo_mid_self")  # stages whose rejected answers are their parent's own
+
+
+def self_pairs(parent: Path, task: str, seed: int, steps: int, given: dict, out: Path) -> str:
+    """The file of preference rows from ``parent``'s own wrong answers (written once): the stage's data."""
+    if not out.is_file():
+        model, tok = load_for_inference(parent)
+        sample = SampleConfig.model_validate({**sample_defaults(parent).model_dump(), **given, "num_steps": steps,
+                                              "temperature": 1.0})
+        rows = self_preference_rows(model, tok, task_rows(task, "answer", 2000, seed, "train"), sample, 4, seed)
+        out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(out)
 
 
 def score(run: Path, probs, steps: int, best_of: bool, seed: int, given: dict) -> dict:
@@ -103,7 +132,9 @@ def main() -> None:
             runs[stage] = work / f"{stage}-s{seed}"
             start = time.perf_counter()
             if not (runs[stage] / "checkpoints" / "last.ckpt").is_file():
-                finetune(runs[parent], method, args.task, runs[stage], overrides + [f"train.seed={seed}",
+                data = args.task if stage not in ON_POLICY else self_pairs(
+                    runs[parent], args.task, seed, args.steps, given, work / f"pairs-{parent}-s{seed}.jsonl")
+                finetune(runs[parent], method, data, runs[stage], overrides + [f"train.seed={seed}",
                          "train.num_threads=1"] + [f"sample.{k}={v}" for k, v in given.items()], progress=False)
             result["seconds"][f"{stage}-s{seed}"] = round(time.perf_counter() - start, 1)
             result["scores"][f"{stage}-s{seed}"] = score(runs[stage], probs, args.steps, stage == "sft" and
