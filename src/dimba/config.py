@@ -243,8 +243,8 @@ class FinetuneConfig(_Strict):
         "response noised (diffu-GRPO / d1), or from one NELBO sample per row (a random share of the response noised, "
         "as SFT and DPO score it)")
     grpo_updates: int = Field(1, ge=1, description="grpo: optimizer steps on each batch of groups (PPO's inner "
-                              "epochs, GRPO's mu): the first on-policy, the later ones through the clipped ratio to the "
-                              "policy that drew the groups; train.save_every must be a multiple of it")
+                              "epochs, GRPO's mu): the first on-policy, the later ones through the clipped ratio to "
+                              "the policy that drew the groups; train.save_every must be a multiple of it")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="grpo: the PPO clip range of the per-token ratio "
                             "(bites from the second update of a batch of groups)")
     scale_rewards: bool = Field(True, description="grpo: divide the advantages by the group's reward std (GRPO); "
