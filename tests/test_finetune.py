@@ -322,6 +322,8 @@ def test_task_pairs_rejects_the_model_s_own_wrong_answers(bases, tmp_path, monke
         assert r["rejected"] == own and own.strip() != r["chosen"]
     before = out.read_text()
     assert main([*args, "--out", str(out)]) == 2 and out.read_text() == before  # never overwritten
+    assert main([*args, "--samples", "0", "--out", str(tmp_path / "zero.jsonl")]) == 2
+    assert not (tmp_path / "zero.jsonl").exists()
     (tmp_path / "lenient.py").write_text("def reward(text, answer):\n    return 1.0\n")
     monkeypatch.syspath_prepend(str(tmp_path))  # a reward that finds every answer right leaves nothing to prefer
     assert main([*args, "--reward", "lenient:reward", "--out", str(tmp_path / "none.jsonl")]) == 0

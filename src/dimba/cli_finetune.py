@@ -96,8 +96,8 @@ def cmd_task_pairs(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists():
         raise UsageError(f"--out {str(out)!r} already exists: choose another file name or delete it")
-    if args.samples < 1:
-        raise UsageError(f"--samples must be at least 1, got {args.samples}")
+    if args.samples < 1 or args.n < 1:
+        raise UsageError(f"--samples and --n must be at least 1, got {args.samples} and {args.n}")
     spec = args.task if args.task.startswith(TASK_PREFIX) or args.task.endswith(".jsonl") else TASK_PREFIX + args.task
     rows = task_rows(spec, "answer", args.n, args.seed, "train") if task_of(spec) else \
         load_rows(spec, "answer", args.n, args.seed)[:args.n]
