@@ -82,13 +82,18 @@ for _name in ("sft_mid_more", "dpo_mid300", "rpo_mid300", "ipo_mid300", "simpo_m
 ON_POLICY = ("dpo_mid_self", "rpo_mid_self")  # stages whose rejected answers are their parent's own
 
 
+def run_sample(run: Path, given: dict, steps: int, temperature: float) -> SampleConfig:
+    """The run's own sampler settings with the settings ``given`` (``--sample``), ``steps`` and ``temperature``."""
+    return SampleConfig.model_validate({**sample_defaults(run).model_dump(), **given, "num_steps": steps,
+                                        "temperature": temperature})
+
+
 def self_pairs(parent: Path, task: str, seed: int, steps: int, given: dict, out: Path) -> str:
     """The file of preference rows from ``parent``'s own wrong answers (written once): the stage's data."""
     if not out.is_file():
         model, tok = load_for_inference(parent)
-        sample = SampleConfig.model_validate({**sample_defaults(parent).model_dump(), **given, "num_steps": steps,
-                                              "temperature": 1.0})
-        rows = self_preference_rows(model, tok, task_rows(task, "answer", 2000, seed, "train"), sample, 4, seed)
+        rows = self_preference_rows(model, tok, task_rows(task, "answer", 2000, seed, "train"),
+                                    run_sample(parent, given, steps, 1.0), 4, seed)
         out.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return str(out)
 
@@ -97,16 +102,11 @@ def score(run: Path, probs, steps: int, best_of: bool, seed: int, given: dict) -
     """Greedy exact match, and sampled (temperature 1) best-of-1 and best-of-8 when ``best_of``; the run's own
     sampler settings otherwise (as `dimba task eval`), with the settings ``given`` (``--sample``)."""
     model, tok = load_for_inference(run)
-    defaults = sample_defaults(run).model_dump()
-
-    def sample(temperature: float):
-        return SampleConfig.model_validate({**defaults, **given, "num_steps": steps, "temperature": temperature})
-
-    out = {"greedy": exact_match(model, tok, probs, sample(0.0), seed=seed)}
+    out = {"greedy": exact_match(model, tok, probs, run_sample(run, given, steps, 0.0), seed=seed)}
     if best_of:
         for k in (1, 8):
-            out[f"sampled_best_of_{k}"] = exact_match(model, tok, probs, sample(1.0), best_of=k, seed=seed,
-                                                      mc_samples=4)
+            out[f"sampled_best_of_{k}"] = exact_match(model, tok, probs, run_sample(run, given, steps, 1.0),
+                                                      best_of=k, seed=seed, mc_samples=4)
     return {k: v["accuracy"] for k, v in out.items()}
 
 

@@ -44,34 +44,53 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return launch(cfg, args, run_dir, resume)
 
 
+def _refuse_existing(out: Path) -> None:
+    """A `UsageError` when the output file ``out`` exists: it is never overwritten."""
+    if out.exists():
+        raise UsageError(f"--out {str(out)!r} already exists: choose another file name or delete it")
+
+
+def _write_jsonl(out: Path, rows: list[dict]) -> None:
+    """``rows`` as JSON lines in ``out``, written atomically (a disk error: one line, nothing half-written)."""
+    from dimba.io import atomic_write_text, disk_errors
+
+    with disk_errors(out.parent if str(out.parent) else Path(".")):
+        atomic_write_text(out, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _problems(task: str, n: int, seed: int, split: str) -> tuple[str, list[dict[str, str]]]:
+    """The task spec of ``--task`` (a built-in task's name, task:NAME or a .jsonl file) and ``n`` of its
+    ``{prompt, answer}`` problems: of ``split`` for a built-in task, the first rows of a file."""
+    from dimba.data.finetune import load_rows, task_rows
+    from dimba.data.tasks import TASK_PREFIX, task_of
+
+    spec = task if task.startswith(TASK_PREFIX) or task.endswith(".jsonl") else TASK_PREFIX + task
+    if task_of(spec):
+        return spec, task_rows(spec, "answer", n, seed, split)
+    return spec, load_rows(spec, "answer", n, seed)[:n]
+
+
 def cmd_task_write(args: argparse.Namespace) -> int:
     """`dimba task write NAME --kind KIND --out FILE.jsonl`: rows of a built-in task as JSON lines."""
     from dimba.data.finetune import task_rows
     from dimba.data.tasks import TASK_PREFIX, task_of
-    from dimba.io import atomic_write_text, disk_errors
 
     spec = args.name if args.name.startswith(TASK_PREFIX) else TASK_PREFIX + args.name
     task_of(spec)
     out = Path(args.out)
-    if out.exists():
-        raise UsageError(f"--out {str(out)!r} already exists: choose another file name or delete it")
+    _refuse_existing(out)
     rows = task_rows(spec, args.kind, args.n, args.seed, args.split)
-    with disk_errors(out.parent if str(out.parent) else Path(".")):
-        atomic_write_text(out, "".join(json.dumps(row) + "\n" for row in rows))
+    _write_jsonl(out, rows)
     print(f"wrote {len(rows)} {args.kind} rows of {spec} ({args.split}) to {out}")
     return 0
 
 
 def cmd_task_eval(args: argparse.Namespace) -> int:
     """`dimba task eval MODEL --task NAME`: exact-match accuracy on held-out problems (or a .jsonl of answers)."""
-    from dimba.data.finetune import load_rows, task_rows
-    from dimba.data.tasks import TASK_PREFIX, task_of
     from dimba.evaluation.exact_match import exact_match
     from dimba.loading import load_for_inference
 
-    spec = args.task if args.task.startswith(TASK_PREFIX) or args.task.endswith(".jsonl") else TASK_PREFIX + args.task
-    rows = task_rows(spec, "answer", args.problems, args.seed, "test") if task_of(spec) else \
-        load_rows(spec, "answer", args.problems, args.seed)[:args.problems]
+    spec, rows = _problems(args.task, args.problems, args.seed, "test")
     model, tokenizer = load_for_inference(args.model)
     sample = sample_settings(args)
     result = exact_match(model, tokenizer, rows, sample, args.best_of, args.seed, args.mc_samples)
@@ -86,26 +105,19 @@ def cmd_task_eval(args: argparse.Namespace) -> int:
 
 def cmd_task_pairs(args: argparse.Namespace) -> int:
     """`dimba task pairs MODEL --task NAME --out FILE.jsonl`: preference rows from the model's own wrong answers."""
-    from dimba.data.finetune import load_rows, task_rows
-    from dimba.data.tasks import TASK_PREFIX, task_of
     from dimba.evaluation.exact_match import self_preference_rows
     from dimba.evaluation.rewards import get_reward
-    from dimba.io import atomic_write_text, disk_errors
     from dimba.loading import load_for_inference
 
     out = Path(args.out)
-    if out.exists():
-        raise UsageError(f"--out {str(out)!r} already exists: choose another file name or delete it")
+    _refuse_existing(out)
     if args.samples < 1 or args.n < 1:
         raise UsageError(f"--samples and --n must be at least 1, got {args.samples} and {args.n}")
-    spec = args.task if args.task.startswith(TASK_PREFIX) or args.task.endswith(".jsonl") else TASK_PREFIX + args.task
-    rows = task_rows(spec, "answer", args.n, args.seed, "train") if task_of(spec) else \
-        load_rows(spec, "answer", args.n, args.seed)[:args.n]
+    _, rows = _problems(args.task, args.n, args.seed, "train")
     reward = get_reward(args.reward)
     model, tokenizer = load_for_inference(args.model)
     pairs = self_preference_rows(model, tokenizer, rows, sample_settings(args), args.samples, args.seed, reward)
-    with disk_errors(out.parent if str(out.parent) else Path(".")):
-        atomic_write_text(out, "".join(json.dumps(row) + "\n" for row in pairs))
+    _write_jsonl(out, pairs)
     print(f"wrote {len(pairs)} preference rows to {out}: {len(rows) - len(pairs)} of {len(rows)} problems had no "
           f"wrong answer in {args.samples} samples")
     return 0

@@ -283,10 +283,12 @@ class Config(_Strict):
         """A checkpoint falls where a GRPO run draws new groups, so that a resumed run draws them where it would
         have (the groups in use are not saved)."""
         mu = self.finetune.grpo_updates
-        if self.finetune.method == "grpo" and mu > 1 and self.train.grad_accum > 1:
+        if self.finetune.method != "grpo":
+            return self
+        if mu > 1 and self.train.grad_accum > 1:
             raise ValueError(f"finetune.grpo_updates={mu} needs train.grad_accum=1 (each step takes one batch of "
                              "groups): raise train.batch_size instead")
-        if self.finetune.method == "grpo" and self.train.save_every % mu:
+        if self.train.save_every % mu:
             raise ValueError(f"train.save_every={self.train.save_every} is not a multiple of "
                              f"finetune.grpo_updates={mu}: make it one")
         return self
