@@ -203,3 +203,17 @@ def test_a_guided_logits_model_interpolates_the_guided_logits_so_its_estimates_s
     book = m.codebook()  # (V, d)
     for x0 in estimates:  # a softmax-weighted mean of codebook latents is no longer than the longest of them
         assert (x0[:, 3:].norm(dim=-1) <= book.norm(dim=-1).max() + 1e-4).all()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(latent_diffusion=True, d_latent=8), dict(tie_weights=False)])
+def test_the_one_product_is_the_head_logits_plus_the_bayes_skip_logits(kw):
+    m = small(**kw)
+    ids = torch.randint(3, V, (3, 16))
+    m.calibrate_latent_scale(ids)
+    x_pred, z_t = torch.randn(2, 3, 16, m.d_x).unbind(0)  # (B, L, d_x) each
+    ab = torch.tensor([0.999, 0.5, 0.01])  # (B,): the skip's scale spans 1e3 to 0.1
+    _, logits = m.interpret(x_pred, z_t, ab, estimate_x0=False)
+    bayes = (ab.sqrt() / (1 - ab))[:, None, None] * (z_t @ m.codebook().T)  # (B, L, V)
+    expected = m.decode(x_pred) + bayes
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())

@@ -231,3 +231,27 @@ def test_latent_sampling_never_draws_mask(family):
 def test_forward_refuses_token_families():
     with pytest.raises(ValueError, match="token_logits"):
         model("masked")(torch.randint(3, V, (1, 24)), torch.tensor([0.5]))
+
+
+def test_token_nll_is_the_cross_entropy_and_ignores_what_it_is_told():
+    from dimba.families.base import token_nll
+
+    logits, ids = torch.randn(3, 7, 11), torch.randint(0, 11, (3, 7))
+    ids[1, 2] = -100
+    nll = token_nll(logits, ids)  # (B, L)
+    logp = logits.log_softmax(-1)
+    for b, l in ((0, 0), (2, 6), (1, 3)):
+        assert math.isclose(float(nll[b, l]), -float(logp[b, l, ids[b, l]]), rel_tol=1e-6)
+    assert float(nll[1, 2]) == 0.0
+
+
+def test_ar_loss_is_the_mean_next_token_cross_entropy():
+    from dimba.families.ar import compute_ar_losses
+
+    torch.manual_seed(0)
+    m = DIMBA(32, family="ar", d_model=32, num_denoiser_layers=1, d_state=8, headdim=16, chunk_size=8)
+    ids = torch.randint(3, 32, (2, 12))
+    loss, _ = compute_ar_losses(m, ids)
+    logp = m.token_logits(ids).log_softmax(-1)[:, :-1]  # (B, L-1, V)
+    expected = -logp.gather(-1, ids[:, 1:, None]).mean()
+    assert torch.allclose(loss, expected, atol=1e-6)

@@ -214,11 +214,14 @@ def test_grpo_runs_groups_with_rewards_and_kl(bases, tmp_path, metrics, scale):
 
 @pytest.mark.parametrize("family, likelihood", [("masked", "elbo"), ("continuous", "one_pass"),
                                                 ("continuous", "elbo")])
-def test_diffusion_grpo_scores_policy_and_reference_with_the_same_noise(bases, tmp_path, metrics, family, likelihood):
+def test_diffusion_grpo_scores_policy_and_reference_with_the_same_noise(bases, tmp_path, metrics, monkeypatch, family,
+                                                                      likelihood):
+    (tmp_path / "parity_reward.py").write_text("def reward(text, answer):\n    return float(len(text) % 2)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # rewards that vary within a group, so the first step updates
     run = tmp_path / "grpo"
     assert main(["finetune", "grpo", "--init", str(bases[family]), "--data", "task:arithmetic", "--out", str(run),
-                 "--max-steps", "2", "--group-size", "4", "--quiet", *FT, "finetune.val_rows=2",
-                 "train.batch_size=2", f"finetune.grpo_likelihood={likelihood}"]) == 0
+                 "--max-steps", "2", "--group-size", "4", "--lr", "3e-2", "--reward", "parity_reward:reward", "--quiet",
+                 *FT, "finetune.val_rows=2", "train.batch_size=2", f"finetune.grpo_likelihood={likelihood}"]) == 0
     rows = [r for r in metrics(run) if r["reward"]]
     assert len(rows) == 2 and all(0 <= float(r["reward"]) <= 1 for r in rows)
     assert float(rows[0]["kl"]) == 0.0 < float(rows[1]["kl"])  # the first group is scored before any update

@@ -232,22 +232,35 @@ class DIMBA(nn.Module):
         if kind == "x0":
             return x_pred, None
         book = self.codebook()  # (V, d_x)
-        logits = self.decode(x_pred)  # (B, L, V)
         if self.config.logit_skip:
-            ab = alpha_bar.float().reshape(-1, 1, 1)  # (B, 1, 1)
-            if masked is not None:
-                z_t = z_t.masked_fill(masked[..., None], 0.0)  # (B, L, d_x)
-            logits = logits + ab.sqrt() / (1 - ab).clamp_min(1e-4) * (z_t.float() @ book.float().T)
+            logits = self._skip_logits(x_pred, z_t, alpha_bar, masked, book)  # (B, L, V)
+        else:
+            logits = self.decode(x_pred)  # (B, L, V)
         if not estimate_x0:
             return None, logits
         return self.score_interpolate(logits, score_temperature, book), logits
+
+    def _skip_logits(self, x_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar: torch.Tensor,
+                     masked: torch.Tensor | None, book: torch.Tensor) -> torch.Tensor:
+        """The head's logits of ``x_pred`` plus the Bayes logits sqrt(ab) / (1 - ab) z_t . e_v (see `interpret`), float32
+        (B, L, V), as ONE product [head_norm(h), c z_t] @ [W_head, book]^T: the scale c is applied to the (B, L, d_x)
+        latent and the sum is accumulated inside the product, so no vocabulary-sized tensor is scaled or added."""
+        ab = alpha_bar.float().reshape(-1, 1, 1)  # (B, 1, 1)
+        if masked is not None:
+            z_t = z_t.masked_fill(masked[..., None], 0.0)  # (B, L, d_x)
+        h = self.head_norm(self.decode_latent(x_pred))  # (B, L, D)
+        zs = ab.sqrt() / (1 - ab).clamp_min(1e-4) * z_t.float()  # (B, L, d_x)
+        a = torch.cat([h, zs.to(h.dtype)], dim=-1)  # (B, L, D + d_x)
+        w = torch.cat([self.head.weight, book.to(self.head.weight.dtype)], dim=-1)  # (V, D + d_x)
+        return (a @ w.T).float()  # (B, L, V)
 
     def score_interpolate(self, logits: torch.Tensor, temperature: float = 1.0,
                           book: torch.Tensor | None = None) -> torch.Tensor:
         """The codebook latents averaged under softmax(logits (B, L, V) / temperature): an x0 estimate (B, L, d_x).
         ``book``: the codebook (V, d_x) when the caller has it."""
         book = self.codebook() if book is None else book  # (V, d_x)
-        return (logits / temperature).softmax(-1).to(book.dtype) @ book  # (B, L, d_x)
+        scaled = logits if temperature == 1.0 else logits / temperature  # (B, L, V)
+        return scaled.softmax(-1).to(book.dtype) @ book  # (B, L, d_x)
 
     def x0_from_output(self, x_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
         """The x0 estimate implied by the network output (see `interpret`)."""

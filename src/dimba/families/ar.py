@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dimba.families.base import Family, Generation, LikelihoodEstimate, model_device
+from dimba.families.base import Family, Generation, LikelihoodEstimate, model_device, token_nll
 from dimba.samplers.ar import ARSampler
 from dimba.samplers.state import ModelOutput, SamplerState
 from dimba.special_tokens import EOS_ID
@@ -18,10 +18,10 @@ from dimba.special_tokens import EOS_ID
 
 def compute_ar_losses(model, input_ids: torch.Tensor):
     """Next-token cross-entropy on every position; returns ``(loss, parts)``."""
-    logits = model.token_logits(input_ids)[:, :-1]  # (B, L-1, V)
-    target = input_ids[:, 1:]  # (B, L-1)
-    loss = F.cross_entropy(logits.transpose(1, 2), target)
-    acc = (logits.argmax(-1) == target).float().mean()
+    logits = model.token_logits(input_ids)  # (B, L, V): position l predicts token l + 1
+    target = F.pad(input_ids[:, 1:], (0, 1), value=-100)  # (B, L): the last position has no target
+    loss = token_nll(logits, target)[:, :-1].mean()
+    acc = (logits[:, :-1].argmax(-1) == input_ids[:, 1:]).float().mean()
     return loss, {"loss": loss.detach(), "ce": loss.detach(), "acc": acc.detach()}
 
 
@@ -102,9 +102,9 @@ class ARFamily(Family):
 
     def response_nll(self, model, rows, noise):
         """The exact -log p of each scored token given the tokens before it (position l: token l)."""
-        logits = model.token_logits(rows.ids, lengths=rows.lengths)[:, :-1].float()  # (B, L-1, V)
-        nll = F.cross_entropy(logits.transpose(1, 2), rows.ids[:, 1:], reduction="none")  # (B, L-1)
-        nll = F.pad(nll, (1, 0))  # (B, L): token 0 is never scored
+        logits = model.token_logits(rows.ids, lengths=rows.lengths).float()  # (B, L, V)
+        nll = token_nll(logits, F.pad(rows.ids[:, 1:], (0, 1), value=-100))  # (B, L): position l scores token l + 1
+        nll = F.pad(nll[:, :-1], (1, 0))  # (B, L): token 0 is never scored
         return torch.where(rows.scored, nll, torch.zeros_like(nll))
 
     def canvas_length(self, context: int, prompt_len: int, length: int) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from dimba.errors import UsageError
 from dimba.samplers.state import ModelOutput, SamplerState
@@ -165,6 +166,15 @@ class Family:
 
     def __deepcopy__(self, memo) -> "Family":
         return self  # stateless and shared: a copied model (EMA) keeps the same family
+
+
+def token_nll(logits: torch.Tensor, ids: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Per-token cross-entropy (B, L) of ``logits`` (B, L, V) against ``ids`` (B, L), 0 where ``ids`` is
+    ``ignore_index``: read along the vocabulary's own (last, contiguous) dimension, where ``logits.transpose(1, 2)``
+    would make PyTorch copy the vocabulary-sized tensor."""
+    flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1), reduction="none",
+                           ignore_index=ignore_index)  # (B * L,)
+    return flat.view(ids.shape)
 
 
 def masked_mean(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -9,12 +9,11 @@ is the VDM-style variational bound of `dimba.families.gaussian_bound`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dimba.diffusion.gaussian import min_snr_weight, q_sample, v_target
 from dimba.diffusion.schedules import stratified_times
 from dimba.families import gaussian_bound
-from dimba.families.base import Family, Generation, LikelihoodEstimate, masked_mean
+from dimba.families.base import Family, Generation, LikelihoodEstimate, masked_mean, token_nll
 from dimba.samplers.categorical import sample_tokens
 from dimba.samplers.commit import CommitSampler
 from dimba.samplers.ddim import DDIMSampler
@@ -77,12 +76,12 @@ def compute_dimba_losses(model, input_ids: torch.Tensor, t: torch.Tensor | None 
     mse = masked_mean(sq * w[:, None], scored)
 
     logits = model.decode(info["x0_hat"]) if info["logits"] is None else info["logits"]  # (B, L, V)
-    ce_tok = F.cross_entropy(logits.transpose(1, 2), input_ids, reduction="none")  # (B, L)
+    ce_tok = token_nll(logits, input_ids)  # (B, L)
     ce = masked_mean(ce_tok, scored)
     if warp is not None and model.training:
         warp.update(info["t"], (ce_tok.detach() * scored).sum(1) / scored.sum(1).clamp_min(1))
     n_rec = max(1, b // 4)  # the clean-latent term is easy: a quarter of the batch estimates it at a quarter of the cost
-    recon = F.cross_entropy(model.decode(z0[:n_rec]).transpose(1, 2), input_ids[:n_rec])
+    recon = token_nll(model.decode(z0[:n_rec]), input_ids[:n_rec]).mean()
 
     if objective == "mse_ce":
         loss = mse + ce_loss_weight * ce + recon_loss_weight * recon
