@@ -242,9 +242,10 @@ class DIMBA(nn.Module):
 
     def _skip_logits(self, x_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar: torch.Tensor,
                      masked: torch.Tensor | None, book: torch.Tensor) -> torch.Tensor:
-        """The head's logits of ``x_pred`` plus the Bayes logits sqrt(ab) / (1 - ab) z_t . e_v (see `interpret`), float32
-        (B, L, V), as ONE product [head_norm(h), c z_t] @ [W_head, book]^T: the scale c is applied to the (B, L, d_x)
-        latent and the sum is accumulated inside the product, so no vocabulary-sized tensor is scaled or added."""
+        """The head's logits of ``x_pred`` plus the Bayes logits sqrt(ab) / (1 - ab) z_t . e_v (see `interpret`),
+        float32 (B, L, V), as ONE product [head_norm(h), c z_t] @ [W_head, book]^T: the scale c is applied to the
+        (B, L, d_x) latent and the sum is accumulated inside the product, so no vocabulary-sized tensor is scaled or
+        added."""
         ab = alpha_bar.float().reshape(-1, 1, 1)  # (B, 1, 1)
         if masked is not None:
             z_t = z_t.masked_fill(masked[..., None], 0.0)  # (B, L, d_x)
