@@ -282,9 +282,9 @@ class Config(_Strict):
     def _grpo_cycle(self) -> "Config":
         """A checkpoint falls where a GRPO run draws new groups, so that a resumed run draws them where it would
         have (the groups in use are not saved)."""
-        mu = self.finetune.grpo_updates
         if self.finetune.method != "grpo":
             return self
+        mu = self.finetune.grpo_updates
         if mu > 1 and self.train.grad_accum > 1:
             raise ValueError(f"finetune.grpo_updates={mu} needs train.grad_accum=1 (each step takes one batch of "
                              "groups): raise train.batch_size instead")

@@ -16,11 +16,16 @@ from dimba.samplers.state import ModelOutput, SamplerState
 from dimba.special_tokens import EOS_ID
 
 
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """-log p(token l + 1 | tokens up to l) at each position l < L - 1: (B, L - 1) from logits (B, L, V) of ids
+    (B, L), read without slicing the vocabulary-sized logits (the last position's target is ignored)."""
+    return token_nll(logits, F.pad(ids[:, 1:], (0, 1), value=-100))[:, :-1]
+
+
 def compute_ar_losses(model, input_ids: torch.Tensor):
     """Next-token cross-entropy on every position; returns ``(loss, parts)``."""
     logits = model.token_logits(input_ids)  # (B, L, V): position l predicts token l + 1
-    target = F.pad(input_ids[:, 1:], (0, 1), value=-100)  # (B, L): the last position has no target
-    loss = token_nll(logits, target)[:, :-1].mean()
+    loss = next_token_nll(logits, input_ids).mean()
     acc = (logits[:, :-1].argmax(-1) == input_ids[:, 1:]).float().mean()
     return loss, {"loss": loss.detach(), "ce": loss.detach(), "acc": acc.detach()}
 
@@ -103,8 +108,7 @@ class ARFamily(Family):
     def response_nll(self, model, rows, noise):
         """The exact -log p of each scored token given the tokens before it (position l: token l)."""
         logits = model.token_logits(rows.ids, lengths=rows.lengths).float()  # (B, L, V)
-        nll = token_nll(logits, F.pad(rows.ids[:, 1:], (0, 1), value=-100))  # (B, L): position l scores token l + 1
-        nll = F.pad(nll[:, :-1], (1, 0))  # (B, L): token 0 is never scored
+        nll = F.pad(next_token_nll(logits, rows.ids), (1, 0))  # (B, L): token l at position l; token 0 never scored
         return torch.where(rows.scored, nll, torch.zeros_like(nll))
 
     def canvas_length(self, context: int, prompt_len: int, length: int) -> int:
