@@ -212,6 +212,20 @@ def test_grpo_runs_groups_with_rewards_and_kl(bases, tmp_path, metrics, scale):
     assert len(metrics(run, "val_reward")) == 2
 
 
+@pytest.mark.parametrize("family", ["masked", "ar", "continuous"])
+def test_grpo_raises_the_reward_it_is_given(bases, tmp_path, metrics, monkeypatch, family):
+    """A barely trained model rarely starts its answer with "1"; GRPO rewarding exactly that makes it the rule."""
+    (tmp_path / "one_reward.py").write_text('def reward(text, answer):\n    return float(text[:1] == "1")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "grpo"
+    assert main(["finetune", "grpo", "--init", str(bases[family]), "--data", "task:arithmetic", "--out", str(run),
+                 "--max-steps", "30", "--group-size", "8", "--lr", "1e-2", "--reward", "one_reward:reward", "--quiet",
+                 *FT, "train.eval_every=100", "train.save_every=100"]) == 0
+    rewards = [float(r["reward"]) for r in metrics(run) if r["reward"]]  # (30,) the mean reward of each step's groups
+    assert len(rewards) == 30
+    assert sum(rewards[:5]) / 5 < 0.2 and sum(rewards[-10:]) / 10 > 0.6
+
+
 @pytest.mark.parametrize("family, likelihood", [("masked", "elbo"), ("continuous", "one_pass"),
                                                 ("continuous", "elbo")])
 def test_diffusion_grpo_scores_policy_and_reference_with_the_same_noise(bases, tmp_path, metrics, monkeypatch, family,
