@@ -132,4 +132,6 @@ def test_model_exported_before_the_setting_loads_with_identical_outputs():
     expected = load_file(PRE_BIMAMBA / "expected.safetensors")
     with torch.no_grad():
         logits = model.token_logits(expected["input_ids"])
-    torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=0)
+    # equal up to the rounding of the CPU's fp32 kernels: the file was saved on an AMD machine, and an Intel Xeon's
+    # (AMX) kernels differ from it by up to 3e-5; a block loaded wrongly differs by whole logits
+    torch.testing.assert_close(logits, expected["logits"], rtol=1e-4, atol=1e-4)
