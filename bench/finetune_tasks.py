@@ -72,6 +72,15 @@ STAGES = {  # method, parent stage, overrides
                                        "finetune.group_size=8", "finetune.val_rows=16", "train.eval_every=400",
                                        "train.save_every=100", "finetune.grpo_updates=4",
                                        "finetune.group_temperature=0.7"]),
+    # from an SFT with room above it (3,000 steps: 69-78 %), GRPO for thousands of steps at a stable lr
+    "sft3k": ("sft", "base", ["train.max_steps=3000", "train.lr=2e-3", "train.warmup_steps=50", "train.eval_every=500",
+                              "train.save_every=500"]),
+    "grpo_3k_2000": ("grpo", "sft3k", ["train.max_steps=2000", "train.lr=2e-4", "train.batch_size=8",
+                                       "finetune.group_size=8", "finetune.val_rows=16", "train.eval_every=1000",
+                                       "train.save_every=500"]),
+    "grpo_3k_4000": ("grpo", "sft3k", ["train.max_steps=4000", "train.lr=2e-4", "train.batch_size=8",
+                                       "finetune.group_size=8", "finetune.val_rows=16", "train.eval_every=1000",
+                                       "train.save_every=500"]),
     "grpo_long": ("grpo", "sft", ["train.max_steps=200", "train.lr=3e-4", "train.batch_size=4", "finetune.group_size=8",
                                   "finetune.val_rows=16", "train.eval_every=50"]),
 }
