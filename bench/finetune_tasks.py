@@ -72,15 +72,9 @@ STAGES = {  # method, parent stage, overrides
                                        "finetune.group_size=8", "finetune.val_rows=16", "train.eval_every=400",
                                        "train.save_every=100", "finetune.grpo_updates=4",
                                        "finetune.group_temperature=0.7"]),
-    # from an SFT with room above it (3,000 steps: 69-78 %), GRPO for thousands of steps at a stable lr
+    # from an SFT with room above it (3,000 steps: 69-78 %); GRPO from it for thousands of steps: grpo_3k_N below
     "sft3k": ("sft", "base", ["train.max_steps=3000", "train.lr=2e-3", "train.warmup_steps=50", "train.eval_every=500",
                               "train.save_every=500"]),
-    "grpo_3k_2000": ("grpo", "sft3k", ["train.max_steps=2000", "train.lr=2e-4", "train.batch_size=8",
-                                       "finetune.group_size=8", "finetune.val_rows=16", "train.eval_every=1000",
-                                       "train.save_every=500"]),
-    "grpo_3k_4000": ("grpo", "sft3k", ["train.max_steps=4000", "train.lr=2e-4", "train.batch_size=8",
-                                       "finetune.group_size=8", "finetune.val_rows=16", "train.eval_every=1000",
-                                       "train.save_every=500"]),
     "grpo_long": ("grpo", "sft", ["train.max_steps=200", "train.lr=3e-4", "train.batch_size=4", "finetune.group_size=8",
                                   "finetune.val_rows=16", "train.eval_every=50"]),
 }
@@ -88,6 +82,10 @@ STAGES = {  # method, parent stage, overrides
 # the same stages on top of the first round's short SFT (300 steps at lr 5e-4: ar 80 %), e.g. dpo_p300
 for _name in ("sft_mid_more", "dpo_mid300", "rpo_mid300", "ipo_mid300", "simpo_mid300"):
     STAGES[_name.replace("mid300", "p300").replace("mid", "p300")] = (STAGES[_name][0], "sft300", STAGES[_name][2])
+for _steps in (2000, 4000):  # GRPO at a stable lr for thousands of steps, e.g. grpo_3k_2000
+    STAGES[f"grpo_3k_{_steps}"] = ("grpo", "sft3k", [f"train.max_steps={_steps}", "train.lr=2e-4", "train.batch_size=8",
+                                                     "finetune.group_size=8", "finetune.val_rows=16",
+                                                     "train.eval_every=1000", "train.save_every=500"])
 ON_POLICY = ("dpo_mid_self", "rpo_mid_self")  # stages whose rejected answers are their parent's own
 
 

@@ -41,6 +41,13 @@ def bases(tmp_path_factory):
     return out
 
 
+def reward_spec(tmp_path, monkeypatch, name: str, expression: str) -> str:
+    """The ``--reward`` spec of a module ``name`` in ``tmp_path`` whose reward(text, answer) returns ``expression``."""
+    (tmp_path / f"{name}.py").write_text(f"def reward(text, answer):\n    return {expression}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return f"{name}:reward"
+
+
 # ----- tasks and rows -------------------------------------------------------------------------------------------
 
 def test_tasks_are_deterministic_checkable_and_hold_out_a_fixed_tenth():
@@ -215,11 +222,10 @@ def test_grpo_runs_groups_with_rewards_and_kl(bases, tmp_path, metrics, scale):
 @pytest.mark.parametrize("family", ["masked", "ar", "continuous"])
 def test_grpo_raises_the_reward_it_is_given(bases, tmp_path, metrics, monkeypatch, family):
     """A barely trained model rarely starts its answer with "1"; GRPO rewarding exactly that makes it the rule."""
-    (tmp_path / "one_reward.py").write_text('def reward(text, answer):\n    return float(text[:1] == "1")\n')
-    monkeypatch.syspath_prepend(str(tmp_path))
+    one = reward_spec(tmp_path, monkeypatch, "one_reward", 'float(text[:1] == "1")')
     run = tmp_path / "grpo"
     assert main(["finetune", "grpo", "--init", str(bases[family]), "--data", "task:arithmetic", "--out", str(run),
-                 "--max-steps", "30", "--group-size", "8", "--lr", "1e-2", "--reward", "one_reward:reward", "--quiet",
+                 "--max-steps", "30", "--group-size", "8", "--lr", "1e-2", "--reward", one, "--quiet",
                  *FT, "train.eval_every=100", "train.save_every=100"]) == 0
     rewards = [float(r["reward"]) for r in metrics(run) if r["reward"]]  # (30,) the mean reward of each step's groups
     assert len(rewards) == 30
@@ -230,11 +236,11 @@ def test_grpo_raises_the_reward_it_is_given(bases, tmp_path, metrics, monkeypatc
                                                 ("continuous", "elbo")])
 def test_diffusion_grpo_scores_policy_and_reference_with_the_same_noise(bases, tmp_path, metrics, monkeypatch, family,
                                                                       likelihood):
-    (tmp_path / "parity_reward.py").write_text("def reward(text, answer):\n    return float(len(text) % 2)\n")
-    monkeypatch.syspath_prepend(str(tmp_path))  # rewards that vary within a group, so the first step updates
+    parity = reward_spec(tmp_path, monkeypatch, "parity_reward", "float(len(text) % 2)")  # varies within a group,
+    # so the first step updates
     run = tmp_path / "grpo"
     assert main(["finetune", "grpo", "--init", str(bases[family]), "--data", "task:arithmetic", "--out", str(run),
-                 "--max-steps", "2", "--group-size", "4", "--lr", "3e-2", "--reward", "parity_reward:reward", "--quiet",
+                 "--max-steps", "2", "--group-size", "4", "--lr", "3e-2", "--reward", parity, "--quiet",
                  *FT, "finetune.val_rows=2", "train.batch_size=2", f"finetune.grpo_likelihood={likelihood}"]) == 0
     rows = [r for r in metrics(run) if r["reward"]]
     assert len(rows) == 2 and all(0 <= float(r["reward"]) <= 1 for r in rows)
@@ -243,10 +249,9 @@ def test_diffusion_grpo_scores_policy_and_reference_with_the_same_noise(bases, t
 
 def test_grpo_updates_reuse_each_batch_of_groups_through_the_clipped_ratio_and_resume_bitwise(bases, tmp_path,
                                                                                               metrics, monkeypatch):
-    (tmp_path / "parity_reward.py").write_text("def reward(text, answer):\n    return float(len(text) % 2)\n")
-    monkeypatch.syspath_prepend(str(tmp_path))  # a reward that varies within a group of a barely trained model
+    parity = reward_spec(tmp_path, monkeypatch, "parity_reward", "float(len(text) % 2)")  # varies within a group
     args = ["--init", str(bases["masked"]), "--data", "task:arithmetic", "--group-size", "8", "--updates", "2",
-            "--lr", "3e-2", "--reward", "parity_reward:reward", "--quiet", *FT, "finetune.val_rows=2",
+            "--lr", "3e-2", "--reward", parity, "--quiet", *FT, "finetune.val_rows=2",
             "train.batch_size=2", "finetune.clip_eps=0.05"]
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert main(["finetune", "grpo", "--out", str(whole), "--max-steps", "4", *args]) == 0
@@ -341,9 +346,8 @@ def test_task_pairs_rejects_the_model_s_own_wrong_answers(bases, tmp_path, monke
     assert main([*args, "--out", str(out)]) == 2 and out.read_text() == before  # never overwritten
     assert main([*args, "--samples", "0", "--out", str(tmp_path / "zero.jsonl")]) == 2
     assert not (tmp_path / "zero.jsonl").exists()
-    (tmp_path / "lenient.py").write_text("def reward(text, answer):\n    return 1.0\n")
-    monkeypatch.syspath_prepend(str(tmp_path))  # a reward that finds every answer right leaves nothing to prefer
-    assert main([*args, "--reward", "lenient:reward", "--out", str(tmp_path / "none.jsonl")]) == 0
+    lenient = reward_spec(tmp_path, monkeypatch, "lenient", "1.0")  # every answer right: nothing to prefer
+    assert main([*args, "--reward", lenient, "--out", str(tmp_path / "none.jsonl")]) == 0
     assert (tmp_path / "none.jsonl").read_text() == ""
 
 
