@@ -17,6 +17,7 @@ from dimba.evaluation.exact_match import likelihood_scores, most_likely
 from dimba.evaluation.rewards import exact_match as exact_reward
 from dimba.evaluation.rewards import get_reward, numeric
 from dimba.families import get_family
+from dimba.generation import generate_groups, generate_responses
 from dimba.loading import load_for_inference, run_model
 from dimba.special_tokens import EOS_ID, PAD_ID
 from dimba.training.checkpoint import load_training_state
@@ -164,6 +165,31 @@ def test_best_of_k_keeps_the_candidate_the_model_finds_most_likely(bases):
                                           context=len(prompt)).total_nats for c in candidates]
     assert most_likely(model, prompt, candidates) == candidates[max(range(4), key=exact.__getitem__)]
     assert likelihood_scores(model, prompt, candidates).tolist() == pytest.approx(exact, abs=1e-4)
+
+
+def test_groups_batch_the_prompts_of_each_length_and_keep_each_group_with_its_prompt(monkeypatch):
+    import dimba.generation as generation
+
+    calls = []
+
+    def echo(model, batch, sample, n, generator, eos_id):  # each row's response: its own prompt, then its row index
+        calls.append(batch.shape)
+        return [row + [j] for j, row in enumerate(batch.tolist())]
+
+    prompts = [[5, 6], [7, 8, 9], [10, 11], [12], [13, 14, 15]]
+    monkeypatch.setattr(generation, "generate_responses", echo)
+    groups = generation.generate_groups(None, prompts, SampleConfig(), 2)
+    assert sorted(calls) == [(2, 1), (4, 2), (4, 3)]  # one batch per length: prompts x group size rows
+    assert all(len(g) == 2 and all(r[:-1] == p for r in g) for p, g in zip(prompts, groups))
+
+
+@pytest.mark.parametrize("family", ["masked", "ar"])
+def test_greedy_groups_are_what_each_prompt_gets_alone(bases, family):
+    model, tok = load_for_inference(bases[family])
+    prompts = [tok.encode(p) for p in ("1+2=", "123+456=", "7+8=", "45+6=", "321+654=")]
+    greedy = SampleConfig(num_steps=8, temperature=0.0)
+    groups = generate_groups(model, prompts, greedy, 2, torch.Generator().manual_seed(0))
+    assert groups == [generate_responses(model, p, greedy, 2, torch.Generator().manual_seed(0)) for p in prompts]
 
 
 def test_rewards_check_the_answer_never_overlap():
@@ -424,7 +450,7 @@ def test_grpo_advantages_are_zero_mean_within_a_group_and_unit_std_when_scaled(b
     rewards = iter([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
     fc = FinetuneConfig(group_size=6, scale_rewards=scale)
     grpo = GRPO(torch.device("cpu"), model, model, tok, SampleConfig(), 24, fc, lambda text, answer: next(rewards))
-    rows, advantages, got = grpo._group({"prompt": tok.encode("1+2="), "answer": "3"}, torch.Generator().manual_seed(0))
+    rows, advantages, got = grpo._group({"prompt": tok.encode("1+2="), "answer": "3"}, [tok.encode("3")] * 6)
     assert got.tolist() == [1.0, 0.0, 0.0, 1.0, 1.0, 1.0] and len(rows) == 6
     assert float(advantages.sum()) == pytest.approx(0.0, abs=1e-6) and advantages[0] > 0 > advantages[1]
     assert float(advantages.std()) == pytest.approx(1.0 if scale else float(got.std()), rel=1e-3)

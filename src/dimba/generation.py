@@ -153,6 +153,22 @@ def generate_responses(model, prompt_ids: Sequence[int] | torch.Tensor, sample: 
     return generated_ids(ids.cpu(), p, room - 1, eos_id)
 
 
+def generate_groups(model, prompts: Sequence[Sequence[int]], sample: SampleConfig, group_size: int = 1,
+                    generator: torch.Generator | None = None, eos_id: int = EOS_ID) -> list[list[list[int]]]:
+    """``group_size`` responses to each of ``prompts`` (as `generate_responses`), in prompt order: the prompts of
+    one length are generated together, one batch of (prompts x group_size) rows per length."""
+    by_length: dict[int, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(i)
+    groups: list[list[list[int]]] = [[] for _ in prompts]
+    for _, members in sorted(by_length.items()):
+        batch = torch.tensor([list(prompts[i]) for i in members]).repeat_interleave(group_size, 0)  # (M*G, P)
+        responses = generate_responses(model, batch, sample, len(batch), generator, eos_id)
+        for j, i in enumerate(members):
+            groups[i] = responses[j * group_size:(j + 1) * group_size]
+    return groups
+
+
 def generate_texts(model, tokenizer, prompt_ids: Sequence[int], length: int, sample: SampleConfig,
                    num_samples: int = 1, generator: torch.Generator | None = None,
                    on_step: StepObserver | None = None) -> list[str]:

@@ -9,13 +9,11 @@ needs no answer) or, given a reward, the one it rewards most. `exact_match` is t
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 
 from dimba.data.finetune import build_rows
 from dimba.evaluation.rewards import exact_match as exact_reward
-from dimba.generation import generate_ids, generate_responses, generated_ids
+from dimba.generation import generate_groups, generate_ids, generated_ids
 from dimba.training.objectives import response_noises, sequence_logp
 
 
@@ -34,21 +32,14 @@ def best_of_ids(model, prompts: list[list[int]], sample, best_of: int = 1, gener
                 eos_id: int = 1, mc_samples: int = 8, choose=None) -> list[list[int]]:
     """One response (ids, cut before EOS) per prompt: the best of ``best_of`` samples by the model's likelihood, or
     by ``choose(index, candidates) -> ids`` when given. Prompts of equal length are generated in one batch."""
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, prompt in enumerate(prompts):
-        by_length[len(prompt)].append(i)
-    out: list[list[int] | None] = [None] * len(prompts)
-    for _, members in sorted(by_length.items()):
-        batch = torch.tensor([prompts[i] for i in members]).repeat_interleave(best_of, 0)  # (N*K, P)
-        responses = generate_responses(model, batch, sample, len(batch), generator, eos_id)
-        for j, i in enumerate(members):
-            candidates = responses[j * best_of:(j + 1) * best_of]
-            if choose is not None:
-                out[i] = choose(i, candidates)
-            elif best_of == 1:
-                out[i] = candidates[0]
-            else:
-                out[i] = most_likely(model, prompts[i], candidates, mc_samples, generator)
+    out: list[list[int]] = []
+    for i, candidates in enumerate(generate_groups(model, prompts, sample, best_of, generator, eos_id)):
+        if choose is not None:
+            out.append(choose(i, candidates))
+        elif best_of == 1:
+            out.append(candidates[0])
+        else:
+            out.append(most_likely(model, prompts[i], candidates, mc_samples, generator))
     return out
 
 

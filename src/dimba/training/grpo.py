@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from dimba.data.finetune import build_rows, cat_rows
-from dimba.generation import generate_responses
+from dimba.generation import generate_groups
 from dimba.training.objectives import Objective
 
 
@@ -45,23 +45,30 @@ class GRPO(Objective):
         self._batch: dict | None = None  # the groups in use (`_draw`) and the log-probs of the policy that drew them
         self._uses = 0  # steps taken on them
 
-    @torch.no_grad()
-    def _group(self, problem: dict, generator) -> tuple:
-        """The rows and advantages (G,) of one prompt's group, and its rewards."""
-        prompt = problem["prompt"]
-        was_training = self.policy.training
-        responses = generate_responses(self.policy, prompt, self.sample, self.group, generator, self.tokenizer.eos_id)
-        self.policy.train(was_training)
+    def _group(self, problem: dict, responses: list[list[int]]) -> tuple:
+        """The rows and advantages (G,) of one prompt's group of ``responses``, and its rewards."""
         rewards = torch.tensor([float(self.reward(self.tokenizer.decode(r), problem["answer"])) for r in responses])
         advantages = rewards - rewards.mean()  # (G,)
         if self.scale:
             advantages = advantages / (rewards.std() + 1e-4)
-        return build_rows([prompt] * self.group, responses, self.policy.family, self.context), advantages, rewards
+        return build_rows([problem["prompt"]] * len(responses), responses, self.policy.family, self.context), \
+            advantages, rewards
+
+    @torch.no_grad()
+    def _responses(self, model, problems, size: int, generator) -> list[list[list[int]]]:
+        """``size`` responses per problem from ``model`` at the groups' sampler settings (`generate_groups`: the
+        prompts of one length in one batch), leaving the model in the mode it was in."""
+        was_training = model.training
+        groups = generate_groups(model, [p["prompt"] for p in problems], self.sample, size, generator,
+                                 self.tokenizer.eos_id)
+        model.train(was_training)
+        return groups
 
     def _draw(self, model, problems, generator) -> dict:
         """A new batch of groups: the rows, their advantages (N,), the likelihood noise, the reference's
         log-probabilities (N, L) and the rewards (the policy's are read on the batch's first step)."""
-        groups = [self._group(problem, generator) for problem in problems]
+        drawn = self._responses(self.policy, problems, self.group, generator)
+        groups = [self._group(problem, responses) for problem, responses in zip(problems, drawn)]
         rows = cat_rows([g[0] for g in groups]).to(self.device)
         noise = model.family.response_noise(rows, generator, full=self.one_pass)
         with torch.no_grad():
@@ -96,9 +103,6 @@ class GRPO(Objective):
     def validation(self, model, val) -> dict[str, float]:
         """The mean reward of one sample per held-out problem (seeded): generation, not a loss, is what GRPO moves."""
         generator = torch.Generator().manual_seed(1234)
-        rewards = []
-        for problem in val:
-            prompt = problem["prompt"]
-            response = generate_responses(model, prompt, self.sample, 1, generator, self.tokenizer.eos_id)[0]
-            rewards.append(float(self.reward(self.tokenizer.decode(response), problem["answer"])))
+        responses = self._responses(model, val, 1, generator)
+        rewards = [float(self.reward(self.tokenizer.decode(r[0]), problem["answer"])) for problem, r in zip(val, responses)]
         return {"val_reward": sum(rewards) / len(rewards)}
