@@ -2,7 +2,8 @@
 
 A GRPO step samples ``--group`` answers to each of ``--prompts`` training prompts of a task; most of the step is
 that generation (about 70 % of a masked step at 8 x 8, by py-spy). This times one batch of groups both ways,
-alternating the two in one process for ``--rounds`` rounds, and prints the medians as JSON (and draws a PNG):
+alternating the two in one process for ``--rounds`` rounds, with the run's sampler settings at temperature 1 (as GRPO
+samples its groups), and prints the medians as JSON (and draws a PNG):
 
     python bench/grpo_generation.py --run runs/sft3k --out bench/grpo_generation
 
@@ -60,21 +61,23 @@ def main() -> None:
     parser.add_argument("--task", default="task:arithmetic")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--group", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--steps", type=int, help="sampler steps (default: the run's own, which GRPO uses)")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.png")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_for_inference(args.run)
-    sample = sample_defaults(args.run).model_copy(update={"num_steps": args.steps, "temperature": 1.0})
+    sample = sample_defaults(args.run).model_copy(update={"temperature": 1.0})
+    if args.steps is not None:
+        sample = sample.model_copy(update={"num_steps": args.steps})
     rows = encode_rows(task_rows(args.task, "answer", args.prompts * args.rounds, 0), tok)
     rounds = []
     for r in range(args.rounds):
         prompts = [row["prompt"] for row in rows[r * args.prompts:(r + 1) * args.prompts]]
         rounds.append({**one_batch(model, prompts, sample, args.group, r), "lengths": len({len(p) for p in prompts})})
     result = {"run": str(args.run), "family": model.family.name, "prompts": args.prompts, "group": args.group,
-              "steps": args.steps, "threads": args.threads, "rounds": rounds}
+              "steps": sample.num_steps, "threads": args.threads, "rounds": rounds}
     for name in ("per_prompt", "by_length"):
         result[name] = {"median_s": statistics.median(r[name] for r in rounds)}
     result["speedup"] = statistics.median(r["per_prompt"] / r["by_length"] for r in rounds)
