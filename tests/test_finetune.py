@@ -441,6 +441,26 @@ def test_dpo_nll_weight_adds_the_chosen_nll_per_token(bases, tmp_path, metrics):
     assert metrics(run, "val_loss")[0] == pytest.approx(math.log(2) + 0.5 * metrics(run, "val_ce")[0], rel=1e-5)
 
 
+def test_grpo_draws_its_groups_in_float32_inside_the_training_autocast(bases, monkeypatch):
+    from dimba.config import FinetuneConfig
+    from dimba.training import grpo as grpo_module
+
+    model, tok = load_for_inference(bases["ar"])
+    seen = []
+
+    def groups(*args):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return [[tok.encode("3")] * 2]
+
+    monkeypatch.setattr(grpo_module, "generate_groups", groups)
+    grpo = grpo_module.GRPO(torch.device("cpu"), model, model, tok, SampleConfig(), 24, FinetuneConfig(group_size=2),
+                            exact_reward)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = grpo.loss(model, [{"prompt": tok.encode("1+2="), "answer": "3"}])
+        assert torch.is_autocast_enabled("cpu")
+    assert seen == [False] and torch.isfinite(loss)
+
+
 @pytest.mark.parametrize("scale", [True, False])
 def test_grpo_advantages_are_zero_mean_within_a_group_and_unit_std_when_scaled(bases, scale):
     from dimba.config import FinetuneConfig

@@ -57,10 +57,12 @@ class GRPO(Objective):
     @torch.no_grad()
     def _responses(self, model, problems, size: int, generator) -> list[list[list[int]]]:
         """``size`` responses per problem from ``model`` at the groups' sampler settings (`generate_groups`: the
-        prompts of one length in one batch), leaving the model in the mode it was in."""
+        prompts of one length in one batch), leaving the model in the mode it was in. In float32, as all generation,
+        although the training step calls this under its (bf16) autocast."""
         was_training = model.training
-        groups = generate_groups(model, [p["prompt"] for p in problems], self.sample, size, generator,
-                                 self.tokenizer.eos_id)
+        with torch.autocast(self.device.type, enabled=False):
+            groups = generate_groups(model, [p["prompt"] for p in problems], self.sample, size, generator,
+                                     self.tokenizer.eos_id)
         model.train(was_training)
         return groups
 
