@@ -106,5 +106,6 @@ class GRPO(Objective):
         """The mean reward of one sample per held-out problem (seeded): generation, not a loss, is what GRPO moves."""
         generator = torch.Generator().manual_seed(1234)
         responses = self._responses(model, val, 1, generator)
-        rewards = [float(self.reward(self.tokenizer.decode(r[0]), problem["answer"])) for problem, r in zip(val, responses)]
+        rewards = [float(self.reward(self.tokenizer.decode(r[0]), problem["answer"]))
+                   for problem, r in zip(val, responses)]
         return {"val_reward": sum(rewards) / len(rewards)}
