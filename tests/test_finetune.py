@@ -262,8 +262,8 @@ def test_grpo_raises_the_reward_it_is_given(bases, tmp_path, metrics, monkeypatc
                                                 ("continuous", "elbo")])
 def test_diffusion_grpo_scores_policy_and_reference_with_the_same_noise(bases, tmp_path, metrics, monkeypatch, family,
                                                                       likelihood):
-    parity = reward_spec(tmp_path, monkeypatch, "parity_reward", "float(len(text) % 2)")  # varies within a group,
-    # so the first step updates
+    # a reward that varies within a group, so the first step updates
+    parity = reward_spec(tmp_path, monkeypatch, "parity_reward", "float(len(text) % 2)")
     run = tmp_path / "grpo"
     assert main(["finetune", "grpo", "--init", str(bases[family]), "--data", "task:arithmetic", "--out", str(run),
                  "--max-steps", "2", "--group-size", "4", "--lr", "3e-2", "--reward", parity, "--quiet",
