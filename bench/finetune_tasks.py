@@ -1,6 +1,6 @@
 """Fine-tuning on a built-in verifiable task: base -> SFT -> (DPO, GRPO), exact match on held-out problems, and
-best-of-8 against best-of-1, per family and seed; each stage's wall-clock. Prints one JSON object (and writes it
-with --out).
+best-of-8 against best-of-1 (for the SFT stages trained from the base), per family and seed; each stage's
+wall-clock. Prints one JSON object (and writes it with --out).
 
     python bench/finetune_tasks.py --base runs/base-masked --seeds 0,1,2 --out bench/ft_masked_sft4k
 
@@ -82,10 +82,12 @@ STAGES = {  # method, parent stage, overrides
 # the same stages on top of the first round's short SFT (300 steps at lr 5e-4: ar 80 %), e.g. dpo_p300
 for _name in ("sft_mid_more", "dpo_mid300", "rpo_mid300", "ipo_mid300", "simpo_mid300"):
     STAGES[_name.replace("mid300", "p300").replace("mid", "p300")] = (STAGES[_name][0], "sft300", STAGES[_name][2])
-for _steps in (2000, 4000):  # GRPO at a stable lr for thousands of steps, e.g. grpo_3k_2000
-    STAGES[f"grpo_3k_{_steps}"] = ("grpo", "sft3k", [f"train.max_steps={_steps}", "train.lr=2e-4", "train.batch_size=8",
-                                                     "finetune.group_size=8", "finetune.val_rows=16",
-                                                     "train.eval_every=1000", "train.save_every=500"])
+for _parent, _tag in (("sft3k", "3k"), ("sft300", "p300")):  # GRPO at a stable lr for thousands of steps
+    for _steps in (2000, 4000):  # e.g. grpo_3k_2000, grpo_p300_4000
+        STAGES[f"grpo_{_tag}_{_steps}"] = ("grpo", _parent, [f"train.max_steps={_steps}", "train.lr=2e-4",
+                                                            "train.batch_size=8", "finetune.group_size=8",
+                                                            "finetune.val_rows=16", "train.eval_every=1000",
+                                                            "train.save_every=500"])
 ON_POLICY = ("dpo_mid_self", "rpo_mid_self")  # stages whose rejected answers are their parent's own
 
 
@@ -152,7 +154,7 @@ def main() -> None:
                 finetune(runs[parent], method, data, runs[stage], overrides + [f"train.seed={seed}",
                          "train.num_threads=1"] + [f"sample.{k}={v}" for k, v in given.items()], progress=False)
             result["seconds"][f"{stage}-s{seed}"] = round(time.perf_counter() - start, 1)
-            result["scores"][f"{stage}-s{seed}"] = score(runs[stage], probs, args.steps, stage == "sft" and
+            result["scores"][f"{stage}-s{seed}"] = score(runs[stage], probs, args.steps, parent == "base" and
                                                          not args.no_best_of, seed, given)
             print(stage, seed, json.dumps(result["scores"][f"{stage}-s{seed}"]), result["seconds"][f"{stage}-s{seed}"],
                   flush=True)

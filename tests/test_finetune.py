@@ -13,7 +13,7 @@ from dimba.config import SampleConfig, load_run_config
 from dimba.data.finetune import build_rows, read_jsonl_rows
 from dimba.data.tasks import TASKS, is_held_out, pretraining_docs, preference_rows, problems
 from dimba.errors import DataError, UsageError
-from dimba.evaluation.exact_match import likelihood_scores, most_likely
+from dimba.evaluation.exact_match import exact_match, likelihood_scores, most_likely
 from dimba.evaluation.rewards import exact_match as exact_reward
 from dimba.evaluation.rewards import get_reward, numeric
 from dimba.families import get_family
@@ -165,6 +165,18 @@ def test_best_of_k_keeps_the_candidate_the_model_finds_most_likely(bases):
                                           context=len(prompt)).total_nats for c in candidates]
     assert most_likely(model, prompt, candidates) == candidates[max(range(4), key=exact.__getitem__)]
     assert likelihood_scores(model, prompt, candidates).tolist() == pytest.approx(exact, abs=1e-4)
+
+
+def test_best_of_k_by_a_reward_keeps_the_rewarded_candidate(bases):
+    """Each problem's answer is set to the LAST of its 4 candidates: ranking by the exact-match reward finds it."""
+    model, tok = load_for_inference(bases["ar"])
+    prompts = ["1+2=", "12+34=", "7+8="]
+    sample = SampleConfig(num_steps=8, temperature=1.0)
+    groups = generate_groups(model, [tok.encode(p) for p in prompts], sample, 4, torch.Generator().manual_seed(3))
+    texts = [[tok.decode(c).strip() for c in group] for group in groups]
+    assert any(t[-1] != t[0] for t in texts)  # candidates differ, so taking the first would miss
+    rows = [{"prompt": p, "answer": t[-1]} for p, t in zip(prompts, texts)]
+    assert exact_match(model, tok, rows, sample, best_of=4, seed=3, reward=exact_reward)["accuracy"] == 1.0
 
 
 def test_groups_batch_the_prompts_of_each_length_and_keep_each_group_with_its_prompt(monkeypatch):

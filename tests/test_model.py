@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from dimba import DIMBA, compute_dimba_losses, sample_from_model
-from dimba.model import DIMBA
 from dimba.errors import CheckpointError
 
 V = 64

@@ -64,6 +64,14 @@ def best_of_generations(model, tokenizer, prompt: list[int], length: int, sample
     return [tokenizer.decode(prompt + pick) for pick in picks]
 
 
+def _most_rewarded(tokenizer, problems: list[dict[str, str]], reward):
+    """``choose(index, candidates)`` for `best_of_ids`: the candidate ``reward`` scores highest for problem ``index``."""
+    def choose(i, candidates):
+        scores = [float(reward(tokenizer.decode(c), problems[i]["answer"])) for c in candidates]
+        return candidates[max(range(len(scores)), key=scores.__getitem__)]
+    return choose
+
+
 def exact_match(model, tokenizer, problems: list[dict[str, str]], sample, best_of: int = 1, seed: int = 0,
                 mc_samples: int = 8, reward=None) -> dict:
     """Exact-match accuracy of ``model`` on ``problems`` (``{"prompt", "answer"}`` texts): ``{"accuracy",
@@ -71,11 +79,7 @@ def exact_match(model, tokenizer, problems: list[dict[str, str]], sample, best_o
     most likely of that many samples, or with ``reward`` (a function (text, answer) -> float) the most rewarded."""
     generator = torch.Generator().manual_seed(seed)
     prompts = [tokenizer.encode(p["prompt"]) for p in problems]
-    choose = None
-    if reward is not None:
-        def choose(i, candidates):
-            scores = [float(reward(tokenizer.decode(c), problems[i]["answer"])) for c in candidates]
-            return candidates[max(range(len(scores)), key=scores.__getitem__)]
+    choose = None if reward is None else _most_rewarded(tokenizer, problems, reward)
     responses = best_of_ids(model, prompts, sample, best_of, generator, tokenizer.eos_id, mc_samples, choose)
     correct = sum(tokenizer.decode(r).strip() == p["answer"].strip() for r, p in zip(responses, problems))
     return {"accuracy": correct / len(problems), "correct": correct, "n": len(problems), "best_of": best_of}
