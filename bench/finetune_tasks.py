@@ -80,7 +80,7 @@ STAGES = {  # method, parent stage, overrides
 }
 
 # the same stages on top of the first round's short SFT (300 steps at lr 5e-4: ar 80 %), e.g. dpo_p300
-for _name in ("sft_mid_more", "dpo_mid300", "rpo_mid300", "ipo_mid300", "simpo_mid300"):
+for _name in ("sft_mid_more", "dpo_mid300", "rpo_mid300", "ipo_mid300", "simpo_mid300", "dpo_mid_self"):
     STAGES[_name.replace("mid300", "p300").replace("mid", "p300")] = (STAGES[_name][0], "sft300", STAGES[_name][2])
 for _parent, _tag in (("sft3k", "3k"), ("sft300", "p300")):  # GRPO at a stable lr for thousands of steps
     for _steps in (2000, 4000):  # e.g. grpo_3k_2000, grpo_p300_4000
@@ -88,7 +88,11 @@ for _parent, _tag in (("sft3k", "3k"), ("sft300", "p300")):  # GRPO at a stable 
                                                             "train.batch_size=8", "finetune.group_size=8",
                                                             "finetune.val_rows=16", "train.eval_every=1000",
                                                             "train.save_every=500"])
-ON_POLICY = ("dpo_mid_self", "rpo_mid_self")  # stages whose rejected answers are their parent's own
+for _lr in ("1e-5", "5e-5"):  # plain DPO below the lr 5e-4 at which ar lost 16.8 points, e.g. dpo_p300_self_lr1e-5
+    for _data in ("", "_self"):
+        STAGES[f"dpo_p300{_data}_lr{_lr}"] = ("dpo", "sft300", ["train.max_steps=300", f"train.lr={_lr}",
+                                                                "train.eval_every=100", "finetune.beta=0.1"])
+ON_POLICY = tuple(name for name in STAGES if "_self" in name)  # stages whose rejected answers are their parent's own
 
 
 def run_sample(run: Path, given: dict, steps: int, temperature: float) -> SampleConfig:
@@ -107,7 +111,7 @@ def self_pairs(parent: Path, task: str, seed: int, steps: int, given: dict, out:
     return str(out)
 
 
-def score(run: Path, probs, steps: int, best_of: bool, seed: int, given: dict) -> dict:
+def score(run: Path, probs, steps: int, best_of: bool, seed: int, given: dict, mc_samples: int = 4) -> dict:
     """Greedy exact match, and sampled (temperature 1) best-of-1 and best-of-8 when ``best_of``; the run's own
     sampler settings otherwise (as `dimba task eval`), with the settings ``given`` (``--sample``)."""
     model, tok = load_for_inference(run)
@@ -115,7 +119,7 @@ def score(run: Path, probs, steps: int, best_of: bool, seed: int, given: dict) -
     if best_of:
         for k in (1, 8):
             out[f"sampled_best_of_{k}"] = exact_match(model, tok, probs, run_sample(run, given, steps, 1.0),
-                                                      best_of=k, seed=seed, mc_samples=4)
+                                                      best_of=k, seed=seed, mc_samples=mc_samples)
     return {k: v["accuracy"] for k, v in out.items()}
 
 
@@ -130,6 +134,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/dimba_ft_bench", help="where the runs are written")
     ap.add_argument("--out", help="write PREFIX.json")
     ap.add_argument("--no-best-of", action="store_true", help="greedy scores only (no best-of-1 / best-of-8)")
+    ap.add_argument("--mc-samples", type=int, default=4, help="best-of-8: likelihood samples per candidate "
+                    "(diffusion families)")
     ap.add_argument("--sample", default="", help="sampler settings KEY=VALUE,... for scoring and GRPO's groups "
                     "(e.g. commit=none)")
     args = ap.parse_args()
@@ -138,9 +144,9 @@ def main() -> None:
     probs = problems(task_of(args.task), args.problems, 0, "test")
     base = Path(args.base)
     work = Path(args.work) / base.name
+    base_scores = score(base, probs, args.steps, not args.no_best_of, 0, given, args.mc_samples)
     result = {"base": str(base), "task": args.task, "problems": args.problems, "stages": STAGES,
-              "sample": given, "scores": {"base": score(base, probs, args.steps, not args.no_best_of, 0, given)},
-              "seconds": {}}
+              "sample": given, "scores": {"base": base_scores}, "seconds": {}}
     print(json.dumps(result["scores"]["base"]), flush=True)
     for seed in [int(s) for s in args.seeds.split(",")]:
         runs = {"base": base}
@@ -155,7 +161,7 @@ def main() -> None:
                          "train.num_threads=1"] + [f"sample.{k}={v}" for k, v in given.items()], progress=False)
             result["seconds"][f"{stage}-s{seed}"] = round(time.perf_counter() - start, 1)
             result["scores"][f"{stage}-s{seed}"] = score(runs[stage], probs, args.steps, parent == "base" and
-                                                         not args.no_best_of, seed, given)
+                                                         not args.no_best_of, seed, given, args.mc_samples)
             print(stage, seed, json.dumps(result["scores"][f"{stage}-s{seed}"]), result["seconds"][f"{stage}-s{seed}"],
                   flush=True)
     print(json.dumps(result))
