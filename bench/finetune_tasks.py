@@ -113,8 +113,8 @@ def self_pairs(parent: Path, task: str, seed: int, steps: int, given: dict, out:
 
 def score(run: Path, probs, steps: int, best_of: bool, seed: int, given: dict, mc_samples: int) -> dict:
     """Greedy exact match, and sampled (temperature 1) best-of-1 and best-of-8 (``mc_samples`` likelihood samples
-    per candidate) when ``best_of``; the run's own
-    sampler settings otherwise (as `dimba task eval`), with the settings ``given`` (``--sample``)."""
+    per candidate) when ``best_of``; the run's own sampler settings otherwise (as `dimba task eval`), with the
+    settings ``given`` (``--sample``)."""
     model, tok = load_for_inference(run)
     out = {"greedy": exact_match(model, tok, probs, run_sample(run, given, steps, 0.0), seed=seed)}
     if best_of:
