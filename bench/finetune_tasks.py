@@ -82,8 +82,8 @@ STAGES = {  # method, parent stage, overrides
 # the same stages on top of the first round's short SFT (300 steps at lr 5e-4: ar 80 %), e.g. dpo_p300
 for _name in ("sft_mid_more", "dpo_mid300", "rpo_mid300", "ipo_mid300", "simpo_mid300", "dpo_mid_self"):
     STAGES[_name.replace("mid300", "p300").replace("mid", "p300")] = (STAGES[_name][0], "sft300", STAGES[_name][2])
-for _parent, _tag in (("sft3k", "3k"), ("sft300", "p300")):  # GRPO at a stable lr for thousands of steps
-    for _steps in (2000, 4000):  # e.g. grpo_3k_2000, grpo_p300_4000
+for _parent, _tag in (("sft3k", "3k"), ("sft300", "p300"), ("sft2k", "mid")):  # GRPO at a stable lr, long
+    for _steps in (1000, 2000, 4000):  # e.g. grpo_3k_2000, grpo_p300_4000, grpo_mid_1000
         STAGES[f"grpo_{_tag}_{_steps}"] = ("grpo", _parent, [f"train.max_steps={_steps}", "train.lr=2e-4",
                                                             "train.batch_size=8", "finetune.group_size=8",
                                                             "finetune.val_rows=16", "train.eval_every=1000",

@@ -167,6 +167,20 @@ def test_best_of_k_keeps_the_candidate_the_model_finds_most_likely(bases):
     assert likelihood_scores(model, prompt, candidates).tolist() == pytest.approx(exact, abs=1e-4)
 
 
+@pytest.mark.parametrize("family, default", [("continuous", 16), ("masked", 8)])
+def test_best_of_k_ranks_with_the_familys_own_number_of_likelihood_samples(bases, family, default):
+    """Without a number, a candidate's score averages the family's ``ranking_mc_samples`` draws: the same scores as
+    asking for that many with the same generator, not those of the other family's number."""
+    model, tok = load_for_inference(bases[family])
+    prompt, candidates = tok.encode("12+34="), [tok.encode(a) for a in ("46", "4", "4646")]
+
+    def scores(mc_samples=None):
+        return likelihood_scores(model, prompt, candidates, mc_samples, torch.Generator().manual_seed(0)).tolist()
+
+    assert model.family.ranking_mc_samples == default
+    assert scores() == scores(default) != scores(24 - default)
+
+
 def test_best_of_k_by_a_reward_keeps_the_rewarded_candidate(bases):
     """Each problem's answer is set to the LAST of its 4 candidates: ranking by the exact-match reward finds it."""
     model, tok = load_for_inference(bases["ar"])

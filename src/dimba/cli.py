@@ -93,7 +93,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise UsageError("--show draws one generation; it does not combine with --best-of: drop one of them")
         from dimba.evaluation.exact_match import best_of_generations
 
-        texts = best_of_generations(model, tokenizer, prompt, length, sc, args.num_samples, args.best_of, gen)
+        texts = best_of_generations(model, tokenizer, prompt, length, sc, args.num_samples, args.best_of, gen,
+                                    args.mc_samples)
     else:
         with view if view is not None else nullcontext():
             ids = generate_ids(model, prompt, length, sc, args.num_samples, gen, tokenizer.eos_id, on_step=view)
@@ -344,6 +345,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--best-of", type=int, default=1, help="draw K samples per output and keep the one the model finds "
                    "most likely (exact log-probability for ar, an ELBO estimate for diffusion)")
+    p.add_argument("--mc-samples", type=int, help="--best-of, diffusion families: ELBO samples per candidate "
+                   "(default: the family's, 16 for continuous and hybrid, 8 for masked)")
     p.add_argument("--show", action="store_true", help="draw the canvas at every step on stderr (masks, newly "
                    "committed tokens, confidence as colour); needs pip install 'dimba[serve]'")
     sampler_flags(p)

@@ -180,7 +180,8 @@ def add_finetune(sub) -> None:
     t.add_argument("--problems", type=int, default=200, help="held-out problems")
     t.add_argument("--best-of", type=int, default=1, help="keep the most likely of K samples (the model's own "
                    "likelihood: exact for ar, an ELBO estimate for diffusion)")
-    t.add_argument("--mc-samples", type=int, default=8, help="--best-of, diffusion families: ELBO samples per answer")
+    t.add_argument("--mc-samples", type=int, help="--best-of, diffusion families: ELBO samples per answer (default: "
+                   "the family's, 16 for continuous and hybrid, 8 for masked)")
     sampler_flags(t)  # the model's own sampler settings where left out
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--json", action="store_true", help="print one JSON object")

@@ -18,10 +18,12 @@ from dimba.training.objectives import response_noises, sequence_logp
 
 
 @torch.no_grad()
-def likelihood_scores(model, prompt: list[int], responses: list[list[int]], mc_samples: int = 8,
+def likelihood_scores(model, prompt: list[int], responses: list[list[int]], mc_samples: int | None = None,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """log p(response | prompt) of each response (K,) under ``model``: exact (ar) or the mean of ``mc_samples``
-    ELBO samples (diffusion families), with the response's EOS (and a diffusion canvas's EOS fill) scored."""
+    ELBO samples (diffusion families; None: the family's ``ranking_mc_samples``), with the response's EOS (and a
+    diffusion canvas's EOS fill) scored."""
+    mc_samples = mc_samples or model.family.ranking_mc_samples
     rows = build_rows([prompt] * len(responses), responses, model.family, model.config.context_length)
     rows = rows.to(next(model.parameters()).device)
     return sequence_logp(model, rows, response_noises(model.family, rows, mc_samples, generator)).cpu()  # (K,)
@@ -29,7 +31,7 @@ def likelihood_scores(model, prompt: list[int], responses: list[list[int]], mc_s
 
 @torch.no_grad()
 def best_of_ids(model, prompts: list[list[int]], sample, best_of: int = 1, generator: torch.Generator | None = None,
-                eos_id: int = 1, mc_samples: int = 8, choose=None) -> list[list[int]]:
+                eos_id: int = 1, mc_samples: int | None = None, choose=None) -> list[list[int]]:
     """One response (ids, cut before EOS) per prompt: the best of ``best_of`` samples by the model's likelihood, or
     by ``choose(index, candidates) -> ids`` when given. Prompts of equal length are generated in one batch."""
     out: list[list[int]] = []
@@ -43,7 +45,7 @@ def best_of_ids(model, prompts: list[list[int]], sample, best_of: int = 1, gener
     return out
 
 
-def most_likely(model, prompt: list[int], candidates: list[list[int]], mc_samples: int = 8,
+def most_likely(model, prompt: list[int], candidates: list[list[int]], mc_samples: int | None = None,
                 generator: torch.Generator | None = None) -> list[int]:
     """The candidate response (ids, without EOS) that ``model`` finds most likely after ``prompt``; candidates are
     scored as if cut to leave room for their EOS in the context."""
@@ -54,7 +56,7 @@ def most_likely(model, prompt: list[int], candidates: list[list[int]], mc_sample
 
 @torch.no_grad()
 def best_of_generations(model, tokenizer, prompt: list[int], length: int, sample, num_samples: int, best_of: int,
-                        generator: torch.Generator | None = None, mc_samples: int = 8) -> list[str]:
+                        generator: torch.Generator | None = None, mc_samples: int | None = None) -> list[str]:
     """``num_samples`` texts (prompt + at most ``length`` new tokens), each the most likely of ``best_of`` samples
     (`dimba generate --best-of`)."""
     ids = generate_ids(model, prompt, length, sample, num_samples * best_of, generator, tokenizer.eos_id)
@@ -73,7 +75,7 @@ def _most_rewarded(tokenizer, problems: list[dict[str, str]], reward):
 
 
 def exact_match(model, tokenizer, problems: list[dict[str, str]], sample, best_of: int = 1, seed: int = 0,
-                mc_samples: int = 8, reward=None) -> dict:
+                mc_samples: int | None = None, reward=None) -> dict:
     """Exact-match accuracy of ``model`` on ``problems`` (``{"prompt", "answer"}`` texts): ``{"accuracy",
     "correct", "n", "best_of"}``; the answer is the text generated up to EOS, stripped. ``best_of`` > 1 keeps the
     most likely of that many samples, or with ``reward`` (a function (text, answer) -> float) the most rewarded."""

@@ -76,6 +76,7 @@ class Family:
     has_steps: bool = True  # generation takes a number of denoising steps
     block_diffusion: bool = False  # trains and generates with model.block_size (BD3-LM blocks)
     exact_likelihood: bool = False  # `likelihood` is the exact NLL, not a bound: such a model can judge gen-PPL
+    ranking_mc_samples: int = 8  # best-of-K: likelihood samples per candidate unless the caller gives a number
     likelihood_options: tuple[str, ...] = ()  # settings of the estimator `likelihood` takes (dimba eval flags)
     # the `SampleConfig` fields its generation reads (the sampler controls `dimba serve` offers)
     sample_settings: tuple[str, ...] = ("num_steps", "temperature", "top_k", "top_p", "guidance_scale")

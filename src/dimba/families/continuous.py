@@ -198,6 +198,7 @@ class ContinuousFamily(Family):
     likelihood_options = ("t0", "clamp")
     sample_settings = Family.sample_settings + ("eta", "clamp", "score_temperature", "commit")
     absorbing = False  # whether tokens may also be absorbed ([MASK], no latent): the hybrid process
+    ranking_mc_samples = 16  # its bound is noisier per sample than masked's: best-of-8 gains +7.5 at 8, +11.2 at 16
 
     def draw_absorbed(self, model, input_ids: torch.Tensor, t: torch.Tensor,
                       generator: torch.Generator | None = None) -> torch.Tensor | None:
