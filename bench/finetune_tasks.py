@@ -92,6 +92,9 @@ for _lr in ("1e-5", "5e-5"):  # plain DPO below the lr 5e-4 at which ar lost 16.
     for _data in ("", "_self"):
         STAGES[f"dpo_p300{_data}_lr{_lr}"] = ("dpo", "sft300", ["train.max_steps=300", f"train.lr={_lr}",
                                                                 "train.eval_every=100", "finetune.beta=0.1"])
+for _name in ("dpo_mid300", "rpo_mid300", "dpo_mid_self", "rpo_mid_self"):  # scored by the one-pass surrogate
+    STAGES[_name.replace("300", "") + "_1p"] = (STAGES[_name][0], "sft2k", STAGES[_name][2] + [
+        "finetune.preference_likelihood=one_pass"])  # e.g. dpo_mid_1p, rpo_mid_self_1p
 ON_POLICY = tuple(name for name in STAGES if "_self" in name)  # stages whose rejected answers are their parent's own
 
 

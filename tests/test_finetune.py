@@ -245,10 +245,12 @@ def test_sft_starts_from_the_init_run_lowers_its_loss_and_logs_metrics(bases, tm
     assert {"loss", "ce", "grad_norm", "val_ce"} <= set(metrics(run)[0])
 
 
-@pytest.mark.parametrize("family", ["masked", "continuous"])
-def test_dpo_starts_at_log2_with_shared_noise_and_resumes_bitwise(bases, tmp_path, metrics, family):
+@pytest.mark.parametrize("family, likelihood", [("masked", "elbo"), ("continuous", "elbo"),
+                                                ("continuous", "one_pass")])
+def test_dpo_starts_at_log2_with_shared_noise_and_resumes_bitwise(bases, tmp_path, metrics, family, likelihood):
     whole, part = tmp_path / "whole", tmp_path / "part"
-    args = ["--init", str(bases[family]), "--data", "task:arithmetic", "--quiet", *FT]
+    args = ["--init", str(bases[family]), "--data", "task:arithmetic", "--quiet", *FT,
+            f"finetune.preference_likelihood={likelihood}"]
     assert main(["finetune", "dpo", "--out", str(whole), "--max-steps", "4", *args]) == 0
     # policy == reference at step 0, scored with the same masks: every margin is exactly 0
     assert metrics(whole, "val_loss")[0] == pytest.approx(math.log(2), abs=1e-6)
@@ -457,6 +459,26 @@ def test_ipo_and_simpo_runs(bases, tmp_path, metrics, method):
     else:  # no reference: the margin is the model's own length-normalised preference, not 0
         assert metrics(run, "val_margin")[0] != 0.0 and first > 0
     assert len(metrics(run, "val_loss")) == 2
+
+
+def test_one_pass_preference_scores_the_whole_response_noised_at_once(bases):
+    """Masked, one pass: every response token is masked, so the score has no randomness (the NELBO samples do),
+    and it is the chosen answers' summed per-token NLL of that single pass."""
+    from dimba.training.objectives import Preference
+
+    model, tok = load_for_inference(bases["masked"])
+    prompts = [tok.encode(p) for p in ("1+2=", "12+34=")] * 2
+    rows = build_rows(prompts, [tok.encode(a) for a in ("3", "46", "4", "47")], model.family, 24)
+    ce = {}
+    with torch.no_grad():
+        full = model.family.response_noise(rows, None, full=True)
+        by_hand = model.family.response_nll(model, rows, full)[:2].sum() / rows.scored[:2].sum()
+        for one_pass in (True, False):
+            objective = Preference(torch.device("cpu"), "dpo", 0.1, 0.5, 2, model, one_pass=one_pass)
+            ce[one_pass] = [float(objective.loss(model, rows, torch.Generator().manual_seed(s))[1]["ce"])
+                            for s in (0, 1)]
+    assert ce[True][0] == ce[True][1] == pytest.approx(float(by_hand), rel=1e-6)
+    assert ce[False][0] != ce[False][1]
 
 
 def test_dpo_nll_weight_adds_the_chosen_nll_per_token(bases, tmp_path, metrics):

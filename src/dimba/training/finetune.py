@@ -107,5 +107,6 @@ def make_objective(cfg: Config, policy, tokenizer, device):
         return GRPO(device, policy, _reference(cfg, device), tokenizer, cfg.sample, cfg.data.seq_len, fc,
                     get_reward(fc.reward))
     reference = None if fc.method == "simpo" else _reference(cfg, device)
-    return Preference(device, fc.method, fc.beta, fc.simpo_gamma, fc.mc_samples, reference, fc.nll_weight)
+    return Preference(device, fc.method, fc.beta, fc.simpo_gamma, fc.mc_samples, reference, fc.nll_weight,
+                      fc.preference_likelihood == "one_pass")
 

@@ -51,11 +51,12 @@ class SFT(Objective):
         return loss, {"loss": loss.detach(), "ce": ce.detach()}
 
 
-def response_noises(family, rows, count: int, generator: torch.Generator | None = None) -> list:
+def response_noises(family, rows, count: int, generator: torch.Generator | None = None, full: bool = False) -> list:
     """``count`` independent draws of `Family.response_noise` on ``rows`` (one, None, when the likelihood is exact):
-    the noises of a Monte Carlo likelihood estimate (`sequence_logp`)."""
-    first = family.response_noise(rows, generator)
-    return [first] + ([family.response_noise(rows, generator) for _ in range(count - 1)] if first is not None else [])
+    the noises of a Monte Carlo likelihood estimate (`sequence_logp`); ``full``: of the one-pass surrogate."""
+    first = family.response_noise(rows, generator, full)
+    return [first] + ([family.response_noise(rows, generator, full) for _ in range(count - 1)]
+                      if first is not None else [])
 
 
 def sequence_logp(model, rows, noises: list) -> torch.Tensor:
@@ -71,20 +72,21 @@ class Preference(Objective):
     2023); IPO: (h - 1 / (2 beta))^2 (Azar et al. 2023); SimPO, without a reference: -log sigmoid(beta (log pi(y_w)
     / |y_w| - log pi(y_l) / |y_l|) - gamma) (Meng et al. 2024). ``nll_weight`` adds that weight times ``ce`` (RPO,
     Pang et al. 2024). ``margin`` is h (SimPO: its length-normalised margin), ``acc`` the share of pairs with h > 0,
-    ``ce`` the chosen responses' NLL per token."""
+    ``ce`` the chosen responses' NLL per token. A diffusion family's log pi is ``mc_samples`` NELBO samples, or with
+    ``one_pass`` the per-token surrogate of one pass with the whole response noised (d1, as GRPO's default)."""
 
     metrics = ("loss", "ce", "margin", "acc")
 
     def __init__(self, device, method: str, beta: float, gamma: float, mc_samples: int, reference=None,
-                 nll_weight: float = 0.0):
+                 nll_weight: float = 0.0, one_pass: bool = False):
         super().__init__(device)
         self.method, self.beta, self.gamma, self.mc_samples, self.reference = method, beta, gamma, mc_samples, reference
-        self.nll_weight = nll_weight
+        self.nll_weight, self.one_pass = nll_weight, one_pass
 
     def loss(self, model, rows, generator=None):
         rows = rows.to(self.device)
         family, b = model.family, len(rows) // 2
-        noises = response_noises(family, rows, self.mc_samples, generator)  # an exact likelihood needs one pass
+        noises = response_noises(family, rows, self.mc_samples, generator, self.one_pass)  # exact: one pass
         logp = sequence_logp(model, rows, noises)  # (2B,)
         tokens = rows.scored.sum(-1).clamp_min(1)  # (2B,)
         if self.method == "simpo":
