@@ -236,7 +236,7 @@ class FinetuneConfig(_Strict):
                             "likelihood (shared by policy and reference)")
     preference_likelihood: Literal["elbo", "one_pass"] = Field(
         "elbo", description="dpo / ipo / simpo, diffusion families: log pi of a response from mc_samples NELBO "
-        "samples, or from one pass with the whole response noised (the d1 surrogate of grpo_likelihood)")
+        "samples, or from as many passes with the whole response noised (the d1 surrogate of grpo_likelihood)")
     group_size: int = Field(8, gt=1, description="grpo: samples per prompt")
     kl_coef: float = Field(0.04, ge=0, description="grpo: weight of the KL penalty to the reference")
     reward: str = Field("exact_match", description="grpo: a reward by name (exact_match, numeric) or module:function")

@@ -73,7 +73,7 @@ class Preference(Objective):
     / |y_w| - log pi(y_l) / |y_l|) - gamma) (Meng et al. 2024). ``nll_weight`` adds that weight times ``ce`` (RPO,
     Pang et al. 2024). ``margin`` is h (SimPO: its length-normalised margin), ``acc`` the share of pairs with h > 0,
     ``ce`` the chosen responses' NLL per token. A diffusion family's log pi is ``mc_samples`` NELBO samples, or with
-    ``one_pass`` the per-token surrogate of one pass with the whole response noised (d1, as GRPO's default)."""
+    ``one_pass`` as many per-token surrogates of one pass with the whole response noised each (d1, as GRPO's)."""
 
     metrics = ("loss", "ce", "margin", "acc")
 
