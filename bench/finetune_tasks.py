@@ -92,9 +92,20 @@ for _lr in ("1e-5", "5e-5"):  # plain DPO below the lr 5e-4 at which ar lost 16.
     for _data in ("", "_self"):
         STAGES[f"dpo_p300{_data}_lr{_lr}"] = ("dpo", "sft300", ["train.max_steps=300", f"train.lr={_lr}",
                                                                 "train.eval_every=100", "finetune.beta=0.1"])
+for _beta in ("0.5", "2"):  # plain DPO with a larger beta (the margin saturates sooner), e.g. dpo_p300_b2_lr2e-4
+    for _lr in ("5e-5", "2e-4"):
+        STAGES[f"dpo_p300_b{_beta}_lr{_lr}"] = ("dpo", "sft300", ["train.max_steps=300", f"train.lr={_lr}",
+                                                                  "train.eval_every=100", f"finetune.beta={_beta}"])
 for _name in ("dpo_mid300", "rpo_mid300", "dpo_mid_self", "rpo_mid_self"):  # scored by the one-pass surrogate
     STAGES[_name.replace("300", "") + "_1p"] = (STAGES[_name][0], "sft2k", STAGES[_name][2] + [
         "finetune.preference_likelihood=one_pass"])  # e.g. dpo_mid_1p, rpo_mid_self_1p
+for _name in ("dpo_mid300", "rpo_mid300"):  # the ELBO stopped at t_0 = 0.6 / 0.8 (far less noisy), e.g. rpo_mid_t06
+    for _t0 in ("0.6", "0.8"):
+        STAGES[_name.replace("300", "") + "_t0" + _t0[-1]] = (STAGES[_name][0], "sft2k", STAGES[_name][2] + [
+            f"finetune.preference_t0={_t0}"])
+for _method, _parent, _overrides in STAGES.values():  # dpo_* stages: the bare DPO loss (dimba's dpo adds the NLL)
+    if _method == "dpo" and not any(o.startswith("finetune.nll_weight") for o in _overrides):
+        _overrides.append("finetune.nll_weight=0")
 ON_POLICY = tuple(name for name in STAGES if "_self" in name)  # stages whose rejected answers are their parent's own
 
 

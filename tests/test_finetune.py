@@ -21,6 +21,7 @@ from dimba.generation import generate_groups, generate_responses
 from dimba.loading import load_for_inference, run_model
 from dimba.special_tokens import EOS_ID, PAD_ID
 from dimba.training.checkpoint import load_training_state
+from dimba.training.finetune import make_objective
 
 TINY = ("model.d_model=32", "model.num_denoiser_layers=2", "model.d_state=8", "model.headdim=16",
         "model.chunk_size=16", "data.seq_len=24", "data.vocab_size=260", "train.batch_size=8", "train.eval_every=5",
@@ -128,8 +129,10 @@ def test_masked_response_nll_averages_to_the_conditional_nelbo_and_never_masks_t
     assert abs(float(ours.mean()) - estimate.total_nats) < 4 * spread
 
 
-@pytest.mark.parametrize("family", ["continuous", "hybrid"])
-def test_latent_response_nll_averages_to_the_conditional_bound_and_shares_noise(bases, tmp_path, family):
+@pytest.mark.parametrize("family, t0", [("continuous", None), ("hybrid", None), ("continuous", 0.6)])
+def test_latent_response_nll_averages_to_the_conditional_bound_and_shares_noise(bases, tmp_path, family, t0):
+    """One sample per row of the bound stopped at t0 (None: its smallest time) averages to `dimba eval`'s bound with
+    that t0 (`finetune.preference_t0`)."""
     if family == "continuous":
         model = run_model(bases["continuous"]).eval()
     else:
@@ -143,17 +146,22 @@ def test_latent_response_nll_averages_to_the_conditional_bound_and_shares_noise(
     sums = []
     with torch.no_grad():
         for _ in range(12):  # the terms are heavy-tailed (most draws land where the model is already sure)
-            noise = fam.response_noise(rows, gen)
+            noise = fam.response_noise(rows, gen, t0=t0)
             terms = fam.response_nll(model, rows, noise)  # (B, L)
             assert not terms[rows.prompt].any() and torch.equal(terms, fam.response_nll(model, rows, noise))
             sums.append(terms.sum(-1))
-        other = fam.response_nll(model, rows, fam.response_noise(rows, gen)).sum(-1)
-        estimate = fam.likelihood(model, rows.ids[:1], 1536, 128, torch.Generator().manual_seed(1), False, context=5,
-                                  t0=1e-4, clamp="soft")
+        other = fam.response_nll(model, rows, fam.response_noise(rows, gen, t0=t0)).sum(-1)
+        n = 128  # copies of the row: the reconstruction at t0 (one draw a block) is noisy when t0 is large
+        estimate = fam.likelihood(model, rows.ids[:1].expand(n, -1), 12, 128, torch.Generator().manual_seed(1), False,
+                                  context=5, t0=t0 or 1e-4, clamp="soft")
+        tightest = [fam.response_nll(model, rows, fam.response_noise(rows, gen)).sum(-1)
+                    for _ in range(12 if t0 else 0)]
     assert not torch.equal(other, sums[0])  # new noise, another estimate
     ours = torch.cat(sums).double()
-    spread = math.sqrt(float(ours.var()) / len(ours) + estimate.stderr_nats ** 2)
-    assert abs(float(ours.mean()) - estimate.total_nats) < 4 * spread
+    if t0:  # the bound stopped at 0.6 is far less noisy (here 8 nats against 110 per draw)
+        assert float(ours.std()) < 0.25 * float(torch.cat(tightest).std())
+    spread = math.sqrt(float(ours.var()) / len(ours) + (estimate.stderr_nats / n) ** 2)
+    assert abs(float(ours.mean()) - estimate.total_nats / n) < 4 * spread  # t0 = 0.6 lies ~7 nats above 1e-4 here
 
 
 def test_best_of_k_keeps_the_candidate_the_model_finds_most_likely(bases):
@@ -252,9 +260,13 @@ def test_dpo_starts_at_log2_with_shared_noise_and_resumes_bitwise(bases, tmp_pat
     args = ["--init", str(bases[family]), "--data", "task:arithmetic", "--quiet", *FT,
             f"finetune.preference_likelihood={likelihood}"]
     assert main(["finetune", "dpo", "--out", str(whole), "--max-steps", "4", *args]) == 0
-    # policy == reference at step 0, scored with the same masks: every margin is exactly 0
-    assert metrics(whole, "val_loss")[0] == pytest.approx(math.log(2), abs=1e-6)
+    # policy == reference at step 0, scored with the same masks: every margin is exactly 0, and the DPO term is
+    # log 2, plus the chosen NLL at dpo's default weight 1
+    assert metrics(whole, "val_loss")[0] == pytest.approx(math.log(2) + metrics(whole, "val_ce")[0], rel=1e-5)
     assert metrics(whole, "val_margin")[0] == 0.0
+    objective = make_objective(load_run_config(whole / "config.yaml"), run_model(bases[family]), None,
+                               torch.device("cpu"))  # the defaults: the family's bound t0, the NLL at weight 1
+    assert objective.t0 == {"masked": None, "continuous": 0.8}[family] and objective.nll_weight == 1.0
     assert main(["finetune", "dpo", "--out", str(part), "--max-steps", "2", *args]) == 0
     assert main(["finetune", "dpo", "--resume", str(part), "--max-steps", "4", "--quiet"]) == 0
     a, b = _weights(whole), _weights(part)
@@ -446,6 +458,18 @@ def test_a_block_diffusion_model_is_refused_in_one_line(tmp_path, capsys):
                  "--quiet", *FT]) == 2
     err = capsys.readouterr().err.strip()
     assert "is a block-diffusion model" in err and len(err.splitlines()) == 1 and not run.exists()
+
+
+@pytest.mark.parametrize("family, overrides, message", [
+    ("masked", ["finetune.preference_t0=0.5"], "the masked family's has no t_0"),
+    ("continuous", ["finetune.preference_t0=0.5", "finetune.preference_likelihood=one_pass"], "drop one of the two")])
+def test_a_bound_t0_the_likelihood_cannot_take_is_refused_in_one_line(bases, tmp_path, capsys, family, overrides,
+                                                                       message):
+    run = tmp_path / "dpo"
+    assert main(["finetune", "dpo", "--init", str(bases[family]), "--data", "task:arithmetic", "--out", str(run),
+                 "--quiet", *FT, *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and not run.exists()
 
 
 @pytest.mark.parametrize("method", ["ipo", "simpo"])

@@ -229,14 +229,20 @@ class FinetuneConfig(_Strict):
     val_rows: int = Field(64, gt=0, description="held-out rows of the validation loss (a file: its last rows)")
     beta: float = Field(0.1, gt=0, description="dpo / ipo / simpo: the inverse temperature of the log-ratio margin")
     simpo_gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin")
-    nll_weight: float = Field(0.0, ge=0, description="dpo / ipo / simpo: weight of the chosen responses' NLL per "
-                              "token added to the loss (RPO, Pang et al. 2024: keeps the chosen likelihood from "
-                              "falling with the rejected one)")
+    nll_weight: float | None = Field(
+        None, ge=0, description="dpo / ipo / simpo: weight of the chosen responses' NLL per token added to the loss "
+        "(RPO, Pang et al. 2024: keeps the chosen likelihood from falling with the rejected one); none: 1 for dpo "
+        "(as iterative RPO and Llama 3 train it; 0 gives the bare DPO loss), 0 for ipo and simpo")
     mc_samples: int = Field(2, gt=0, description="diffusion families: ELBO samples per row of a preference "
                             "likelihood (shared by policy and reference)")
     preference_likelihood: Literal["elbo", "one_pass"] = Field(
         "elbo", description="dpo / ipo / simpo, diffusion families: log pi of a response from mc_samples NELBO "
         "samples, or from as many passes with the whole response noised (the d1 surrogate of grpo_likelihood)")
+    preference_t0: float | None = Field(
+        None, ge=1e-4, lt=1, description="dpo / ipo / simpo with the elbo likelihood, continuous and hybrid: the "
+        "bound's last time t_0 (as dimba eval --t0): the decoder reads the latent at t_0 and the diffusion terms "
+        "cover [t_0, 1]; every t_0 gives a valid bound, a larger one with far less variance between noise draws "
+        "(none: the family's, 0.8)")
     group_size: int = Field(8, gt=1, description="grpo: samples per prompt")
     kl_coef: float = Field(0.04, ge=0, description="grpo: weight of the KL penalty to the reference")
     reward: str = Field("exact_match", description="grpo: a reward by name (exact_match, numeric) or module:function")
@@ -260,6 +266,9 @@ class FinetuneConfig(_Strict):
     def _complete(self) -> "FinetuneConfig":
         if self.method != "none" and (self.init is None or self.data is None):
             raise ValueError(f"finetune.method={self.method} needs finetune.init (a run) and finetune.data")
+        if self.preference_t0 is not None and self.preference_likelihood == "one_pass":
+            raise ValueError("finetune.preference_t0 sets the ELBO's last time; the one_pass likelihood has none: "
+                             "drop one of the two")
         return self
 
 

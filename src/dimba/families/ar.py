@@ -101,7 +101,7 @@ class ARFamily(Family):
     def generation(self, model, prompt, seq_len, settings, generator, eos_id, use_cache):
         return ARGeneration(model, prompt, seq_len, settings, eos_id, use_cache)
 
-    def response_noise(self, rows, generator=None, full=False):
+    def response_noise(self, rows, generator=None, full=False, t0=None):
         """None: the likelihood is exact."""
         return None
 

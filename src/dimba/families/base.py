@@ -77,6 +77,7 @@ class Family:
     block_diffusion: bool = False  # trains and generates with model.block_size (BD3-LM blocks)
     exact_likelihood: bool = False  # `likelihood` is the exact NLL, not a bound: such a model can judge gen-PPL
     ranking_mc_samples: int = 8  # best-of-K: likelihood samples per candidate unless the caller gives a number
+    preference_t0: float | None = None  # dpo / ipo / simpo: where the bound stops unless finetune.preference_t0 says
     likelihood_options: tuple[str, ...] = ()  # settings of the estimator `likelihood` takes (dimba eval flags)
     # the `SampleConfig` fields its generation reads (the sampler controls `dimba serve` offers)
     sample_settings: tuple[str, ...] = ("num_steps", "temperature", "top_k", "top_p", "guidance_scale")
@@ -134,10 +135,12 @@ class Family:
         loss = terms.sum() / rows.scored.sum().clamp_min(1)
         return loss, loss
 
-    def response_noise(self, rows, generator: torch.Generator | None = None, full: bool = False):
+    def response_noise(self, rows, generator: torch.Generator | None = None, full: bool = False,
+                       t0: float | None = None):
         """The randomness of one estimate of `response_nll` on ``rows`` (`dimba.data.finetune.TokenRows`), drawn
         once so that a policy and its frozen reference are scored with the same noise (VRPO); ``full``: the
-        one-pass per-token surrogate of diffu-GRPO / d1 (every response token noised at once) where that differs."""
+        one-pass per-token surrogate of diffu-GRPO / d1 (every response token noised at once) where that differs;
+        ``t0``: the last time of a bound that has one (the continuous families; None: its smallest)."""
         raise UsageError(f"fine-tuning needs a likelihood of the response given the prompt; the {self.name} family "
                          "has none yet: fine-tune a model of another family")
 

@@ -199,6 +199,7 @@ class ContinuousFamily(Family):
     sample_settings = Family.sample_settings + ("eta", "clamp", "score_temperature", "commit")
     absorbing = False  # whether tokens may also be absorbed ([MASK], no latent): the hybrid process
     ranking_mc_samples = 16  # its bound is noisier per sample than masked's: best-of-8 gains +7.5 at 8, +11.2 at 16
+    preference_t0 = 0.8  # the DPO margin's signal-to-noise per pair: 6.6 at t0 = 0.8, 0.33 at 1e-4
 
     def draw_absorbed(self, model, input_ids: torch.Tensor, t: torch.Tensor,
                       generator: torch.Generator | None = None) -> torch.Tensor | None:
@@ -218,21 +219,22 @@ class ContinuousFamily(Family):
         loss, parts = self.loss(model, rows.ids, dc, prompt_mask=rows.prompt, generator=generator)
         return loss, parts["ce"]
 
-    def response_noise(self, rows, generator=None, full=False):
-        """One bound sample's randomness per row: u (B,) stratified across the batch (None with ``full``) and the
-        seed of its noise (`dimba.families.gaussian_bound.response_terms`)."""
+    def response_noise(self, rows, generator=None, full=False, t0=None):
+        """One bound sample's randomness per row: u (B,) stratified across the batch (None with ``full``), the
+        seed of its noise and the bound's last time ``t0`` (`dimba.families.gaussian_bound.response_terms`)."""
         seed = int(torch.randint(2 ** 62, (1,), generator=generator))
+        t0 = gaussian_bound.T_MIN if t0 is None else t0
         if full:
-            return None, seed
+            return None, seed, t0
         b = len(rows)
         u = (torch.arange(b, dtype=torch.float64) + torch.rand(1, generator=generator, dtype=torch.float64)) / b  # (B,)
-        return u[torch.randperm(b, generator=generator)], seed
+        return u[torch.randperm(b, generator=generator)], seed, t0
 
     def response_nll(self, model, rows, noise):
         """Per position, one Monte Carlo sample of the variational bound on -log p(response | prompt)
         (`dimba.families.gaussian_bound.response_terms`; with the ``full`` noise, the d1 surrogate at t = 1)."""
-        u, seed = noise
-        return gaussian_bound.response_terms(model, rows, u, seed).float()  # (B, L)
+        u, seed, t0 = noise
+        return gaussian_bound.response_terms(model, rows, u, seed, t0).float()  # (B, L)
 
     def forward(self, model, input_ids: torch.Tensor, t, noise: torch.Tensor | None = None,
                 prompt_mask: torch.Tensor | None = None, x_self_cond: torch.Tensor | None = None,

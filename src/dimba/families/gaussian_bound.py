@@ -206,23 +206,24 @@ def diffusion_terms(model, blocks: torch.Tensor, mc_samples: int, batch_size: in
     return np.concatenate(gauss).reshape(shape), np.concatenate(absorb).reshape(shape)
 
 
-def response_terms(model, rows, u: torch.Tensor | None, seed: int) -> torch.Tensor:
+def response_terms(model, rows, u: torch.Tensor | None, seed: int, t0: float = T_MIN) -> torch.Tensor:
     """Per position (B, L), float64, the terms of one Monte Carlo sample of the bound on -log p(response |
     prompt) of ``rows`` (`dimba.data.finetune.TokenRows`: the prompt clean, the scored positions summed): the
-    soft-clamp Gaussian (and, for hybrid, absorbing) integrand at t ~ q on [T_MIN, 1] from ``u`` (B,) in [0, 1)
-    over q(t), plus the reconstruction at T_MIN and the prior. The noise comes from ``seed``, so a policy and
+    soft-clamp Gaussian (and, for hybrid, absorbing) integrand at t ~ q on [t0, 1] from ``u`` (B,) in [0, 1)
+    over q(t), plus the reconstruction at t0 and the prior (a bound for every t0 in [T_MIN, 1): a larger one is
+    far less noisy). The noise comes from ``seed``, so a policy and
     its reference scored with the same (u, seed) see the same draws (VRPO). ``u=None``: the one-pass surrogate
     of diffu-GRPO / d1, -log p_theta(x | z_1) with every response latent pure noise (not a bound).
 
-    T_MIN and the soft clamp (for a logits model, its own x0 estimate) make a valid bound for every model, with
+    A fixed t0 and the soft clamp (for a logits model, its own x0 estimate) make a valid bound for every model, with
     no calibration that a policy and its reference could choose differently."""
     generator = torch.Generator().manual_seed(seed)
     ids, prompt, scored = rows.ids, rows.prompt, rows.scored.double()  # (B, L) each
     if u is None:
         return _integrand(model, ids, torch.ones(len(ids), dtype=torch.float64), generator, (), prompt)[2] * scored
-    t, q = proposal(u, T_MIN)  # (B,) each
+    t, q = proposal(u, t0)  # (B,) each
     gauss, absorb, _ = _integrand(model, ids, t, generator, ("soft",), prompt)  # (B, L) each
-    recon = _integrand(model, ids, torch.full_like(t, T_MIN), generator, (), prompt)[2]  # (B, L)
+    recon = _integrand(model, ids, torch.full_like(t, t0), generator, (), prompt)[2]  # (B, L)
     diffusion = (gauss["soft"] + absorb) / q.to(ids.device)[:, None]  # (B, L)
     return (diffusion + recon + prior_terms(model, ids)) * scored
 

@@ -230,8 +230,8 @@ class MaskedFamily(Family):
             return BlockMaskedGeneration(model, prompt, seq_len, settings, eos_id, use_cache)
         return MaskedGeneration(model, prompt, seq_len, settings, eos_id, use_cache)
 
-    def response_noise(self, rows, generator=None, full=False):
-        """The masks and weights of one NELBO sample per row (`response_masks`)."""
+    def response_noise(self, rows, generator=None, full=False, t0=None):
+        """The masks and weights of one NELBO sample per row (`response_masks`); its bound has no ``t0``."""
         return response_masks(rows, generator, full)
 
     def response_nll(self, model, rows, noise):

@@ -106,7 +106,12 @@ def make_objective(cfg: Config, policy, tokenizer, device):
     if fc.method == "grpo":
         return GRPO(device, policy, _reference(cfg, device), tokenizer, cfg.sample, cfg.data.seq_len, fc,
                     get_reward(fc.reward))
+    if fc.preference_t0 is not None and "t0" not in policy.family.likelihood_options:
+        raise UsageError(f"finetune.preference_t0 applies to the continuous and hybrid families' bound; the "
+                         f"{policy.family.name} family's has no t_0: drop it")
     reference = None if fc.method == "simpo" else _reference(cfg, device)
-    return Preference(device, fc.method, fc.beta, fc.simpo_gamma, fc.mc_samples, reference, fc.nll_weight,
-                      fc.preference_likelihood == "one_pass")
+    t0 = policy.family.preference_t0 if fc.preference_t0 is None else fc.preference_t0
+    nll_weight = float(fc.method == "dpo") if fc.nll_weight is None else fc.nll_weight
+    return Preference(device, fc.method, fc.beta, fc.simpo_gamma, fc.mc_samples, reference, nll_weight,
+                      fc.preference_likelihood == "one_pass", t0)
 

@@ -51,11 +51,13 @@ class SFT(Objective):
         return loss, {"loss": loss.detach(), "ce": ce.detach()}
 
 
-def response_noises(family, rows, count: int, generator: torch.Generator | None = None, full: bool = False) -> list:
+def response_noises(family, rows, count: int, generator: torch.Generator | None = None, full: bool = False,
+                    t0: float | None = None) -> list:
     """``count`` independent draws of `Family.response_noise` on ``rows`` (one, None, when the likelihood is exact):
-    the noises of a Monte Carlo likelihood estimate (`sequence_logp`); ``full``: of the one-pass surrogate."""
-    first = family.response_noise(rows, generator, full)
-    return [first] + ([family.response_noise(rows, generator, full) for _ in range(count - 1)]
+    the noises of a Monte Carlo likelihood estimate (`sequence_logp`); ``full``: of the one-pass surrogate; ``t0``:
+    of the bound that stops at t_0 (continuous families)."""
+    first = family.response_noise(rows, generator, full, t0)
+    return [first] + ([family.response_noise(rows, generator, full, t0) for _ in range(count - 1)]
                       if first is not None else [])
 
 
@@ -73,20 +75,21 @@ class Preference(Objective):
     / |y_w| - log pi(y_l) / |y_l|) - gamma) (Meng et al. 2024). ``nll_weight`` adds that weight times ``ce`` (RPO,
     Pang et al. 2024). ``margin`` is h (SimPO: its length-normalised margin), ``acc`` the share of pairs with h > 0,
     ``ce`` the chosen responses' NLL per token. A diffusion family's log pi is ``mc_samples`` NELBO samples, or with
-    ``one_pass`` as many per-token surrogates of one pass with the whole response noised each (d1, as GRPO's)."""
+    ``one_pass`` as many per-token surrogates of one pass with the whole response noised each (d1, as GRPO's);
+    ``t0``: the continuous families' bound stops at t_0 (a larger one is far less noisy), None: at its smallest time."""
 
     metrics = ("loss", "ce", "margin", "acc")
 
     def __init__(self, device, method: str, beta: float, gamma: float, mc_samples: int, reference=None,
-                 nll_weight: float = 0.0, one_pass: bool = False):
+                 nll_weight: float = 0.0, one_pass: bool = False, t0: float | None = None):
         super().__init__(device)
         self.method, self.beta, self.gamma, self.mc_samples, self.reference = method, beta, gamma, mc_samples, reference
-        self.nll_weight, self.one_pass = nll_weight, one_pass
+        self.nll_weight, self.one_pass, self.t0 = nll_weight, one_pass, t0
 
     def loss(self, model, rows, generator=None):
         rows = rows.to(self.device)
         family, b = model.family, len(rows) // 2
-        noises = response_noises(family, rows, self.mc_samples, generator, self.one_pass)  # exact: one pass
+        noises = response_noises(family, rows, self.mc_samples, generator, self.one_pass, self.t0)  # exact: one
         logp = sequence_logp(model, rows, noises)  # (2B,)
         tokens = rows.scored.sum(-1).clamp_min(1)  # (2B,)
         if self.method == "simpo":
