@@ -145,7 +145,7 @@ def _finetune_flags(p: argparse.ArgumentParser) -> None:
 
 
 _METHOD_HELP = {"sft": "supervised: the response's likelihood given the prompt", "dpo": "direct preference "
-                "optimisation", "ipo": "identity preference optimisation", "simpo": "simple preference optimisation "
+                "optimisation, plus the chosen answers' NLL (finetune.nll_weight, 1; 0: the bare DPO loss)", "ipo": "identity preference optimisation", "simpo": "simple preference optimisation "
                 "(no reference)", "grpo": "group relative policy optimisation with a reward"}
 
 
