@@ -144,9 +144,11 @@ def _finetune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. finetune.kl_coef=0.1")
 
 
-_METHOD_HELP = {"sft": "supervised: the response's likelihood given the prompt", "dpo": "direct preference "
-                "optimisation, plus the chosen answers' NLL (finetune.nll_weight, 1; 0: the bare DPO loss)", "ipo": "identity preference optimisation", "simpo": "simple preference optimisation "
-                "(no reference)", "grpo": "group relative policy optimisation with a reward"}
+_METHOD_HELP = {"sft": "supervised: the response's likelihood given the prompt",
+                "dpo": "direct preference optimisation, plus the chosen answers' NLL (finetune.nll_weight, 1; 0: the "
+                "bare DPO loss)", "ipo": "identity preference optimisation",
+                "simpo": "simple preference optimisation (no reference)",
+                "grpo": "group relative policy optimisation with a reward"}
 
 
 def _add_finetune_verb(sub) -> None:

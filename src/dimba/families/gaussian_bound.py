@@ -211,9 +211,9 @@ def response_terms(model, rows, u: torch.Tensor | None, seed: int, t0: float = T
     prompt) of ``rows`` (`dimba.data.finetune.TokenRows`: the prompt clean, the scored positions summed): the
     soft-clamp Gaussian (and, for hybrid, absorbing) integrand at t ~ q on [t0, 1] from ``u`` (B,) in [0, 1)
     over q(t), plus the reconstruction at t0 and the prior (a bound for every t0 in [T_MIN, 1): a larger one is
-    far less noisy). The noise comes from ``seed``, so a policy and
-    its reference scored with the same (u, seed) see the same draws (VRPO). ``u=None``: the one-pass surrogate
-    of diffu-GRPO / d1, -log p_theta(x | z_1) with every response latent pure noise (not a bound).
+    far less noisy). The noise comes from ``seed``, so a policy and its reference scored with the same (u, seed)
+    see the same draws (VRPO). ``u=None``: the one-pass surrogate of diffu-GRPO / d1, -log p_theta(x | z_1) with
+    every response latent pure noise (with zero terminal SNR, the continuous bound at t0 = 1: a one-step sampler's).
 
     A fixed t0 and the soft clamp (for a logits model, its own x0 estimate) make a valid bound for every model, with
     no calibration that a policy and its reference could choose differently."""
