@@ -53,8 +53,7 @@ def main() -> None:
     h, lp = torch.stack(margins).double(), torch.stack(logps).double()  # (draws, n), (draws, 2n)
     print(json.dumps({"policy": args.policy, "reference": args.reference, "draws": args.draws,
                       "mc_samples": args.mc_samples, "one_pass": args.one_pass, "t0": args.t0,
-                      "h_mean": h.mean(0).tolist(),
-                      "h_std": h.std(0).tolist(),
+                      "h_mean": h.mean(0).tolist(), "h_std": h.std(0).tolist(),
                       "snr": float((h.mean(0).abs() / h.std(0)).mean()),
                       "share_positive": float((h > 0).double().mean()),
                       "logp_std_chosen": float(lp[:, :n].std(0).mean()),
