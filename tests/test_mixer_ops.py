@@ -1,5 +1,6 @@
 """The hand-written conv + SiLU and gated RMSNorm equal the plain compositions they replace."""
 
+import platform
 import subprocess
 import sys
 
@@ -107,3 +108,48 @@ def test_importing_dimba_keeps_freed_memory_for_library_users(system_malloc, mon
     code = "import dimba, dimba.malloc; print(dimba.malloc.freed_memory_kept())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ("False" if system_malloc else "True")
+
+
+_SUBNORMAL = """
+import sys
+import torch
+import dimba
+from dimba.subnormals import flushed_subnormals, flushing
+
+def product():
+    torch.set_num_threads(2)
+    x = torch.full((2**22,), 1e-30)  # the product below is about 1e-39: subnormal, unless flushed to zero
+    return int(((x * 1e-9) != 0).sum()), x.numel()
+
+if sys.argv[1] == "import":
+    print(flushing(), *product())
+else:
+    with flushed_subnormals() as on:
+        print(on, *product())
+"""
+
+
+@pytest.mark.parametrize("how, keep", [("import", ""), ("block", ""), ("block", "1")])
+def test_flushed_subnormals_reaches_every_intra_op_thread(how, keep, monkeypatch):
+    """The mode is on before torch's intra-op threads exist, so every thread of a 2-thread product inherits it
+    (set after them, only the calling thread's share would be flushed); importing dimba alone changes nothing."""
+    monkeypatch.setenv("DIMBA_KEEP_SUBNORMALS", keep)
+    out = subprocess.run([sys.executable, "-c", _SUBNORMAL, how], capture_output=True, text=True,
+                         check=True).stdout.split()
+    flushed, nonzero, n = out[0] == "True", int(out[1]), int(out[2])
+    if keep or how == "import":
+        assert not flushed and nonzero == n
+    else:  # every x86-64 CPU has the mode (FTZ / DAZ)
+        assert flushed or platform.machine().lower() not in ("x86_64", "amd64")
+        assert nonzero == (0 if flushed else n)
+
+
+def test_the_command_runs_with_subnormals_flushed_and_gives_the_mode_back(monkeypatch):
+    from dimba import cli
+    from dimba.subnormals import flushing
+
+    seen = []
+    monkeypatch.setattr(cli, "_check_ranges", lambda args: seen.append(flushing()))
+    before = flushing()
+    assert cli.main(["train", "--print-config"]) == 0
+    assert seen == [platform.machine().lower() in ("x86_64", "amd64")] and flushing() == before

@@ -20,6 +20,7 @@ from dimba.cli_sampling import sample_settings, sampler_flags
 from dimba.io import as_disk_error
 from dimba.loading import load_for_inference, sample_defaults
 from dimba.malloc import keep_freed_memory
+from dimba.subnormals import flushed_subnormals
 
 
 def _train_overrides(args: argparse.Namespace) -> list[str]:
@@ -511,9 +512,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dimba`` console script; user errors exit with status 2."""
     keep_freed_memory()
     try:
-        args = parse_cli(argv)
-        _check_ranges(args)
-        return args.func(args)
+        with flushed_subnormals():  # a trained continuous scan's subnormal products, ~2x its speed on CPU
+            args = parse_cli(argv)
+            _check_ranges(args)
+            return args.func(args)
     except DimbaError as exc:
         print(f"dimba: error: {exc}", file=sys.stderr)
         return 2
