@@ -45,6 +45,9 @@ def test_inconsistent_sizes_rejected():
         load_config("tiny", None, ["model.backbone=transformer", "model.num_heads=3"])
     with pytest.raises(ConfigError, match="d_latent"):
         load_config("tiny", None, ["model.latent_diffusion=true"])
+    for bad in (["model.prediction_type=x0"], ["model.latent_diffusion=true", "model.d_latent=8"]):
+        with pytest.raises(ConfigError, match="onehot_latent=true diffuses one-hot vectors"):
+            load_config("tiny", None, ["model.onehot_latent=true", *bad])
 
 
 def test_a_registered_backbone_is_one_registry_line(monkeypatch):

@@ -248,6 +248,27 @@ def test_with_the_exact_logits_the_bound_is_tight_at_every_t0(t0):
         assert rounded["nll_nats_per_token"] > 10 * math.log(4)
 
 
+@pytest.mark.parametrize("t0", [1e-4, 0.5])
+def test_a_one_hot_model_whose_network_adds_nothing_has_the_exact_bound(t0):
+    """On tokens uniform and independent over the vocabulary, the Bayes skip logits of a one-hot latent are the exact
+    posterior: a real one-hot DIMBA whose head reads nothing (self-conditioned, logits prediction) has the bound
+    -log p(x) = log V per token, the reconstruction at t0 plus the diffusion term above it."""
+    from dimba.model import DIMBA
+
+    torch.manual_seed(0)
+    model = DIMBA(V, d_model=16, num_denoiser_layers=1, backbone="transformer", num_heads=2, context_length=16,
+                  prediction_type="logits", logit_skip=True, self_conditioning=True, onehot_latent=True,
+                  tie_weights=False).double().eval()
+    with torch.no_grad():
+        model.head.weight.zero_()
+    blocks = torch.as_tensor(np.random.default_rng(0).integers(0, V, (256, 16)))
+    model.calibrate_latent_scale(blocks)
+    r = evaluate_likelihood(model, blocks, CharTokenizer(), mc_samples=16, batch_size=1024,
+                            generator=torch.Generator().manual_seed(0), t0=t0, clamp="none")
+    assert abs(r["nll_nats_per_token"] - math.log(V)) < min(0.06, 3 * r["stderr_nats_per_token"])
+    assert r["parts_nats_per_token"]["diffusion"] > 0.3  # the terms above t0 carry a real share of it
+
+
 def test_gaussian_stderr_shrinks_like_one_over_sqrt_k():
     blocks = torch.as_tensor(np.random.default_rng(2).integers(0, len(STATES), (64, 16)) + STATES[0])
     se = {k: evaluate_likelihood(AnalyticGaussian(), blocks, CharTokenizer(), mc_samples=k, batch_size=1024, t0=1e-3, clamp="none",

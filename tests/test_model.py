@@ -14,7 +14,8 @@ def tiny(backbone="transformer", **kw):
     return DIMBA(V, **base)
 
 
-@pytest.mark.parametrize("kw", [{}, {"latent_diffusion": True, "d_latent": 8}])
+@pytest.mark.parametrize("kw", [{}, {"latent_diffusion": True, "d_latent": 8},
+                                {"onehot_latent": True, "prediction_type": "logits"}])
 def test_latent_is_unit_variance_and_round_trips_exactly(kw):
     m = tiny(**kw)
     ids = torch.randint(0, V, (4, 50))

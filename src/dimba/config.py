@@ -49,6 +49,8 @@ class ModelConfig(_Strict):
                                  "(instead of a linear projection); pre-train one with `dimba vae train`")
     vae_checkpoint_path: str | None = Field(None, description="a folder written by `dimba vae train`: a new run starts from "
                                        "its embedding, TokenVAE and head (frozen) and uses its tokenizer")
+    onehot_latent: bool = Field(False, description="latent families: diffuse each token's one-hot vector (times the "
+                                "latent scale) instead of its embedding, as FLM does; needs prediction_type=logits")
     latent_scale: float | None = Field(None, gt=0, description="the latent scale; None: calibrated on the first "
                                        "training batch so that the diffused latents have unit variance")
     embed_init_std: float | None = Field(None, gt=0, description="std of the token embedding at initialisation; "
@@ -107,6 +109,9 @@ class ModelConfig(_Strict):
                              "(with model.d_latent)")
         if self.latent_diffusion and self.d_latent is None:
             raise ValueError("latent_diffusion=true needs model.d_latent (e.g. model.d_latent=64)")
+        if self.onehot_latent and (self.latent_diffusion or self.prediction_type != "logits"):
+            raise ValueError("model.onehot_latent=true diffuses one-hot vectors: it needs model.prediction_type=logits "
+                             "and no model.latent_diffusion")
         MIXERS[self.backbone].check(self)
         return self
 

@@ -69,7 +69,10 @@ class DIMBA(nn.Module):
         self.config = cfg
         self.family = family = get_family(cfg.family)
         self.mask_id = MASK_ID
+        self.onehot = cfg.onehot_latent and family.latent  # the latent of a token is its scaled one-hot vector
         d, self.d_x = cfg.d_model, (cfg.d_latent if cfg.latent_diffusion and family.latent else cfg.d_model)
+        if self.onehot:
+            self.d_x = vocab_size
         self.schedule = NoiseSchedule(cfg.schedule, cfg.zero_terminal_snr, cfg.num_diffusion_steps, cfg.noise_shift)
         self.mask_schedule = MaskSchedule(cfg.mask_schedule)
 
@@ -98,7 +101,8 @@ class DIMBA(nn.Module):
             d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim, chunk_size=cfg.chunk_size,
             tie_reverse=cfg.tie_reverse, bimamba=cfg.bimamba,
         )
-        self.out_proj = nn.Linear(d, self.d_x) if family.latent else None
+        # a one-hot latent's network output is the hidden state the head reads (logits prediction)
+        self.out_proj = nn.Linear(d, d if self.onehot else self.d_x) if family.latent else None
         self.head_norm = RMSNorm(d)
         self.head = nn.Linear(d, vocab_size, bias=False)
         if cfg.tie_weights:
@@ -139,11 +143,18 @@ class DIMBA(nn.Module):
         return h if self.latent_out is None else self.latent_out(h)  # (B, L, D)
 
     def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Clean latent z_0 of token ids: (B, L) -> (B, L, d_x), about unit variance."""
+        """Clean latent z_0 of token ids: (B, L) -> (B, L, d_x), about unit variance (per token, with
+        ``onehot_latent``)."""
+        if self.onehot:
+            hot = nn.functional.one_hot(input_ids, self.d_x).to(self.latent_scale.dtype)  # (B, L, V)
+            return hot * self.latent_scale
         return self.encode_latent(self.embedding(input_ids))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Token logits (float32) of a latent (an x0 estimate): (B, L, d_x) -> (B, L, V)."""
+        """Token logits (float32) of a latent (an x0 estimate): (B, L, d_x) -> (B, L, V). A one-hot latent's x0
+        estimate is a point of the scaled simplex: its logits are the log of its normalised coordinates."""
+        if self.onehot:
+            return (z.float() / self.latent_scale).clamp_min(1e-12).log()  # (B, L, V)
         return self._head_logits(self.decode_latent(z))
 
     def codebook(self) -> torch.Tensor:
@@ -153,6 +164,8 @@ class DIMBA(nn.Module):
 
     def round(self, z: torch.Tensor) -> torch.Tensor:
         """Nearest-codebook token of each latent: (B, L, d_x) -> (B, L). round(encode(x)) == x."""
+        if self.onehot:
+            return z.argmax(-1)  # equal-norm orthogonal codebook: the largest coordinate is the nearest
         book = self.codebook()  # (V, d_x)
         dist = (z.pow(2).sum(-1, keepdim=True) - 2 * z @ book.T + book.pow(2).sum(-1))  # (B, L, V)
         return dist.argmin(-1)
@@ -231,26 +244,32 @@ class DIMBA(nn.Module):
             return x0_from_v(z_t, x_pred, alpha_bar), None
         if kind == "x0":
             return x_pred, None
-        book = self.codebook()  # (V, d_x)
+        book = None if self.onehot else self.codebook()  # (V, d_x)
         if self.config.logit_skip:
             logits = self._skip_logits(x_pred, z_t, alpha_bar, masked, book)  # (B, L, V)
         else:
-            logits = self.decode(x_pred)  # (B, L, V)
+            logits = self._head_logits(self._head_input(x_pred))  # (B, L, V)
         if not estimate_x0:
             return None, logits
         return self.score_interpolate(logits, score_temperature, book), logits
 
+    def _head_input(self, x_pred: torch.Tensor) -> torch.Tensor:
+        """The hidden state (B, L, D) the head reads from a logits model's network output (B, L, d_x or D)."""
+        return x_pred if self.onehot else self.decode_latent(x_pred)
+
     def _skip_logits(self, x_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar: torch.Tensor,
-                     masked: torch.Tensor | None, book: torch.Tensor) -> torch.Tensor:
+                     masked: torch.Tensor | None, book: torch.Tensor | None) -> torch.Tensor:
         """The head's logits of ``x_pred`` plus the Bayes logits sqrt(ab) / (1 - ab) z_t . e_v (see `interpret`),
         float32 (B, L, V), as ONE product [head_norm(h), c z_t] @ [W_head, book]^T: the scale c is applied to the
         (B, L, d_x) latent and the sum is accumulated inside the product, so no vocabulary-sized tensor is scaled or
-        added."""
+        added. A one-hot latent (``book`` None) has z_t . e_v = scale z_t[v]: its Bayes logits are added as they are."""
         ab = alpha_bar.float().reshape(-1, 1, 1)  # (B, 1, 1)
         if masked is not None:
             z_t = z_t.masked_fill(masked[..., None], 0.0)  # (B, L, d_x)
-        h = self.head_norm(self.decode_latent(x_pred))  # (B, L, D)
+        h = self.head_norm(self._head_input(x_pred))  # (B, L, D)
         zs = ab.sqrt() / (1 - ab).clamp_min(1e-4) * z_t.float()  # (B, L, d_x)
+        if self.onehot:
+            return (h @ self.head.weight.T).float() + zs * self.latent_scale  # (B, L, V)
         a = torch.cat([h, zs.to(h.dtype)], dim=-1)  # (B, L, D + d_x)
         w = torch.cat([self.head.weight, book.to(self.head.weight.dtype)], dim=-1)  # (V, D + d_x)
         return (a @ w.T).float()  # (B, L, V)
@@ -259,8 +278,10 @@ class DIMBA(nn.Module):
                           book: torch.Tensor | None = None) -> torch.Tensor:
         """The codebook latents averaged under softmax(logits (B, L, V) / temperature): an x0 estimate (B, L, d_x).
         ``book``: the codebook (V, d_x) when the caller has it."""
-        book = self.codebook() if book is None else book  # (V, d_x)
         scaled = logits if temperature == 1.0 else logits / temperature  # (B, L, V)
+        if self.onehot:
+            return scaled.softmax(-1) * self.latent_scale.to(scaled.dtype)  # (B, L, V): the codebook is scale * I
+        book = self.codebook().to(logits.dtype) if book is None else book  # (V, d_x)
         return scaled.softmax(-1).to(book.dtype) @ book  # (B, L, d_x)
 
     def x0_from_output(self, x_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:

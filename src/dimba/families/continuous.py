@@ -71,11 +71,13 @@ def compute_dimba_losses(model, input_ids: torch.Tensor, t: torch.Tensor | None 
 
     z0, ab = info["z0"], info["alpha_bar"]
     target = v_target(z0, noise, ab) if model.config.prediction_type == "v" else z0
+    logits = model.decode(info["x0_hat"]) if info["logits"] is None else info["logits"]  # (B, L, V)
+    if model.onehot:  # the network output is the head's input: regress its score-interpolated x0 estimate
+        x_pred = model.score_interpolate(logits)  # (B, L, V)
     w = min_snr_weight(model.schedule.snr(info["t"]), min_snr_gamma, model.config.prediction_type)  # (B,)
     sq = (x_pred.float() - target.float()).pow(2).mean(-1)  # (B, L)
     mse = masked_mean(sq * w[:, None], scored)
 
-    logits = model.decode(info["x0_hat"]) if info["logits"] is None else info["logits"]  # (B, L, V)
     ce_tok = token_nll(logits, input_ids)  # (B, L)
     ce = masked_mean(ce_tok, scored)
     if warp is not None and model.training:
@@ -159,7 +161,8 @@ class ContinuousGeneration(Generation):
                 x0 = model.score_interpolate(self._logits, s.score_temperature)  # (N, L, d)
         if s.clamp != "none":
             logits = model.decode(x0)  # (N, L, V)
-            x0 = logits.softmax(-1) @ self.book if s.clamp == "soft" else self.book[logits.argmax(-1)]  # (N, L, d)
+            soft = s.clamp == "soft"
+            x0 = model.score_interpolate(logits, 1.0, self.book) if soft else self.book[logits.argmax(-1)]  # (N, L, d)
         x0 = torch.where(keep, self.z_prompt, x0)
         if self.absorbing:
             return ModelOutput(x0=x0, logits=self._clean_token_logits(model.decode(x0)))

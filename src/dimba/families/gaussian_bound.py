@@ -145,7 +145,7 @@ def _integrand(model, ids: torch.Tensor, t: torch.Tensor, generator: torch.Gener
     kept = scored if masked is None else (~masked).double() * scored  # the Gaussian term skips absorbed positions
     gauss = {}
     for clamp in clamps:
-        x = x0 if clamp == "none" else logits.softmax(-1) @ model.codebook().double()  # (B, L, d)
+        x = x0 if clamp == "none" else model.score_interpolate(logits)  # (B, L, d)
         gauss[clamp] = 0.5 * -slope.to(ids.device)[:, None] * (z0 - x).pow(2).sum(-1) * kept  # (B, L)
     if masked is None:
         return gauss, torch.zeros_like(nll), nll
