@@ -18,57 +18,61 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
-CHILD = """
-import json, statistics, sys, time
-import torch
-from dimba.subnormals import flushed_subnormals
-from dimba.families import compute_losses
-from dimba.generation import sample_from_model
-from dimba.loading import load_for_inference
-from dimba.model import DIMBA
+def time_child(run: str, fresh: bool, threads: int, steps: int) -> dict:
+    """In a child process (the mode is already set): the median training step and one generation's seconds."""
+    import torch
 
-run, fresh, threads, steps = sys.argv[1], sys.argv[2] == "fresh", int(sys.argv[3]), int(sys.argv[4])
-flush = flushed_subnormals()
-flushed = flush.__enter__()  # the whole child runs in the mode, as the dimba command does
-torch.set_num_threads(threads)
-model, _ = load_for_inference(run)
-cfg = model.config
-if fresh:
-    scale = model.latent_scale.clone()
-    torch.manual_seed(0)
-    model = DIMBA(**dict(cfg))
-    model.latent_scale.copy_(scale)
-from dimba.config import load_config
-dc = load_config(None, run + "/config.yaml", []).diffusion
-ids = torch.randint(4, cfg.vocab_size, (8, 256), generator=torch.Generator().manual_seed(0))
-model.train()
+    from dimba.config import load_config
+    from dimba.families import compute_losses
+    from dimba.generation import sample_from_model
+    from dimba.loading import load_for_inference
+    from dimba.model import DIMBA
 
-def step():
+    torch.set_num_threads(threads)
+    model, _ = load_for_inference(run)
+    cfg = model.config
+    if fresh:
+        scale = model.latent_scale.clone()
+        torch.manual_seed(0)
+        model = DIMBA(**dict(cfg))
+        model.latent_scale.copy_(scale)
+    dc = load_config(None, os.path.join(run, "config.yaml"), []).diffusion
+    ids = torch.randint(4, cfg.vocab_size, (8, 256), generator=torch.Generator().manual_seed(0))  # (B, L)
+    model.train()
+
+    def step() -> float:
+        start = time.perf_counter()
+        with torch.autocast("cpu", torch.bfloat16):
+            loss, _ = compute_losses(model, ids, dc, generator=torch.Generator().manual_seed(1))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    step()
+    times = [step() for _ in range(steps)]
+    model.eval()
     start = time.perf_counter()
-    with torch.autocast("cpu", torch.bfloat16):
-        loss, _ = compute_losses(model, ids, dc, generator=torch.Generator().manual_seed(1))
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
-
-step()
-times = [step() for _ in range(steps)]
-model.eval()
-start = time.perf_counter()
-sample_from_model(model, [], seq_len=256, num_steps=64, generator=torch.Generator().manual_seed(0))
-gen = time.perf_counter() - start
-print(json.dumps({"flushed": flushed, "step_s": statistics.median(times),
-                  "generate_s": gen}))
-"""
+    sample_from_model(model, [], seq_len=256, num_steps=64, generator=torch.Generator().manual_seed(0))
+    return {"step_s": statistics.median(times), "generate_s": time.perf_counter() - start}
 
 
 def measure(run: str, fresh: bool, keep: bool, threads: int, steps: int) -> dict:
     """One child process's timings (see the module docstring)."""
     env = {**os.environ, "DIMBA_KEEP_SUBNORMALS": "1" if keep else "0"}
-    out = subprocess.run([sys.executable, "-c", CHILD, run, "fresh" if fresh else "trained", str(threads), str(steps)],
-                         capture_output=True, text=True, check=True, env=env).stdout
+    argv = [sys.executable, __file__, "--child", run, "fresh" if fresh else "trained", str(threads), str(steps)]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def child() -> None:
+    """``--child RUN fresh|trained THREADS STEPS``: the whole process runs in the mode, as the dimba command does."""
+    from dimba.subnormals import flushed_subnormals
+
+    run, kind, threads, steps = sys.argv[2:6]
+    with flushed_subnormals() as flushed:
+        print(json.dumps({"flushed": flushed, **time_child(run, kind == "fresh", int(threads), int(steps))}))
 
 
 def main() -> None:
@@ -116,4 +120,7 @@ def draw(result: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--child"]:
+        child()
+    else:
+        main()

@@ -70,9 +70,8 @@ class DIMBA(nn.Module):
         self.family = family = get_family(cfg.family)
         self.mask_id = MASK_ID
         self.onehot = cfg.onehot_latent and family.latent  # the latent of a token is its scaled one-hot vector
-        d, self.d_x = cfg.d_model, (cfg.d_latent if cfg.latent_diffusion and family.latent else cfg.d_model)
-        if self.onehot:
-            self.d_x = vocab_size
+        d = cfg.d_model
+        self.d_x = vocab_size if self.onehot else cfg.d_latent if cfg.latent_diffusion and family.latent else d
         self.schedule = NoiseSchedule(cfg.schedule, cfg.zero_terminal_snr, cfg.num_diffusion_steps, cfg.noise_shift)
         self.mask_schedule = MaskSchedule(cfg.mask_schedule)
 
@@ -269,7 +268,7 @@ class DIMBA(nn.Module):
         h = self.head_norm(self._head_input(x_pred))  # (B, L, D)
         zs = ab.sqrt() / (1 - ab).clamp_min(1e-4) * z_t.float()  # (B, L, d_x)
         if self.onehot:
-            return (h @ self.head.weight.T).float() + zs * self.latent_scale  # (B, L, V)
+            return self.head(h).float() + zs * self.latent_scale  # (B, L, V)
         a = torch.cat([h, zs.to(h.dtype)], dim=-1)  # (B, L, D + d_x)
         w = torch.cat([self.head.weight, book.to(self.head.weight.dtype)], dim=-1)  # (V, D + d_x)
         return (a @ w.T).float()  # (B, L, V)

@@ -89,8 +89,7 @@ class Preference(Objective):
     def loss(self, model, rows, generator=None):
         rows = rows.to(self.device)
         family, b = model.family, len(rows) // 2
-        noises = response_noises(family, rows, self.mc_samples, generator, self.one_pass,
-                                 self.t0)  # exact: one pass
+        noises = response_noises(family, rows, self.mc_samples, generator, self.one_pass, self.t0)  # exact: one pass
         logp = sequence_logp(model, rows, noises)  # (2B,)
         tokens = rows.scored.sum(-1).clamp_min(1)  # (2B,)
         if self.method == "simpo":
