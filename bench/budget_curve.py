@@ -28,7 +28,9 @@ from continuous_recipes import dimba
 from quality_frontier import sample_quality
 
 ENTROPY_BAR = 0.9  # the samples' unigram entropy must reach this share of the judge's own
-TARGETS = {"gen_ppl": 2.5, "bits_per_byte": 1.25}  # issue 16's ratios to ar
+# the plot's panels: (ratio key, axis label, issue 16's target ratio to ar, y scale)
+PANELS = (("gen_ppl_ratio", "gen-PPL at the entropy bar / judge's own", 2.5, "log"),
+          ("bound_ratio", "bits per byte / ar's", 1.25, "linear"))
 
 
 def at_entropy(points: list[dict], bar: float) -> dict:
@@ -82,16 +84,13 @@ def plot(result: dict, path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     minutes = sorted(result["points"], key=float)
     names = sorted({n for m in minutes for n in result["points"][m]["runs"]})
-    for ax, key, label in ((axes[0], "gen_ppl_ratio", "gen-PPL at the entropy bar / judge's own"),
-                           (axes[1], "bound_ratio", "bits per byte / ar's")):
+    for ax, (key, label, target, yscale) in zip(axes, PANELS):
         for name in names:
-            xs = [float(m) for m in minutes if name in result["points"][m]["runs"]]
-            ys = [result["points"][m]["runs"][name][key] for m in minutes if name in result["points"][m]["runs"]]
-            ax.plot(xs, ys, "o-", label=name)
-        target = TARGETS["gen_ppl" if key == "gen_ppl_ratio" else "bits_per_byte"]
+            scored = [m for m in minutes if name in result["points"][m]["runs"]]
+            ax.plot([float(m) for m in scored], [result["points"][m]["runs"][name][key] for m in scored], "o-",
+                    label=name)
         ax.axhline(target, color="g", ls="--", label=f"target {target}x")
-        ax.set(xlabel="training minutes (each run alone, 2 threads)", ylabel=label,
-               yscale="log" if key == "gen_ppl_ratio" else "linear")
+        ax.set(xlabel="training minutes (each run alone, 2 threads)", ylabel=label, yscale=yscale)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("ratios to an ar model trained the same time")
