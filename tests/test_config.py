@@ -22,6 +22,29 @@ def test_config_file_merges_over_preset(tmp_path):
     assert cfg.train.batch_size == 3 and cfg.train.max_steps == 7 and cfg.model.d_model == load_config("tiny").model.d_model
 
 
+def test_preset_family_section_applies_under_the_users_settings(tmp_path):
+    assert load_config("tiny").train.lr == pytest.approx(2e-3)  # continuous, the default family
+    assert load_config("tiny", None, ["model.family=masked"]).train.lr == pytest.approx(2e-3)
+    ar = load_config("tiny", None, ["model.family=ar"])
+    assert ar.train.lr == pytest.approx(4e-3) and ar.train.batch_size == load_config("tiny").train.batch_size
+    assert load_config("tiny", None, ["model.family=ar", "train.lr=1e-3"]).train.lr == pytest.approx(1e-3)
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  family: ar\n")
+    assert load_config("tiny", f).train.lr == pytest.approx(4e-3)
+    f.write_text("model:\n  family: ar\ntrain:\n  lr: 5.0e-4\n")
+    assert load_config("tiny", f).train.lr == pytest.approx(5e-4)
+
+
+def test_every_preset_family_section_names_a_family_and_validates():
+    from dimba.config import FAMILY_SECTION, preset_dict
+    from dimba.families import family_names
+
+    for preset in preset_names():
+        for family in preset_dict(preset).get(FAMILY_SECTION, {}):
+            assert family in family_names()
+            assert load_config(preset, None, [f"model.family={family}"]).model.family == family
+
+
 @pytest.mark.parametrize("override, words", [
     ("train.lrr=1", ["unknown config key 'train.lrr'", "lr"]),
     ("trian.lr=1", ["unknown config key 'trian'"]),

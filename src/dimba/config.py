@@ -417,6 +417,11 @@ def validate(tree: dict[str, Any]) -> Config:
         raise ConfigError(_describe(err)) from None
 
 
+# a preset's settings for one family (``families: {ar: {train: {lr: ...}}}``): applied over the preset's own when the
+# run trains that family; a config file and overrides still win
+FAMILY_SECTION = "families"
+
+
 def preset_dict(name: str) -> dict[str, Any]:
     """The raw mapping of a named preset."""
     if name not in preset_names():
@@ -426,15 +431,25 @@ def preset_dict(name: str) -> dict[str, Any]:
 
 
 def load_config(preset: str | None = "tiny", config_file: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Resolve preset, then a YAML file, then ``KEY=VALUE`` dotted overrides, and validate."""
+    """Resolve preset (with its section for the run's family), then a YAML file, then ``KEY=VALUE`` dotted
+    overrides, and validate."""
     tree = preset_dict(preset) if preset else {}
+    by_family = tree.pop(FAMILY_SECTION, None) or {}
+    user: dict[str, Any] = {}
     if config_file is not None:
         path = Path(config_file)
         text = _read_text(path, "config file", "check the --config path")
-        tree = _merge(tree, _read_yaml(text, f"config file {str(path)!r}"))
+        user = _read_yaml(text, f"config file {str(path)!r}")
     for item in overrides:
-        _apply_override(tree, item)
-    return validate(tree)
+        _apply_override(user, item)
+    family = _family_of(user) or _family_of(tree) or ModelConfig.model_fields["family"].default
+    return validate(_merge(_merge(tree, by_family.get(family) or {}), user))
+
+
+def _family_of(tree: dict[str, Any]) -> Any:
+    """``model.family`` of a config tree, if it names one."""
+    model = tree.get("model")
+    return model.get("family") if isinstance(model, dict) else None
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
