@@ -21,7 +21,7 @@ def tiny() -> tuple[str, ...]:
     return ("model.d_model=32", "model.num_denoiser_layers=2", "model.d_state=8", "model.headdim=16",
             "model.chunk_size=16", "data.seq_len=32", "data.vocab_size=300", "train.batch_size=4",
             "train.eval_every=10", "train.save_every=10", "train.warmup_steps=2", "train.eval_batches=2",
-            "train.log_every=5", "train.num_threads=1")
+            "train.log_every=5", "train.num_threads=1", "train.lr=4e-3")  # a rate that learns in a dozen steps
 
 
 @pytest.fixture(scope="session")

@@ -23,15 +23,17 @@ def test_config_file_merges_over_preset(tmp_path):
 
 
 def test_preset_family_section_applies_under_the_users_settings(tmp_path):
-    assert load_config("tiny").train.lr == pytest.approx(2e-3)  # continuous, the default family
-    assert load_config("tiny", None, ["model.family=masked"]).train.lr == pytest.approx(2e-3)
+    continuous = load_config("tiny")  # the default family
+    assert continuous.train.lr == pytest.approx(2e-3)
     ar = load_config("tiny", None, ["model.family=ar"])
-    assert ar.train.lr == pytest.approx(4e-3) and ar.train.batch_size == load_config("tiny").train.batch_size
-    assert load_config("tiny", None, ["model.family=ar", "train.lr=1e-3"]).train.lr == pytest.approx(1e-3)
+    assert ar.train.lr == pytest.approx(4e-3) and ar.train.batch_size == continuous.train.batch_size
+    assert load_config("tiny", None, ["model.family=masked"]).train.lr == pytest.approx(4e-3)
+    assert load_config("tiny", None, ["model.family=continuous", "train.lr=1e-3"]).train.lr == pytest.approx(1e-3)
     f = tmp_path / "c.yaml"
     f.write_text("model:\n  family: ar\n")
     assert load_config("tiny", f).train.lr == pytest.approx(4e-3)
-    f.write_text("model:\n  family: ar\ntrain:\n  lr: 5.0e-4\n")
+    assert load_config("tiny", f, ["model.family=continuous"]).train.lr == pytest.approx(2e-3)  # overrides win
+    f.write_text("train:\n  lr: 5.0e-4\n")
     assert load_config("tiny", f).train.lr == pytest.approx(5e-4)
 
 
