@@ -28,6 +28,7 @@ def test_preset_family_section_applies_under_the_users_settings(tmp_path):
     ar = load_config("tiny", None, ["model.family=ar"])
     assert ar.train.lr == pytest.approx(4e-3) and ar.train.batch_size == continuous.train.batch_size
     assert load_config("tiny", None, ["model.family=masked"]).train.lr == pytest.approx(4e-3)
+    assert load_config("tiny", None, ["model.family=hybrid"]).train.lr == pytest.approx(2e-3)
     assert load_config("tiny", None, ["model.family=continuous", "train.lr=1e-3"]).train.lr == pytest.approx(1e-3)
     f = tmp_path / "c.yaml"
     f.write_text("model:\n  family: ar\n")
