@@ -56,6 +56,7 @@ def test_every_preset_family_section_names_a_family_and_validates():
     ("model.backbone=lstm", ["model.backbone", "unknown backbone 'lstm'", "mamba2, transformer"]),
     ("train.max_steps=1.5", ["train.max_steps"]),
     ("noequals", ["KEY=VALUE"]),
+    ("model.family=[1]", ["model.family", "valid string"]),
 ])
 def test_bad_values_give_one_line_errors(override, words):
     with pytest.raises(ConfigError) as err:

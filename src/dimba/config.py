@@ -446,10 +446,11 @@ def load_config(preset: str | None = "tiny", config_file: str | Path | None = No
     return validate(_merge(_merge(tree, by_family.get(family) or {}), user))
 
 
-def _family_of(tree: dict[str, Any]) -> Any:
-    """``model.family`` of a config tree, if it names one."""
+def _family_of(tree: dict[str, Any]) -> str | None:
+    """``model.family`` of a config tree, if it names one (a value of another type is left to validation)."""
     model = tree.get("model")
-    return model.get("family") if isinstance(model, dict) else None
+    family = model.get("family") if isinstance(model, dict) else None
+    return family if isinstance(family, str) else None
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
