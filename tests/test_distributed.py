@@ -130,6 +130,10 @@ def test_fsdp_on_two_processes_matches_one_process_resumes_and_generates(corpus,
     model, _ = load_for_inference(fsdp)
     reference, _ = load_for_inference(single)
     _assert_close(model.state_dict(), reference.state_dict(), "inference weights")
+    best, reference = load_for_inference(fsdp / "checkpoints" / "best.dcp")[0], load_for_inference(
+        single / "checkpoints" / "best.ckpt")[0]  # the same validation losses pick the same step
+    assert meta["best"]["step"] == torch.load(single / "checkpoints" / "best.ckpt", weights_only=True)["step"]
+    _assert_close(best.state_dict(), reference.state_dict(), "best weights")
     capsys.readouterr()
     assert main(["generate", str(fsdp), "--prompt", "ROMEO:", "--length", "8"]) == 0
     assert capsys.readouterr().out.startswith("ROMEO:")

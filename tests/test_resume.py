@@ -92,9 +92,12 @@ def test_sigkill_then_resume_is_bitwise_identical_to_an_uninterrupted_run(corpus
 
     assert all(p.suffix == ".ckpt" for p in (killed / "checkpoints").iterdir())  # resume removed stale temporaries
     a, b = _checkpoints_all_load(full), _checkpoints_all_load(killed)
-    assert a.keys() == b.keys() == {"last.ckpt", *(f"step-{s:07d}.ckpt" for s in range(3, MAX_STEPS + 1, 3))}
+    assert a.keys() == b.keys() == {"last.ckpt", "best.ckpt",
+                                    *(f"step-{s:07d}.ckpt" for s in range(3, MAX_STEPS + 1, 3))}
     last_a, last_b = a["last.ckpt"], b["last.ckpt"]
     assert last_a["step"] == last_b["step"] == MAX_STEPS
+    assert last_a["best"] == last_b["best"] and a["best.ckpt"]["step"] == b["best.ckpt"]["step"]  # kept comparing
+    _assert_bitwise_equal(a["best.ckpt"]["ema"], b["best.ckpt"]["ema"])
     _assert_bitwise_equal(last_a["model"], last_b["model"])
     _assert_bitwise_equal(last_a["ema"], last_b["ema"])
     opt_a, opt_b = last_a["optimizer"]["state"], last_b["optimizer"]["state"]
@@ -165,8 +168,9 @@ def test_consecutive_bad_steps_stop_the_run_with_the_last_good_checkpoint(corpus
     assert err[-1].startswith("dimba: error: training diverged: 3 consecutive steps (up to step 7)") and "train.lr" in err[-1]
     assert not any("Traceback" in line for line in err)
     state = _checkpoints_all_load(run)
-    assert set(state) == {"last.ckpt", "step-0000002.ckpt", "step-0000004.ckpt"}  # none after the first bad step
-    assert state["last.ckpt"]["step"] == 4
+    assert set(state) == {"last.ckpt", "best.ckpt", "step-0000002.ckpt", "step-0000004.ckpt"}  # none after the
+    assert state["last.ckpt"]["step"] == state["best.ckpt"]["step"] == 4                   # first bad step
+    assert _finite(state["best.ckpt"]["ema"])
     assert _finite(state["last.ckpt"]["model"]) and _finite(state["last.ckpt"]["ema"])
     assert [(int(r["step"]), r["bad_steps"]) for r in _rows(run) if r["loss"]][-3:] == [(5, "1"), (6, "2"), (7, "3")]
 

@@ -48,6 +48,14 @@ def test_health_and_models_describe_the_family(server):
     assert card["dimba"]["limits"]["max_steps"] == 1000
 
 
+def test_one_checkpoint_of_a_run_is_served_under_the_run_and_checkpoint_name(serving, masked_run):
+    with serving(masked_run / "checkpoints" / "best.ckpt") as (url, _):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            assert client.get("/v1/models").json()["data"][0]["id"] == "masked-best"
+            reply = client.post("/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 4, "seed": 0})
+            assert reply.status_code == 200 and reply.json()["choices"][0]["text"]
+
+
 def test_completion_with_n_seed_and_usage(server):
     client, _ = server
     body = {"prompt": "ROMEO:", "max_tokens": 12, "n": 3, "steps": 6, "seed": 5}

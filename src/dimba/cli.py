@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
@@ -18,9 +17,13 @@ from dimba.cli_publish import add_publish
 from dimba.cli_runs import launch, resolve_run_dir
 from dimba.cli_sampling import sample_settings, sampler_flags
 from dimba.io import as_disk_error
-from dimba.loading import load_for_inference, sample_defaults
+from dimba.loading import load_for_inference, model_folder, sample_defaults
 from dimba.malloc import keep_freed_memory
 from dimba.subnormals import flushed_subnormals
+
+MODEL_HELP = "run directory, one of its checkpoints (RUN/checkpoints/best.ckpt) or export folder"
+HUB_MODEL_HELP = ("run directory, one of its checkpoints (RUN/checkpoints/best.ckpt), export folder or Hub model "
+                  "OWNER/NAME")
 
 
 def _train_overrides(args: argparse.Namespace) -> list[str]:
@@ -55,8 +58,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _run_config(model_path: str) -> Config | None:
-    """The config.yaml of a run directory; None for an export folder (which has none)."""
-    run_cfg = Path(model_path) / "config.yaml"
+    """The config.yaml of a run directory (or of the run of a checkpoint path); None for an export folder."""
+    run_cfg = model_folder(model_path) / "config.yaml"
     return load_run_config(run_cfg) if run_cfg.is_file() else None
 
 
@@ -339,7 +342,7 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a run or an export folder",
                        description="Sampler flags left out take the run's `sample` config (an export folder's "
                        "sample_config.json).")
-    p.add_argument("model", help="run directory, export folder or Hub model OWNER/NAME")
+    p.add_argument("model", help=HUB_MODEL_HELP)
     p.add_argument("--prompt", default="")
     p.add_argument("--length", type=int, help="new tokens (default: fill the context)")
     p.add_argument("--seed", type=int, default=0)
@@ -375,7 +378,7 @@ def _add_serve(sub) -> None:
                        "the denoising", description="Listens on loopback unless --allow-remote; the page is at /, "
                        "the API at /v1/completions and /v1/models. Sampler fields left out take the run's `sample` "
                        "config (defaults for an export folder).")
-    p.add_argument("model", help="run directory or export folder")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--allow-remote", action="store_true", help="allow a --host other than loopback (no authentication)")
@@ -398,7 +401,7 @@ def _add_eval(sub) -> None:
 
     p = sub.add_parser("eval", help="likelihood in bits per byte: exact NLL (ar) or an upper bound (diffusion "
                        "families)", description="The likelihood of --data (sample quality: dimba sample-quality).")
-    p.add_argument("model", help="run directory, export folder or Hub model OWNER/NAME")
+    p.add_argument("model", help=HUB_MODEL_HELP)
     p.add_argument("--data", help="corpus: 'shakespeare', a .txt/.jsonl file or a folder (default: a run's own "
                    "corpus; shakespeare for an export folder)")
     p.add_argument("--split", choices=["val", "train"], default="val")
@@ -420,7 +423,7 @@ def _add_sample_quality(sub) -> None:
     p = sub.add_parser("sample-quality", help="sample quality: gen-PPL under an ar judge, entropy, distinct-n, the "
                        "training-word fraction, BLEU / ROUGE", description="Generate samples with the run's `sample` "
                        "settings (sampler flags override them) and score them.")
-    p.add_argument("model", help="run directory or export folder")
+    p.add_argument("model", help=MODEL_HELP)
     _sample_quality_flags(p)
     p.add_argument("--data", help="the training text of the word fraction (default: a run's own corpus)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

@@ -177,7 +177,7 @@ def add_finetune(sub) -> None:
     t.add_argument("--out", required=True, help="the .jsonl file to write (never overwritten)")
     t.set_defaults(func=cmd_task_write)
     t = tsub.add_parser("eval", help="exact-match accuracy of a model on held-out problems")
-    t.add_argument("model", help="run directory or export folder")
+    t.add_argument("model", help="run directory, one of its checkpoints (RUN/checkpoints/best.ckpt) or export folder")
     t.add_argument("--task", required=True, help="arithmetic, reverse, or a .jsonl file of {prompt, answer}")
     t.add_argument("--problems", type=int, default=200, help="held-out problems")
     t.add_argument("--best-of", type=int, default=1, help="keep the most likely of K samples (the model's own "
@@ -189,7 +189,7 @@ def add_finetune(sub) -> None:
     t.add_argument("--json", action="store_true", help="print one JSON object")
     t.set_defaults(func=cmd_task_eval)
     t = tsub.add_parser("pairs", help="preference rows (for dpo / ipo / simpo) from a model's own wrong answers")
-    t.add_argument("model", help="run directory or export folder")
+    t.add_argument("model", help="run directory, one of its checkpoints (RUN/checkpoints/best.ckpt) or export folder")
     t.add_argument("--task", required=True, help="arithmetic, reverse (training problems), or a .jsonl file of "
                    "{prompt, answer}")
     t.add_argument("--n", type=int, default=2000, help="problems to try")

@@ -52,7 +52,7 @@ def add_publish(sub) -> None:
     """The export, push and lm-eval subcommands."""
     p = sub.add_parser("export", help="write config.json + model.safetensors + tokenizer.json + sample_config.json + "
                        "README.md (the model card) from a run (EMA weights)")
-    p.add_argument("run")
+    p.add_argument("run", help="run directory, one of its checkpoints (RUN/checkpoints/best.ckpt) or export folder")
     p.add_argument("--out", required=True)
     _card_flags(p)
     p.set_defaults(func=cmd_export)

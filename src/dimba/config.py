@@ -173,6 +173,9 @@ class TrainConfig(_Strict):
     eval_every: int = Field(100, gt=0)
     eval_batches: int = Field(8, gt=0)
     save_every: int = Field(500, gt=0)
+    save_best: bool = Field(True, description="keep checkpoints/best.ckpt (FSDP: best.dcp/), the state at the lowest "
+                            "validation loss so far (GRPO: the highest validation reward); load it by passing that "
+                            "path where a model is expected, e.g. `dimba eval RUN/checkpoints/best.ckpt`")
     log_every: int = Field(10, gt=0)
     seed: int = 0
     accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto"

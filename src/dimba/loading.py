@@ -18,29 +18,48 @@ from dimba.model import DIMBA, build_model
 from dimba.training import sharded
 from dimba.training.checkpoint import check_state_fits, latest_checkpoint, load_training_state
 from dimba.training.lora import add_lora, merge_lora
-from dimba.training.files import CKPT_SUBDIR, LAST_CKPT, LAST_POINTER, has_checkpoint
+from dimba.training.files import BEST_CKPT, BEST_DCP, CKPT_SUBDIR, LAST_CKPT, LAST_POINTER, has_checkpoint
 
 
-def run_model(path: str | Path) -> DIMBA:
-    """The model of training run ``path`` with the EMA weights of its latest checkpoint (LoRA adapters of a
-    fine-tuning run merged into its linear maps)."""
+def split_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
+    """(folder, checkpoint) of a model argument: a path to one checkpoint of a training run
+    (``RUN/checkpoints/best.ckpt``, ``step-N.ckpt``, ``last.ckpt`` or an FSDP run's ``*.dcp`` directory) gives
+    (RUN, that checkpoint); a run directory, an export folder or a Hub id gives (its local folder, None)."""
+    given = Path(path)
+    if given.parent.name == CKPT_SUBDIR and given.suffix in (".ckpt", ".dcp"):
+        return given.parent.parent, given
+    return resolve(path), None
+
+
+def model_folder(path: str | Path) -> Path:
+    """The folder that holds the config and tokenizer of model argument ``path`` (see `split_checkpoint`)."""
+    return split_checkpoint(path)[0]
+
+
+def run_model(path: str | Path, checkpoint: Path | None = None) -> DIMBA:
+    """The model of training run ``path`` with the EMA weights of ``checkpoint`` (one of its checkpoints/; default:
+    the latest), LoRA adapters of a fine-tuning run merged into its linear maps."""
     path = Path(path)
     if not has_checkpoint(path / CKPT_SUBDIR):
         raise CheckpointError(f"{str(path)!r} is not a training run with a checkpoint: pass a run directory "
                               f"(a folder with config.yaml and {CKPT_SUBDIR}/)")
+    if checkpoint is not None and not checkpoint.exists():
+        kept = sorted(p.name for p in (path / CKPT_SUBDIR).iterdir() if p.suffix in (".ckpt", ".dcp"))
+        hint = f"; train with train.save_best=true to keep {BEST_CKPT}" if checkpoint.name in (BEST_CKPT, BEST_DCP) else ""
+        raise CheckpointError(f"checkpoint {str(checkpoint)!r} not found: the run keeps {', '.join(kept) or 'none'}"
+                              f"{hint}")
     cfg = load_run_config(path / "config.yaml")
     model = build_model(cfg.model)
     if cfg.finetune.lora_rank:
         add_lora(model, cfg.finetune.lora_rank, cfg.finetune.lora_alpha)
-    _load_ema(model, path)
+    _load_ema(model, path, checkpoint or latest_checkpoint(path / CKPT_SUBDIR))
     if cfg.finetune.lora_rank:
         merge_lora(model)
     return model
 
 
-def _load_ema(model: DIMBA, path: Path) -> None:
-    """Load the EMA weights of the latest checkpoint of run ``path`` into ``model``."""
-    ckpt = latest_checkpoint(path / CKPT_SUBDIR)
+def _load_ema(model: DIMBA, path: Path, ckpt: Path) -> None:
+    """Load the EMA weights of checkpoint ``ckpt`` of run ``path`` into ``model``."""
     if ckpt.is_dir():  # sharded (FSDP run): the EMA's shards assembled into whole tensors here
         check_state_fits(model, sharded.stored_shapes(ckpt, "ema.module."), path)
         sharded.load_ema_weights(ckpt, model)
@@ -53,14 +72,17 @@ def _load_ema(model: DIMBA, path: Path) -> None:
 
 
 def load_for_inference(path: str | Path, map_location: str = "cpu") -> tuple[DIMBA, Tokenizer]:
-    """(model, tokenizer) from an export folder (or Hub id ``owner/name``) or a training run (its EMA weights), in
-    eval mode."""
-    path = resolve(path)
-    if path.is_file():
-        raise CheckpointError(f"{str(path)!r} is a file: pass a run directory (runs/NAME) or an export folder")
-    if not path.is_dir():
+    """(model, tokenizer) from an export folder (or Hub id ``owner/name``), a training run (the EMA weights of its
+    latest checkpoint) or one checkpoint of a run (``RUN/checkpoints/best.ckpt``, ``step-N.ckpt``), in eval mode."""
+    path, checkpoint = split_checkpoint(path)
+    if checkpoint is not None:
+        model = run_model(path, checkpoint).to(map_location)
+    elif path.is_file():
+        raise CheckpointError(f"{str(path)!r} is a file: pass a run directory (runs/NAME), one of its checkpoints "
+                              f"(runs/NAME/{CKPT_SUBDIR}/{BEST_CKPT}) or an export folder")
+    elif not path.is_dir():
         raise CheckpointError(f"model directory {str(path)!r} not found: pass a run directory (runs/NAME) or an export folder")
-    if (path / CONFIG_NAME).is_file():
+    elif (path / CONFIG_NAME).is_file():
         model = DIMBA.from_pretrained(path, map_location)
     elif has_checkpoint(path / CKPT_SUBDIR):
         model = run_model(path).to(map_location)
@@ -80,7 +102,7 @@ def load_for_inference(path: str | Path, map_location: str = "cpu") -> tuple[DIM
 def sample_defaults(path: str | Path) -> SampleConfig:
     """The sampler defaults of a model: a run's `sample` config, an export folder's sample_config.json (local or a Hub
     id), else `SampleConfig`'s defaults."""
-    path = resolve(path)
+    path = model_folder(path)
     if (path / "config.yaml").is_file():
         return load_run_config(path / "config.yaml").sample
     sample = read_sample(path) if path.is_dir() else None

@@ -12,7 +12,7 @@ from dimba.config import load_run_config
 from dimba.errors import UsageError
 from dimba.export import CONFIG_NAME
 from dimba.hub import push, resolve
-from dimba.loading import load_for_inference, sample_defaults
+from dimba.loading import load_for_inference, sample_defaults, split_checkpoint
 from dimba.run_card import run_card
 from dimba.training.checkpoint import latest_checkpoint, load_training_state
 from dimba.training.files import CKPT_SUBDIR
@@ -35,13 +35,15 @@ def measure(model, tokenizer, cfg, mc_samples: int = 8, seed: int = 0, max_token
 
 def export_model(source: str | Path, out: str | Path, evaluate: bool = False, mc_samples: int = 8, seed: int = 0,
                  max_tokens: int | None = None) -> Path:
-    """Write the export folder ``out`` of a run (its EMA weights) or an export folder ``source``: weights, config,
+    """Write the export folder ``out`` of a run (the EMA weights of its latest checkpoint, or of the checkpoint
+    ``source`` names: ``RUN/checkpoints/best.ckpt``) or an export folder ``source``: weights, config,
     tokenizer, the sampler defaults (sample_config.json) and a model card recording the run; with ``evaluate``, the
     card also gives the bits per byte of the run's validation split (`measure`)."""
     model, tokenizer = load_for_inference(source)
-    folder = resolve(source)
+    folder, checkpoint = split_checkpoint(source)
     cfg = load_run_config(folder / "config.yaml") if (folder / "config.yaml").is_file() else None
-    steps = int(load_training_state(latest_checkpoint(folder / CKPT_SUBDIR))["step"]) if cfg is not None else None
+    checkpoint = checkpoint or latest_checkpoint(folder / CKPT_SUBDIR)
+    steps = int(load_training_state(checkpoint)["step"]) if cfg is not None else None
     if evaluate and cfg is None:
         raise UsageError(f"--eval measures the validation split of the training run's corpus, but {str(source)!r} is "
                          "an export folder: export the run itself, or measure with `dimba eval`")

@@ -37,8 +37,7 @@ from tqdm.auto import tqdm
 from dimba.config import SampleConfig, load_run_config
 from dimba.errors import UsageError
 from dimba.generation import generate_ids, generated_ids
-from dimba.hub import resolve
-from dimba.loading import load_for_inference, sample_defaults
+from dimba.loading import load_for_inference, model_folder, sample_defaults
 
 _TASK_SAMPLER_KEYS = ("temperature", "top_k", "top_p")
 _IGNORED_GEN_KEYS = ("do_sample", "until", "max_gen_toks")
@@ -106,7 +105,7 @@ class DimbaLM(LM):
         from dimba.config import DataConfig
         from dimba.data import open_data
 
-        run_cfg = resolve(pretrained) / "config.yaml"
+        run_cfg = model_folder(pretrained) / "config.yaml"
         data = load_run_config(run_cfg).data if run_cfg.is_file() else DataConfig(seq_len=self.context)
         if corpus is not None:
             data = data.model_copy(update={"corpus": corpus, "streaming": False})

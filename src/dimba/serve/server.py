@@ -12,7 +12,7 @@ import torch
 
 from dimba.config import SampleConfig
 from dimba.errors import UsageError
-from dimba.loading import load_for_inference
+from dimba.loading import load_for_inference, split_checkpoint
 from dimba.serve.engine import Engine
 from dimba.serve.schema import Limits, Served
 
@@ -79,7 +79,7 @@ def prepare(model_path: str, defaults: SampleConfig, options: Options, start: bo
     context = model.config.context_length or 256
     limits = Limits(max_tokens=min(options.max_tokens or context, context), max_steps=options.max_steps,
                     max_n=options.max_batch, timeout=options.timeout)
-    served = Served(model, tokenizer, options.name or Path(model_path).resolve().name, defaults, limits)
+    served = Served(model, tokenizer, options.name or _model_name(model_path), defaults, limits)
     sock = listen(options.host, options.port)
     engine = Engine(model, tokenizer.eos_id, options.max_batch, options.max_queue, options.batch_wait)
     if start:
@@ -93,6 +93,13 @@ def url_of(sock: socket.socket) -> str:
     """The http URL of a listening socket."""
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+def _model_name(model_path: str) -> str:
+    """The served model's default name: its folder's (a run's checkpoint: RUN-best for RUN/checkpoints/best.ckpt)."""
+    folder, checkpoint = split_checkpoint(model_path)
+    name = Path(folder).resolve().name
+    return f"{name}-{checkpoint.stem}" if checkpoint is not None else Path(model_path).resolve().name
 
 
 def run_server(model_path: str, defaults: SampleConfig, options: Options) -> None:

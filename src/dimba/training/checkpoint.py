@@ -9,6 +9,7 @@ restricted to DCP's own classes.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from dimba.errors import CheckpointError, DiskError
 from dimba.export import mismatch
 from dimba.io import atomic_save
 from dimba.training import sharded
-from dimba.training.files import CKPT_SUBDIR, LAST_CKPT, remove_partial_saves
+from dimba.training.files import BEST_CKPT, BEST_DCP, CKPT_SUBDIR, LAST_CKPT, remove_partial_saves
 from dimba.training.fsdp import shard_optimizer_state
 from dimba.training.rng import rng_state, set_rng_state
 
@@ -82,6 +83,7 @@ def resume_training(ts, state: dict) -> None:
     ts.step, ts.bad_total, ts.bad_streak = int(state["step"]), int(state.get("bad_steps", 0)), \
         int(state.get("bad_streak", 0))
     ts.saved_step = ts.step
+    ts.best = state["best"] if isinstance(state.get("best"), dict) else None
     ts.clock.before = ts.clock.now = float(state.get("elapsed_s", 0.0))
     if state.get("sharded") is not None:  # each rank reads its shards into the sharded model, EMA and optimizer
         sharded.load(state["sharded"], ts.model, ts.ema, ts.optimizer.optimizer)
@@ -91,35 +93,88 @@ def resume_training(ts, state: dict) -> None:
 
 
 
+def _run_state(ts, gather: bool) -> dict[str, Any]:
+    """The per-run part of a checkpoint of the `TrainState` ``ts``: schedule, counters, clock, stream position, the
+    best validation score so far and the RNG states (every rank's when ``gather``, a collective; else this rank's)."""
+    rngs = [rng_state()]
+    if gather and ts.fabric.world_size > 1:  # every rank's generators, so that a resume on as many ranks is exact
+        rngs = [None] * ts.fabric.world_size
+        torch.distributed.all_gather_object(rngs, rng_state())
+    run_state = {"scheduler": ts.scheduler.state_dict(), "step": ts.step, "rng": rngs[0], "rng_ranks": rngs,
+                 "elapsed_s": ts.clock.used(), "bad_steps": ts.bad_total, "bad_streak": ts.bad_streak}
+    if ts.best is not None:
+        run_state["best"] = dict(ts.best)
+    position = ts.batches.saved_position()
+    if position is not None:
+        run_state["data_position"] = position  # streamed data: [epoch, document, offset]
+    return run_state
+
+
+def _blob(ts, run_state: dict[str, Any]) -> dict[str, Any]:
+    """A single-file checkpoint of the `TrainState` ``ts``: weights, EMA, optimizer and ``run_state``."""
+    return {"model": ts.model.state_dict(), "ema": ts.ema.state_dict(), "optimizer": ts.optimizer.state_dict(),
+            **run_state}
+
+
 def save_checkpoint(ts, final: bool = False) -> None:
     """Save the `TrainState` ``ts`` (collective: every rank calls it): ``last.ckpt``, and before it
     ``step-N.ckpt`` when the step is a multiple of ``train.save_every`` and the save is not the ``final`` one.
     FSDP runs write sharded checkpoints instead (every rank its shards)."""
     kept, ts.saved_step = ts.saved_step, ts.step
-    fabric = ts.fabric
-    rngs = [rng_state()]
-    if fabric.world_size > 1:  # every rank's generators, so that a resume on as many ranks is exact
-        rngs = [None] * fabric.world_size
-        torch.distributed.all_gather_object(rngs, rng_state())
-    run_state = {"scheduler": ts.scheduler.state_dict(), "step": ts.step, "rng": rngs[0], "rng_ranks": rngs,
-                 "elapsed_s": ts.clock.used(), "bad_steps": ts.bad_total, "bad_streak": ts.bad_streak}
-    position = ts.batches.saved_position()
-    if position is not None:
-        run_state["data_position"] = position  # streamed data: [epoch, document, offset]
+    run_state = _run_state(ts, gather=True)
     periodic = not final and ts.step % ts.cfg.train.save_every == 0
     folder = ts.run_dir / CKPT_SUBDIR
     if ts.sharded:  # every rank writes its shards
-        sharded.save(fabric, folder, periodic, ts.step, ts.model, ts.ema, ts.optimizer.optimizer, run_state)
+        sharded.save(ts.fabric, folder, periodic, ts.step, ts.model, ts.ema, ts.optimizer.optimizer, run_state)
         return
-    if not fabric.is_global_zero:
+    if not ts.fabric.is_global_zero:
         return
-    blob = {"model": ts.model.state_dict(), "ema": ts.ema.state_dict(), "optimizer": ts.optimizer.state_dict(),
-            **run_state}
+    blob = _blob(ts, run_state)
     try:
         if periodic:  # before last.ckpt: a crash in between replays this step
             atomic_save(blob, folder / f"step-{ts.step:07d}.ckpt")
         atomic_save(blob, folder / LAST_CKPT)
     except DiskError as exc:  # the previous last.ckpt is untouched
-        then = (f"the checkpoint of step {kept} is intact: continue from it with `dimba train --resume {ts.run_dir}`"
-                if kept is not None else "no checkpoint was written")
-        raise DiskError(f"{exc}; {then}") from None
+        raise _disk_error(exc, kept, ts.run_dir) from None
+
+
+def _disk_error(exc: DiskError, kept: int | None, run_dir: Path) -> DiskError:
+    """``exc`` (a failed checkpoint write), saying which checkpoint of ``run_dir`` is intact (step ``kept``)."""
+    then = (f"the checkpoint of step {kept} is intact: continue from it with `dimba train --resume {run_dir}`"
+            if kept is not None else "no checkpoint was written")
+    return DiskError(f"{exc}; {then}")
+
+
+def best_score(val: dict[str, float]) -> tuple[str, float] | None:
+    """The metric that ranks checkpoints among validation metrics ``val`` and its score (lower is better):
+    ``val_loss``, or for a run without a loss (GRPO) ``val_reward``, negated; None if neither is there."""
+    if "val_loss" in val:
+        return "val_loss", float(val["val_loss"])
+    if "val_reward" in val:
+        return "val_reward", -float(val["val_reward"])
+    return None
+
+
+def save_if_best(ts, val: dict[str, float]) -> bool:
+    """Write ``best.ckpt`` (FSDP: ``best.dcp/``, collective) in the run's checkpoints/ when the validation metrics
+    ``val`` of step ``ts.step`` score better than every earlier validation of the run (`best_score`; a non-finite
+    score never does), and remember the score in ``ts.best`` (saved with every later checkpoint, so that a
+    resumed run goes on comparing). Called by every rank that validated; returns whether it wrote."""
+    scored = best_score(val)
+    better = scored is not None and math.isfinite(scored[1]) and (ts.best is None or scored[1] < ts.best["score"])
+    if ts.sharded:  # every rank saves, or none
+        better = ts.fabric.broadcast(better)
+    if not better:
+        return False
+    ts.best = {"metric": scored[0], "score": scored[1], "step": ts.step}
+    folder = ts.run_dir / CKPT_SUBDIR
+    run_state = _run_state(ts, gather=False)  # not for resuming: this rank's generators are enough
+    if ts.sharded:
+        sharded.save(ts.fabric, folder, False, ts.step, ts.model, ts.ema, ts.optimizer.optimizer, run_state,
+                     name=BEST_DCP)
+    elif ts.fabric.is_global_zero:
+        try:
+            atomic_save(_blob(ts, run_state), folder / BEST_CKPT)
+        except DiskError as exc:  # best.ckpt and last.ckpt as they were
+            raise _disk_error(exc, ts.saved_step, ts.run_dir) from None
+    return True

@@ -1,5 +1,6 @@
-"""The names of a run's training checkpoints in ``RUN/checkpoints/``: ``last.ckpt`` and ``step-N.ckpt`` (single
-files), or, for FSDP runs, sharded ``step-N.dcp/`` / ``last-N-*.dcp/`` directories named by ``last.json``."""
+"""The names of a run's training checkpoints in ``RUN/checkpoints/``: ``last.ckpt``, ``step-N.ckpt`` and
+``best.ckpt`` (single files), or, for FSDP runs, sharded ``step-N.dcp/`` / ``last-N-*.dcp/`` directories named by
+``last.json`` and ``best.dcp/``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 CKPT_SUBDIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
 LAST_POINTER = "last.json"  # of FSDP runs: names the latest sharded checkpoint directory
+BEST_CKPT, BEST_DCP = "best.ckpt", "best.dcp"  # the state at the best validation score (train.save_best)
 
 
 def has_checkpoint(folder: Path) -> bool:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from dimba.config import Config
 from dimba.errors import DimbaError
-from dimba.training.checkpoint import save_checkpoint
+from dimba.training.checkpoint import save_checkpoint, save_if_best
 from dimba.training.finetune import finetune_config
 from dimba.training.metrics import MetricsLog
 from dimba.training.setup import TrainState, setup
@@ -29,7 +29,8 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
     """Train a model in ``run_dir`` (created, or continued with ``resume``); returns the run dir.
 
     The run dir receives config.yaml, tokenizer.json, metrics.csv and checkpoints/ (last.ckpt plus periodic
-    step-N.ckpt, each written atomically; under FSDP sharded directories and last.json, their pointer).
+    step-N.ckpt and, with ``train.save_best``, best.ckpt at the best validation score, each written atomically;
+    under FSDP sharded directories and last.json, their pointer).
     Generation and export use the EMA weights. On resume, the checkpoint's state continues bitwise exactly (on
     CPU), with ``train.lr`` of ``cfg``; ``cfg`` itself is never changed.
 
@@ -61,6 +62,8 @@ def fit(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool =
             if validates and (ts.step % tc.eval_every == 0 or ts.step == tc.max_steps or out_of_time):
                 val = validate(ts)
                 log.write(ts.step, val)
+                if tc.save_best:
+                    save_if_best(ts, val)
                 if zero:
                     shown = ", ".join(f"{k} {v:.4f}" for k, v in val.items())
                     bar.write(f"step {ts.step}: {shown}", file=sys.stderr)

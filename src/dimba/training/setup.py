@@ -42,6 +42,8 @@ class TrainState:
     micro-batches for this rank), clock (`dimba.training.schedule.Clock`).
     step, bad_total, bad_streak: optimizer steps taken, skipped steps in all and in a row.
     saved_step: the step of the last checkpoint (None before any).
+    best: the best validation score so far, {"metric", "score" (lower is better), "step"} (None before any; see
+    `dimba.training.checkpoint.save_if_best`).
     objective: a fine-tuning run's loss (`dimba.training.objectives.Objective`); None: the family's pre-training.
     """
 
@@ -62,6 +64,7 @@ class TrainState:
     bad_total: int = 0
     bad_streak: int = 0
     saved_step: int | None = None
+    best: dict | None = None
     objective: Any = None
 
     @property

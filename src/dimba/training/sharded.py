@@ -159,27 +159,37 @@ def _states(model, ema, optimizer) -> dict[str, dict[str, Any]]:
             "optimizer": get_optimizer_state_dict(model, optimizer)}
 
 
-def save(fabric, folder: Path, periodic: bool, step: int, model, ema, optimizer, run_state: dict[str, Any]) -> None:
+def save(fabric, folder: Path, periodic: bool, step: int, model, ema, optimizer, run_state: dict[str, Any],
+         name: str | None = None) -> None:
     """Collective: write a sharded checkpoint of ``model``, ``ema`` (an AveragedModel of it) and ``optimizer``
     with ``run_state`` (rank 0's), as step-N.dcp when ``periodic``, otherwise as a non-periodic last-N-*.dcp,
-    then point last.json at it and remove what it supersedes (see the module docstring)."""
-    name = f"step-{step:07d}.dcp" if periodic else f"last-{step:07d}-{secrets.token_hex(4)}.dcp"
+    then point last.json at it and remove what it supersedes (see the module docstring). With ``name`` (e.g.
+    best.dcp) it replaces that directory instead and leaves the pointer and the other checkpoints alone."""
+    pointed = name is None
+    if pointed:
+        name = f"step-{step:07d}.dcp" if periodic else f"last-{step:07d}-{secrets.token_hex(4)}.dcp"
     name = fabric.broadcast(name)  # rank 0's, for every rank
     tmp = folder / f".{name}.{fabric.broadcast(secrets.token_hex(4))}"
     dcp.save(_states(model, ema, optimizer), storage_writer=FileSystemWriter(str(tmp)))  # ends when every rank wrote
     if fabric.is_global_zero:
         atomic_save(run_state, tmp / RUN_STATE)
         target = folder / name
-        if target.exists():  # step-N.dcp of a save a crash cut off before its pointer moved
+        if target.exists():  # step-N.dcp of a save a crash cut off before its pointer moved, or the old best.dcp
             shutil.rmtree(target)
         os.replace(tmp, target)
-        atomic_write_text(folder / POINTER, json.dumps({"checkpoint": name, "step": step,
-                                                        "world_size": fabric.world_size}) + "\n")
-        for old in folder.glob("last-*.dcp"):
-            if old.name != name:
-                shutil.rmtree(old)
-        (folder / LAST_CKPT).unlink(missing_ok=True)  # an unsharded checkpoint of the same run, now superseded
+        if pointed:
+            _point_at(folder, name, step, fabric.world_size)
     fabric.barrier()
+
+
+def _point_at(folder: Path, name: str, step: int, world_size: int) -> None:
+    """Point last.json at checkpoint directory ``name`` and remove the checkpoints it supersedes."""
+    atomic_write_text(folder / POINTER, json.dumps({"checkpoint": name, "step": step,
+                                                    "world_size": world_size}) + "\n")
+    for old in folder.glob("last-*.dcp"):
+        if old.name != name:
+            shutil.rmtree(old)
+    (folder / LAST_CKPT).unlink(missing_ok=True)  # an unsharded checkpoint of the same run, now superseded
 
 
 def load(path: Path, model, ema, optimizer) -> None:
