@@ -88,3 +88,18 @@ def test_best_score_ranks_losses_up_and_rewards_down():
     assert best_score({"val_loss": 2.0, "val_ce": 1.0}) == ("val_loss", 2.0)
     assert best_score({"val_reward": 0.75}) == ("val_reward", -0.75)
     assert best_score({"val_ce": 1.0}) is None
+
+
+def test_a_run_starts_from_one_checkpoint_of_another(spoiled, tmp_path, capsys):
+    from dimba.training.finetune import adaptation_config, finetune_config, init_weights
+
+    run, _ = spoiled
+    best = run / "checkpoints" / "best.ckpt"
+    ema = torch.load(best, weights_only=True)["ema"]
+    for cfg in (adaptation_config(best), finetune_config(best, "sft", "task:arithmetic")):
+        assert cfg.data.tokenizer == str(run / "tokenizer.json") and cfg.finetune.init == str(best)
+        assert all(torch.equal(v, ema["module." + k]) for k, v in init_weights(cfg).items())
+    capsys.readouterr()
+    out = tmp_path / "adapted"
+    assert main(["train", "--init", str(best), "--family", "ar", "--max-steps", "2", "--out", str(out), "--quiet"]) == 0
+    assert f"tensors from {best}" in capsys.readouterr().err

@@ -124,7 +124,8 @@ def cmd_task_pairs(args: argparse.Namespace) -> int:
 
 
 def _finetune_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--init", help="the run to start from (its EMA weights; also the DPO / GRPO reference)")
+    p.add_argument("--init", help="the run to start from (its EMA weights; also the DPO / GRPO reference), or one of "
+                   "its checkpoints (RUN/checkpoints/best.ckpt)")
     p.add_argument("--data", help="JSON lines ({prompt, response} for sft; {prompt, chosen, rejected} for dpo / ipo "
                    "/ simpo; {prompt, answer} for grpo) or task:NAME (task:arithmetic, task:reverse)")
     p.add_argument("--out", help="the new run directory (default runs/<timestamp>)")

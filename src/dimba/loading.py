@@ -18,17 +18,15 @@ from dimba.model import DIMBA, build_model
 from dimba.training import sharded
 from dimba.training.checkpoint import check_state_fits, latest_checkpoint, load_training_state
 from dimba.training.lora import add_lora, merge_lora
-from dimba.training.files import BEST_CKPT, BEST_DCP, CKPT_SUBDIR, LAST_CKPT, LAST_POINTER, has_checkpoint
+from dimba.training.files import (BEST_CKPT, BEST_DCP, CKPT_SUBDIR, LAST_CKPT, LAST_POINTER, has_checkpoint,
+                                 run_of_checkpoint)
 
 
 def split_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     """(folder, checkpoint) of a model argument: a path to one checkpoint of a training run
     (``RUN/checkpoints/best.ckpt``, ``step-N.ckpt``, ``last.ckpt`` or an FSDP run's ``*.dcp`` directory) gives
     (RUN, that checkpoint); a run directory, an export folder or a Hub id gives (its local folder, None)."""
-    given = Path(path)
-    if given.parent.name == CKPT_SUBDIR and given.suffix in (".ckpt", ".dcp"):
-        return given.parent.parent, given
-    return resolve(path), None
+    return run_of_checkpoint(path) or (resolve(path), None)
 
 
 def model_folder(path: str | Path) -> Path:

@@ -13,6 +13,15 @@ LAST_POINTER = "last.json"  # of FSDP runs: names the latest sharded checkpoint 
 BEST_CKPT, BEST_DCP = "best.ckpt", "best.dcp"  # the state at the best validation score (train.save_best)
 
 
+def run_of_checkpoint(path: str | Path) -> tuple[Path, Path] | None:
+    """(RUN, checkpoint) when ``path`` names one checkpoint in a run's checkpoints/ (``RUN/checkpoints/best.ckpt``,
+    ``step-N.ckpt``, ``last.ckpt`` or an FSDP run's ``*.dcp`` directory); None for any other path."""
+    given = Path(path)
+    if given.parent.name == CKPT_SUBDIR and given.suffix in (".ckpt", ".dcp"):
+        return given.parent.parent, given
+    return None
+
+
 def has_checkpoint(folder: Path) -> bool:
     """Whether ``folder`` (a run's checkpoints/) holds a training checkpoint: last.ckpt, or last.json (FSDP runs)."""
     return (folder / LAST_CKPT).is_file() or (folder / LAST_POINTER).is_file()

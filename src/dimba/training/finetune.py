@@ -19,6 +19,7 @@ from dimba.errors import UsageError
 from dimba.evaluation.rewards import get_reward
 from dimba.families import get_family
 from dimba.training.grpo import GRPO
+from dimba.training.files import run_of_checkpoint
 from dimba.training.lora import add_lora
 from dimba.training.objectives import SFT, Preference
 
@@ -33,8 +34,8 @@ def finetune_config(init: str | Path, method: str, data: str, overrides: list[st
     few hundred steps); ``finetune.method`` and ``finetune.data`` set. ``overrides`` are ``KEY=VALUE`` (e.g. ``train.lr=1e-4``, ``finetune.beta=0.2``)."""
     if method not in FINETUNE_METHODS:
         raise UsageError(f"unknown fine-tuning method {method!r}: choose one of {', '.join(FINETUNE_METHODS)}")
-    init = Path(init)
-    base = load_run_config(init / "config.yaml")
+    folder = _run_folder(init)
+    base = load_run_config(folder / "config.yaml")
     if base.model.block_size is not None:  # response_nll scores whole sequences: it would read future blocks
         raise UsageError(f"{str(init)!r} is a block-diffusion model (model.block_size={base.model.block_size}), "
                          "which fine-tuning does not support yet: fine-tune a full-sequence model")
@@ -42,7 +43,7 @@ def finetune_config(init: str | Path, method: str, data: str, overrides: list[st
                 "train.eval_every=50",
                 "train.save_every=100", "train.log_every=10", "train.max_time=null",
                 "finetune.lora_rank=0", f"finetune.init={init}", f"finetune.data={data}", f"finetune.method={method}",
-                f"data.tokenizer={init / FILE_NAME}"]
+                f"data.tokenizer={folder / FILE_NAME}"]
     return apply_overrides(base, defaults + list(overrides))
 
 
@@ -50,10 +51,16 @@ def adaptation_config(init: str | Path, overrides: list[str] = ()) -> Config:
     """The config of a pre-training run that starts from the weights of run ``init`` (``finetune.init`` with
     ``finetune.method=none``): the init run's config and tokenizer with ``overrides`` applied, e.g.
     ``model.family=masked`` to adapt an ar model into a diffusion model (DiffuLLaMA / Dream's a2d)."""
-    init = Path(init)
-    base = load_run_config(init / "config.yaml")
+    folder = _run_folder(init)
+    base = load_run_config(folder / "config.yaml")
     return apply_overrides(base, ["finetune.method=none", "finetune.lora_rank=0", f"finetune.init={init}",
-                                  f"data.tokenizer={init / FILE_NAME}", *overrides])
+                                  f"data.tokenizer={folder / FILE_NAME}", *overrides])
+
+
+def _run_folder(init: str | Path) -> Path:
+    """The run of ``init``: a run directory, or the run one of whose checkpoints ``init`` names."""
+    found = run_of_checkpoint(init)
+    return found[0] if found else Path(init)
 
 
 def open_finetune_data(cfg: Config, tokenizer) -> FinetuneData:
@@ -64,10 +71,11 @@ def open_finetune_data(cfg: Config, tokenizer) -> FinetuneData:
 
 
 def init_weights(cfg: Config) -> dict[str, torch.Tensor]:
-    """The EMA weights of the ``finetune.init`` run (its own LoRA adapters merged)."""
-    from dimba.loading import run_model  # dimba.loading imports dimba.training: not at module level
+    """The EMA weights of the ``finetune.init`` run, or of the one checkpoint of a run it names (its own LoRA
+    adapters merged)."""
+    from dimba.loading import run_model, split_checkpoint  # dimba.loading imports dimba.training: not at module level
 
-    return run_model(cfg.finetune.init).state_dict()
+    return run_model(*split_checkpoint(cfg.finetune.init)).state_dict()
 
 
 def prepare_model(model, cfg: Config, weights: dict | None) -> None:
@@ -89,10 +97,10 @@ def prepare_model(model, cfg: Config, weights: dict | None) -> None:
 
 
 def _reference(cfg: Config, device) -> torch.nn.Module:
-    """The frozen reference: the ``init`` run's model, in eval mode."""
-    from dimba.loading import run_model  # dimba.loading imports dimba.training: not at module level
+    """The frozen reference: the ``init`` run's model (or its checkpoint's), in eval mode."""
+    from dimba.loading import run_model, split_checkpoint  # dimba.loading imports dimba.training: not at module level
 
-    reference = run_model(cfg.finetune.init).to(device).eval()
+    reference = run_model(*split_checkpoint(cfg.finetune.init)).to(device).eval()
     for param in reference.parameters():
         param.requires_grad = False
     return reference
