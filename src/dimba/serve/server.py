@@ -12,7 +12,8 @@ import torch
 
 from dimba.config import SampleConfig
 from dimba.errors import UsageError
-from dimba.loading import load_for_inference, split_checkpoint
+from dimba.loading import load_for_inference
+from dimba.training.files import run_of_checkpoint
 from dimba.serve.engine import Engine
 from dimba.serve.schema import Limits, Served
 
@@ -97,9 +98,11 @@ def url_of(sock: socket.socket) -> str:
 
 def _model_name(model_path: str) -> str:
     """The served model's default name: its folder's (a run's checkpoint: RUN-best for RUN/checkpoints/best.ckpt)."""
-    folder, checkpoint = split_checkpoint(model_path)
-    name = Path(folder).resolve().name
-    return f"{name}-{checkpoint.stem}" if checkpoint is not None else Path(model_path).resolve().name
+    found = run_of_checkpoint(model_path)
+    if found is None:
+        return Path(model_path).resolve().name
+    run, checkpoint = found
+    return f"{run.resolve().name}-{checkpoint.stem}"
 
 
 def run_server(model_path: str, defaults: SampleConfig, options: Options) -> None:
