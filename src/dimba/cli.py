@@ -14,16 +14,12 @@ from dimba.config import (SAMPLE_NAMES, Config, ModelConfig, SampleConfig, Train
 from dimba.errors import CheckpointError, DataError, DimbaError, UsageError
 from dimba.cli_finetune import add_finetune
 from dimba.cli_publish import add_publish
-from dimba.cli_runs import launch, resolve_run_dir
+from dimba.cli_runs import HUB_MODEL_HELP, MODEL_HELP, launch, resolve_run_dir
 from dimba.cli_sampling import sample_settings, sampler_flags
 from dimba.io import as_disk_error
 from dimba.loading import load_for_inference, model_folder, sample_defaults
 from dimba.malloc import keep_freed_memory
 from dimba.subnormals import flushed_subnormals
-
-MODEL_HELP = "run directory, one of its checkpoints (RUN/checkpoints/best.ckpt) or export folder"
-HUB_MODEL_HELP = ("run directory, one of its checkpoints (RUN/checkpoints/best.ckpt), export folder or Hub model "
-                  "OWNER/NAME")
 
 
 def _train_overrides(args: argparse.Namespace) -> list[str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from dimba.config import FINETUNE_METHODS, FinetuneConfig, apply_overrides, describe, load_run_config
 from dimba.cli_sampling import sample_settings, sampler_flags
+from dimba.cli_runs import MODEL_HELP
 from dimba.errors import UsageError
 
 _FLAGS = {"max_steps": "train.max_steps", "lr": "train.lr", "batch_size": "train.batch_size",
@@ -178,7 +179,7 @@ def add_finetune(sub) -> None:
     t.add_argument("--out", required=True, help="the .jsonl file to write (never overwritten)")
     t.set_defaults(func=cmd_task_write)
     t = tsub.add_parser("eval", help="exact-match accuracy of a model on held-out problems")
-    t.add_argument("model", help="run directory, one of its checkpoints (RUN/checkpoints/best.ckpt) or export folder")
+    t.add_argument("model", help=MODEL_HELP)
     t.add_argument("--task", required=True, help="arithmetic, reverse, or a .jsonl file of {prompt, answer}")
     t.add_argument("--problems", type=int, default=200, help="held-out problems")
     t.add_argument("--best-of", type=int, default=1, help="keep the most likely of K samples (the model's own "
@@ -190,7 +191,7 @@ def add_finetune(sub) -> None:
     t.add_argument("--json", action="store_true", help="print one JSON object")
     t.set_defaults(func=cmd_task_eval)
     t = tsub.add_parser("pairs", help="preference rows (for dpo / ipo / simpo) from a model's own wrong answers")
-    t.add_argument("model", help="run directory, one of its checkpoints (RUN/checkpoints/best.ckpt) or export folder")
+    t.add_argument("model", help=MODEL_HELP)
     t.add_argument("--task", required=True, help="arithmetic, reverse (training problems), or a .jsonl file of "
                    "{prompt, answer}")
     t.add_argument("--n", type=int, default=2000, help="problems to try")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from dimba.cli_runs import MODEL_HELP
 from dimba.errors import UsageError
 
 
@@ -52,13 +53,13 @@ def add_publish(sub) -> None:
     """The export, push and lm-eval subcommands."""
     p = sub.add_parser("export", help="write config.json + model.safetensors + tokenizer.json + sample_config.json + "
                        "README.md (the model card) from a run (EMA weights)")
-    p.add_argument("run", help="run directory, one of its checkpoints (RUN/checkpoints/best.ckpt) or export folder")
+    p.add_argument("run", help=MODEL_HELP)
     p.add_argument("--out", required=True)
     _card_flags(p)
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("push", help="upload a run (exported first) or an export folder to the Hugging Face Hub",
                        description="Needs a token (`hf auth login` or HF_TOKEN) and the network.")
-    p.add_argument("model", help="run directory or export folder")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--repo-id", required=True, help="the Hub model repository OWNER/NAME (created if missing)")
     p.add_argument("--private", action="store_true", help="create the repository private")
     _card_flags(p)

@@ -14,6 +14,11 @@ import torch
 from dimba.config import Config
 from dimba.errors import DimbaError, UsageError
 
+# the help of a model argument: what every command that loads a model takes (dimba.loading.load_for_inference)
+MODEL_HELP = "run directory, one of its checkpoints (RUN/checkpoints/best.ckpt) or export folder"
+HUB_MODEL_HELP = ("run directory, one of its checkpoints (RUN/checkpoints/best.ckpt), export folder or Hub model "
+                  "OWNER/NAME")
+
 
 def resolve_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
     """The run folder of ``--out`` / ``--resume`` and whether it is resumed; a one-line error for a folder that

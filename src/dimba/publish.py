@@ -42,8 +42,8 @@ def export_model(source: str | Path, out: str | Path, evaluate: bool = False, mc
     model, tokenizer = load_for_inference(source)
     folder, checkpoint = split_checkpoint(source)
     cfg = load_run_config(folder / "config.yaml") if (folder / "config.yaml").is_file() else None
-    checkpoint = checkpoint or latest_checkpoint(folder / CKPT_SUBDIR)
-    steps = int(load_training_state(checkpoint)["step"]) if cfg is not None else None
+    steps = (int(load_training_state(checkpoint or latest_checkpoint(folder / CKPT_SUBDIR))["step"])
+             if cfg is not None else None)
     if evaluate and cfg is None:
         raise UsageError(f"--eval measures the validation split of the training run's corpus, but {str(source)!r} is "
                          "an export folder: export the run itself, or measure with `dimba eval`")
