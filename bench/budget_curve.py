@@ -21,30 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 # the CLI in a subprocess and one sample-quality point (this folder is on the path of a script run here)
 from continuous_recipes import dimba
-from quality_frontier import sample_quality
+from quality_frontier import ENTROPY_BAR, at_entropy, sample_quality
 
-ENTROPY_BAR = 0.9  # the samples' unigram entropy must reach this share of the judge's own
 # the plot's panels: (ratio key, axis label, issue 16's target ratio to ar, y scale)
 PANELS = (("gen_ppl_ratio", "gen-PPL at the entropy bar / judge's own", 2.5, "log"),
           ("bound_ratio", "bits per byte / ar's", 1.25, "linear"))
-
-
-def at_entropy(points: list[dict], bar: float) -> dict:
-    """gen-PPL at unigram entropy ``bar``, log-linear between the two points bracketing it (else the nearest two:
-    ``extrapolated``)."""
-    pts = sorted(points, key=lambda p: p["entropy"])
-    if len(pts) < 2:
-        return {"gen_ppl": None, "extrapolated": True}
-    above = next((i for i, p in enumerate(pts) if p["entropy"] >= bar), len(pts))
-    i = min(max(above, 1), len(pts) - 1)
-    lo, hi = pts[i - 1], pts[i]
-    frac = (bar - lo["entropy"]) / max(hi["entropy"] - lo["entropy"], 1e-9)
-    log_ppl = math.log(lo["gen_ppl"]) + frac * (math.log(hi["gen_ppl"]) - math.log(lo["gen_ppl"]))
-    return {"gen_ppl": math.exp(log_ppl), "extrapolated": not 0.0 <= frac <= 1.0}
 
 
 def bound(run: str, mc_samples: int, max_tokens: int) -> dict:

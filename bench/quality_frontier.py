@@ -7,19 +7,22 @@
 Each point is one `dimba sample-quality RUN --judge JUDGE --json` call with the run's own sampler settings plus
 the point's flags (16 unconditional samples of 256 tokens at 64 steps by default). The judge's own samples give
 the reference point; the issue-16 target box (gen-PPL <= 2.5x the judge's at entropy >= 0.9x the judge's) is
-drawn over it. A sampler that buys gen-PPL with repetition moves left on the plot, so runs are compared along
-their whole curve, not at one setting. Prints one JSON object.
+drawn over it, and ``at_bar`` holds each run's gen-PPL at that entropy bar, interpolated along its points. A
+sampler that buys gen-PPL with repetition moves left on the plot, so runs are compared along their whole curve,
+not at one setting. Prints one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 
 # the CLI in a subprocess and the entropy plot (this folder is on the path of a script run here)
 from continuous_recipes import dimba, plot_frontier
 
+ENTROPY_BAR = 0.9  # the samples' unigram entropy must reach this share of the judge's own
 KEYS = ("gen_ppl", "entropy", "train_word_fraction", "distinct_2", "seconds_per_sample")
 
 
@@ -28,6 +31,20 @@ def sample_quality(model: str, judge: str, steps: int, samples: int, flags: str)
     out = json.loads(dimba("sample-quality", model, "--judge", judge, "--json", "--samples", str(samples),
                            "--steps", str(steps), *shlex.split(flags)))
     return {**{k: out.get(k) for k in KEYS}, "first_sample": out["texts"][0][:300]}
+
+
+def at_entropy(points: list[dict], bar: float) -> dict:
+    """gen-PPL at unigram entropy ``bar``, log-linear between the two points bracketing it (else the nearest two:
+    ``extrapolated``)."""
+    pts = sorted(points, key=lambda p: p["entropy"])
+    if len(pts) < 2:
+        return {"gen_ppl": None, "extrapolated": True}
+    above = next((i for i, p in enumerate(pts) if p["entropy"] >= bar), len(pts))
+    i = min(max(above, 1), len(pts) - 1)
+    lo, hi = pts[i - 1], pts[i]
+    frac = (bar - lo["entropy"]) / max(hi["entropy"] - lo["entropy"], 1e-9)
+    log_ppl = math.log(lo["gen_ppl"]) + frac * (math.log(hi["gen_ppl"]) - math.log(lo["gen_ppl"]))
+    return {"gen_ppl": math.exp(log_ppl), "extrapolated": not 0.0 <= frac <= 1.0}
 
 
 def main() -> None:
@@ -52,6 +69,9 @@ def main() -> None:
         result["runs"][name] = [{"flags": f, **sample_quality(model, args.judge, args.steps, args.samples, f)}
                                 for f in settings[name] or [""]]
     result["judge_own"] = sample_quality(args.judge, args.judge, args.steps, args.samples, "")
+    bar = ENTROPY_BAR * result["judge_own"]["entropy"]
+    result["entropy_bar"] = bar
+    result["at_bar"] = {name: at_entropy(points, bar) for name, points in result["runs"].items()}
     if args.png:
         plot_frontier(result["runs"], result["judge_own"], args.png, target_box=True)
     print(json.dumps(result, indent=1))
