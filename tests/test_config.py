@@ -25,8 +25,9 @@ def test_config_file_merges_over_preset(tmp_path):
 def test_preset_family_section_applies_under_the_users_settings(tmp_path):
     continuous = load_config("tiny")  # the default family
     assert continuous.train.lr == pytest.approx(2e-3)
+    assert (continuous.train.batch_size, continuous.train.max_steps) == (4, 3600)  # more, smaller steps
     ar = load_config("tiny", None, ["model.family=ar"])
-    assert ar.train.lr == pytest.approx(4e-3) and ar.train.batch_size == continuous.train.batch_size
+    assert ar.train.lr == pytest.approx(4e-3) and (ar.train.batch_size, ar.train.max_steps) == (8, 1800)
     assert load_config("tiny", None, ["model.family=masked"]).train.lr == pytest.approx(4e-3)
     assert load_config("tiny", None, ["model.family=hybrid"]).train.lr == pytest.approx(2e-3)
     assert load_config("tiny", None, ["model.family=continuous", "train.lr=1e-3"]).train.lr == pytest.approx(1e-3)
