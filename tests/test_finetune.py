@@ -291,10 +291,10 @@ def test_grpo_raises_the_reward_it_is_given(bases, tmp_path, metrics, monkeypatc
     one = reward_spec(tmp_path, monkeypatch, "one_reward", 'float(text[:1] == "1")')
     run = tmp_path / "grpo"
     assert main(["finetune", "grpo", "--init", str(bases[family]), "--data", "task:arithmetic", "--out", str(run),
-                 "--max-steps", "30", "--group-size", "8", "--lr", "1e-2", "--reward", one, "--quiet",
+                 "--max-steps", "45", "--group-size", "8", "--lr", "1e-2", "--reward", one, "--quiet",
                  *FT, "train.eval_every=100", "train.save_every=100"]) == 0
-    rewards = [float(r["reward"]) for r in metrics(run) if r["reward"]]  # (30,) the mean reward of each step's groups
-    assert len(rewards) == 30
+    rewards = [float(r["reward"]) for r in metrics(run) if r["reward"]]  # (45,) the mean reward of each step's groups
+    assert len(rewards) == 45
     assert sum(rewards[:5]) / 5 < 0.2 and sum(rewards[-10:]) / 10 > 0.6
 
 
