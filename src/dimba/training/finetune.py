@@ -73,9 +73,14 @@ def open_finetune_data(cfg: Config, tokenizer) -> FinetuneData:
 def init_weights(cfg: Config) -> dict[str, torch.Tensor]:
     """The EMA weights of the ``finetune.init`` run, or of the one checkpoint of a run it names (its own LoRA
     adapters merged)."""
+    return _init_model(cfg).state_dict()
+
+
+def _init_model(cfg: Config) -> torch.nn.Module:
+    """The model of ``finetune.init``: a run's latest EMA weights, or those of the one checkpoint of a run it names."""
     from dimba.loading import run_model, split_checkpoint  # dimba.loading imports dimba.training: not at module level
 
-    return run_model(*split_checkpoint(cfg.finetune.init)).state_dict()
+    return run_model(*split_checkpoint(cfg.finetune.init))
 
 
 def prepare_model(model, cfg: Config, weights: dict | None) -> None:
@@ -98,9 +103,7 @@ def prepare_model(model, cfg: Config, weights: dict | None) -> None:
 
 def _reference(cfg: Config, device) -> torch.nn.Module:
     """The frozen reference: the ``init`` run's model (or its checkpoint's), in eval mode."""
-    from dimba.loading import run_model, split_checkpoint  # dimba.loading imports dimba.training: not at module level
-
-    reference = run_model(*split_checkpoint(cfg.finetune.init)).to(device).eval()
+    reference = _init_model(cfg).to(device).eval()
     for param in reference.parameters():
         param.requires_grad = False
     return reference
