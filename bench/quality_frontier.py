@@ -3,6 +3,7 @@
     python bench/quality_frontier.py --judge runs/ar --run continuous=runs/C --run masked=runs/M \
         --setting continuous="--score-temperature 0.7" --setting masked="--temperature 2.0" \
         [--steps 64] [--samples 16] [--png bench/quality_frontier.png] > bench/quality_frontier.json
+    python bench/quality_frontier.py --merge a.json b.json [--png both.png] > both.json   # one table, no scoring
 
 Each point is one `dimba sample-quality RUN --judge JUDGE --json` call with the run's own sampler settings plus
 the point's flags (16 unconditional samples of 256 tokens at 64 steps by default). The judge's own samples give
@@ -47,16 +48,47 @@ def at_entropy(points: list[dict], bar: float) -> dict:
     return {"gen_ppl": math.exp(log_ppl), "extrapolated": not 0.0 <= frac <= 1.0}
 
 
+def merge(paths: list[str]) -> dict:
+    """Earlier outputs of this script under one judge as one result: their runs side by side, each run's ``at_bar``
+    recomputed. They must agree on the steps, the samples and the judge's own figures (the same judge model gives
+    the same own samples, wherever its path was written from)."""
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(json.load(f))
+        if not {"steps", "samples", "judge_own", "runs"} <= parts[-1].keys():
+            raise SystemExit(f"{path} is not an output of this script")
+    first = parts[0]
+    for part, path in zip(parts, paths):
+        same = [part[k] == first[k] for k in ("steps", "samples")] + [
+            part["judge_own"][k] == first["judge_own"][k] for k in ("gen_ppl", "entropy")]
+        if not all(same):
+            raise SystemExit(f"{path}: another judge, step count or sample count than {paths[0]}")
+    result = {k: first[k] for k in ("judge", "steps", "samples", "judge_own", "entropy_bar")}
+    result["runs"] = {name: points for part in parts for name, points in part["runs"].items()}
+    result["at_bar"] = {name: at_entropy(points, result["entropy_bar"]) for name, points in result["runs"].items()}
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--judge", required=True, help="an ar run or export folder")
-    ap.add_argument("--run", action="append", required=True, help="NAME=RUN_DIR (repeatable)")
+    ap.add_argument("--merge", nargs="+", help="earlier outputs of this script to join (nothing is scored)")
+    ap.add_argument("--judge", help="an ar run or export folder")
+    ap.add_argument("--run", action="append", help="NAME=RUN_DIR (repeatable)")
     ap.add_argument("--setting", action="append", default=[],
                     help='NAME="sample-quality flags": one point of run NAME (repeatable; none: its defaults)')
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--png", default=None)
     args = ap.parse_args()
+    if args.merge:
+        result = merge(args.merge)
+        if args.png:
+            plot_frontier(result["runs"], result["judge_own"], args.png, target_box=True)
+        print(json.dumps(result, indent=1))
+        return
+    if not (args.judge and args.run):
+        raise SystemExit("give --judge and --run NAME=RUN_DIR (or --merge with earlier outputs)")
     runs = dict(r.split("=", 1) for r in args.run)
     settings: dict[str, list[str]] = {name: [] for name in runs}
     for s in args.setting:
