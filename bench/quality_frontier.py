@@ -49,8 +49,8 @@ def at_entropy(points: list[dict], bar: float) -> dict:
 
 
 def merge(paths: list[str]) -> dict:
-    """Earlier outputs of this script under one judge as one result: their runs side by side, each run's ``at_bar``
-    recomputed. They must agree on the steps, the samples and the judge's own figures (the same judge model gives
+    """Earlier outputs of this script under one judge as one result: their runs side by side (a run in several of
+    them with the settings of all), each run's ``at_bar`` recomputed. They must agree on the steps, the samples and the judge's own figures (the same judge model gives
     the same own samples, wherever its path was written from)."""
     parts = []
     for path in paths:
@@ -65,7 +65,11 @@ def merge(paths: list[str]) -> dict:
         if not all(same):
             raise SystemExit(f"{path}: another judge, step count or sample count than {paths[0]}")
     result = {k: first[k] for k in ("judge", "steps", "samples", "judge_own", "entropy_bar")}
-    result["runs"] = {name: points for part in parts for name, points in part["runs"].items()}
+    result["runs"] = {}
+    for part in parts:  # a run scored in several calls keeps each setting once
+        for name, points in part["runs"].items():
+            known = result["runs"].setdefault(name, [])
+            known += [p for p in points if p["flags"] not in {k["flags"] for k in known}]
     result["at_bar"] = {name: at_entropy(points, result["entropy_bar"]) for name, points in result["runs"].items()}
     return result
 
