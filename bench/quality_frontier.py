@@ -50,8 +50,8 @@ def at_entropy(points: list[dict], bar: float) -> dict:
 
 def merge(paths: list[str]) -> dict:
     """Earlier outputs of this script under one judge as one result: their runs side by side (a run in several of
-    them with the settings of all), each run's ``at_bar`` recomputed. They must agree on the steps, the samples and the judge's own figures (the same judge model gives
-    the same own samples, wherever its path was written from)."""
+    them with the settings of all), each run's ``at_bar`` recomputed. They must agree on the steps, the samples and
+    the judge's own figures (the same judge model gives the same own samples, wherever its path was written from)."""
     parts = []
     for path in paths:
         with open(path) as f:
@@ -69,7 +69,8 @@ def merge(paths: list[str]) -> dict:
     for part in parts:  # a run scored in several calls keeps each setting once
         for name, points in part["runs"].items():
             known = result["runs"].setdefault(name, [])
-            known += [p for p in points if p["flags"] not in {k["flags"] for k in known}]
+            seen = {k["flags"] for k in known}
+            known += [p for p in points if p["flags"] not in seen]
     result["at_bar"] = {name: at_entropy(points, result["entropy_bar"]) for name, points in result["runs"].items()}
     return result
 
@@ -85,12 +86,14 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--png", default=None)
     args = ap.parse_args()
-    if args.merge:
-        result = merge(args.merge)
-        if args.png:
-            plot_frontier(result["runs"], result["judge_own"], args.png, target_box=True)
-        print(json.dumps(result, indent=1))
-        return
+    result = merge(args.merge) if args.merge else score(args)
+    if args.png:
+        plot_frontier(result["runs"], result["judge_own"], args.png, target_box=True)
+    print(json.dumps(result, indent=1))
+
+
+def score(args: argparse.Namespace) -> dict:
+    """The points of every ``--run`` and the judge's own, each run's ``at_bar`` among them."""
     if not (args.judge and args.run):
         raise SystemExit("give --judge and --run NAME=RUN_DIR (or --merge with earlier outputs)")
     runs = dict(r.split("=", 1) for r in args.run)
@@ -108,10 +111,7 @@ def main() -> None:
     bar = ENTROPY_BAR * result["judge_own"]["entropy"]
     result["entropy_bar"] = bar
     result["at_bar"] = {name: at_entropy(points, bar) for name, points in result["runs"].items()}
-    if args.png:
-        plot_frontier(result["runs"], result["judge_own"], args.png, target_box=True)
-    print(json.dumps(result, indent=1))
-
+    return result
 
 if __name__ == "__main__":
     main()
