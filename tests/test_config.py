@@ -26,7 +26,8 @@ def test_preset_family_section_applies_under_the_users_settings(tmp_path):
     continuous = load_config("tiny")  # the default family
     assert continuous.train.lr == pytest.approx(2e-3)
     assert (continuous.train.batch_size, continuous.train.max_steps) == (4, 3600)  # more, smaller steps
-    assert not continuous.model.logit_skip and load_config("tiny", None, ["model.family=hybrid"]).model.logit_skip
+    assert not continuous.model.logit_skip and not load_config("tiny", None, ["model.family=hybrid"]).model.logit_skip
+    assert load_config("small", None, ["model.family=hybrid"]).model.logit_skip  # unmeasured at that scale
     ar = load_config("tiny", None, ["model.family=ar"])
     assert ar.train.lr == pytest.approx(4e-3) and (ar.train.batch_size, ar.train.max_steps) == (8, 1800)
     assert load_config("tiny", None, ["model.family=masked"]).train.lr == pytest.approx(4e-3)
