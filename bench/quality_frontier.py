@@ -65,7 +65,12 @@ def merge(paths: list[str]) -> dict:
         if not all(same):
             raise SystemExit(f"{path}: another judge, step count or sample count than {paths[0]}")
     result = {k: first[k] for k in ("judge", "steps", "samples", "judge_own", "entropy_bar")}
-    result["runs"] = {}
+    result["models"], result["runs"] = {}, {}
+    for part, path in zip(parts, paths):  # one name, one model (outputs before "models" was written say nothing)
+        for name, model in part.get("models", {}).items():
+            if result["models"].setdefault(name, model) != model:
+                raise SystemExit(f"{path}: run {name!r} is {model}, another file's {name!r} is "
+                                 f"{result['models'][name]}: score one of them under another name")
     for part in parts:  # a run scored in several calls keeps each setting once
         for name, points in part["runs"].items():
             known = result["runs"].setdefault(name, [])
@@ -103,7 +108,7 @@ def score(args: argparse.Namespace) -> dict:
         if name not in runs:
             raise SystemExit(f"--setting names run {name!r}, which no --run gives")
         settings[name].append(flags)
-    result = {"judge": args.judge, "steps": args.steps, "samples": args.samples, "runs": {}}
+    result = {"judge": args.judge, "steps": args.steps, "samples": args.samples, "models": runs, "runs": {}}
     for name, model in runs.items():
         result["runs"][name] = [{"flags": f, **sample_quality(model, args.judge, args.steps, args.samples, f)}
                                 for f in settings[name] or [""]]
@@ -112,6 +117,7 @@ def score(args: argparse.Namespace) -> dict:
     result["entropy_bar"] = bar
     result["at_bar"] = {name: at_entropy(points, bar) for name, points in result["runs"].items()}
     return result
+
 
 if __name__ == "__main__":
     main()

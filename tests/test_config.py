@@ -22,12 +22,16 @@ def test_config_file_merges_over_preset(tmp_path):
     assert cfg.train.batch_size == 3 and cfg.train.max_steps == 7 and cfg.model.d_model == load_config("tiny").model.d_model
 
 
+def test_the_tiny_preset_drops_the_skip_logits_of_both_latent_families():
+    for family in ("continuous", "hybrid"):
+        assert not load_config("tiny", None, [f"model.family={family}"]).model.logit_skip
+    assert load_config("small", None, ["model.family=hybrid"]).model.logit_skip  # unmeasured at that scale
+
+
 def test_preset_family_section_applies_under_the_users_settings(tmp_path):
     continuous = load_config("tiny")  # the default family
     assert continuous.train.lr == pytest.approx(2e-3)
     assert (continuous.train.batch_size, continuous.train.max_steps) == (4, 3600)  # more, smaller steps
-    assert not continuous.model.logit_skip and not load_config("tiny", None, ["model.family=hybrid"]).model.logit_skip
-    assert load_config("small", None, ["model.family=hybrid"]).model.logit_skip  # unmeasured at that scale
     ar = load_config("tiny", None, ["model.family=ar"])
     assert ar.train.lr == pytest.approx(4e-3) and (ar.train.batch_size, ar.train.max_steps) == (8, 1800)
     assert load_config("tiny", None, ["model.family=masked"]).train.lr == pytest.approx(4e-3)
