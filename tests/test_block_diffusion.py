@@ -83,6 +83,26 @@ def test_cached_block_steps_give_the_training_outputs(name, bimamba, block):
         _, cache = net.block_step(clean[:, pos:pos + block], c, cache, pos)  # commit the clean block
 
 
+@pytest.mark.parametrize("name,bimamba", BACKBONES)
+def test_a_clean_stream_without_gradients_gives_the_same_outputs_and_noisy_gradients(name, bimamba):
+    """diffusion.block_clean_grad=false: the clean stream is a constant context. The outputs and the gradients
+    through the noisy stream are unchanged; nothing flows into the clean stream, and the weights lose its share."""
+    net = make(name, bimamba)
+    runs = {}
+    for clean_grad in (True, False):
+        net.zero_grad()
+        noisy, clean, c = (t.requires_grad_() for t in streams())
+        out = net.forward_blocks(noisy, clean, c, 8, clean_grad=clean_grad)  # (n, L, D)
+        (out * torch.linspace(-1, 1, L, dtype=out.dtype)[:, None]).sum().backward()
+        weight = net.blocks[0].norm1.weight.grad.clone()  # (D,): read by both streams
+        runs[clean_grad] = out.detach(), noisy.grad, clean.grad, weight
+    (out_t, noisy_t, clean_t, weight_t), (out_f, noisy_f, clean_f, weight_f) = runs[True], runs[False]
+    torch.testing.assert_close(out_f, out_t)
+    torch.testing.assert_close(noisy_f, noisy_t)
+    assert clean_f is None and clean_t.abs().max() > 1e-3
+    assert (weight_f - weight_t).abs().max() > 1e-4
+
+
 def test_a_sequence_of_partial_blocks_is_refused_with_the_fix():
     net = make("mamba2", "shared")
     noisy, clean, c = streams()

@@ -126,7 +126,7 @@ class ModelConfig(_Strict):
 
 
 class DiffusionConfig(_Strict):
-    """Training-objective settings of the continuous family."""
+    """Training-objective settings (most of them the continuous family's)."""
 
     objective: Literal["mse_ce", "ce"] = Field(
         "mse_ce", description="mse_ce: min-SNR weighted x0 regression + cross-entropy of the head on the x0 estimate; "
@@ -140,6 +140,9 @@ class DiffusionConfig(_Strict):
                                      "tokens are a random subset of positions (each clean with a probability drawn "
                                      "uniformly) instead of a prefix: infilling, and samplers that commit tokens")
     self_cond_prob: float = Field(0.5, ge=0, le=1)
+    block_clean_grad: bool = Field(True, description="block diffusion (model.block_size): gradients through the "
+                                   "clean stream; false reads it as a constant context (no backward pass through "
+                                   "it: faster steps)")
 
 
 class DataConfig(_Strict):

@@ -344,12 +344,14 @@ class DIMBA(nn.Module):
 
     # ----- block diffusion (model.block_size) ------------------------------------------------
     def block_logits(self, x_t: torch.Tensor, x_0: torch.Tensor, prompt_mask: torch.Tensor | None = None,
-                     drop_cond: bool | torch.Tensor = False) -> torch.Tensor:
+                     drop_cond: bool | torch.Tensor = False, clean_grad: bool = True) -> torch.Tensor:
         """Raw float32 logits (B, L, V) of a block-diffusion model on the noisy ids x_t (B, L) (holding [MASK]) read
         with the clean ids x_0 (B, L): the logits of block k depend on x_t's block k and x_0's blocks before it
-        only (BD3-LM's two streams; `Backbone.forward_blocks`). L must be a multiple of ``block_size``."""
+        only (BD3-LM's two streams; `Backbone.forward_blocks`). L must be a multiple of ``block_size``.
+        ``clean_grad=False``: no gradients through the clean stream (training's ``diffusion.block_clean_grad``)."""
         cond = self.condition(x_t, torch.zeros((), device=x_t.device), prompt_mask, drop_cond)  # (B, D)
-        h = self.backbone.forward_blocks(self._token_input(x_t), self._token_input(x_0), cond, self._block_size())
+        h = self.backbone.forward_blocks(self._token_input(x_t), self._token_input(x_0), cond, self._block_size(),
+                                         clean_grad)
         return self._head_logits(h)  # (B, L, V)
 
     def allocate_block_cache(self, batch: int, max_len: int) -> list:

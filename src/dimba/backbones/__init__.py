@@ -11,6 +11,7 @@ decoding. A new mixer is one file plus one entry in `MIXERS`. A causal backbone
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -121,13 +122,15 @@ class Block(nn.Module):
         y_t, state = self.mixer.step(self.mod1(self.norm1(h_t), c), state, pos)  # (B, D)
         return self._mlp(h_t + y_t, c), state
 
-    def forward_blocks(self, h_noisy: torch.Tensor, h_clean: torch.Tensor, c: torch.Tensor, block: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block diffusion: the noisy and clean streams (B, L, D) -> both streams' outputs (the mixer's
-        ``forward_blocks``)."""
-        y_noisy, y_clean = self.mixer.forward_blocks(self.mod1(self.norm1(h_noisy), c), self.mod1(self.norm1(h_clean), c),
-                                                     block)  # (B, L, D) each
-        return self._mlp(h_noisy + y_noisy, c), self._mlp(h_clean + y_clean, c)
+    def clean_blocks(self, h: torch.Tensor, c: torch.Tensor, block: int) -> tuple[torch.Tensor, object]:
+        """Block diffusion's clean stream h (B, L, D) -> (its output (B, L, D), what the noisy stream reads of it:
+        the mixer's ``clean_blocks``)."""
+        y, clean = self.mixer.clean_blocks(self.mod1(self.norm1(h), c), block)  # (B, L, D)
+        return self._mlp(h + y, c), clean
+
+    def noisy_blocks(self, h: torch.Tensor, c: torch.Tensor, clean, block: int) -> torch.Tensor:
+        """Block diffusion's noisy stream h (B, L, D) read with ``clean`` (:meth:`clean_blocks`) -> (B, L, D)."""
+        return self._mlp(h + self.mixer.noisy_blocks(self.mod1(self.norm1(h), c), clean, block), c)
 
     def block_step(self, h: torch.Tensor, c: torch.Tensor, state, pos: int) -> tuple[torch.Tensor, object]:
         """Block diffusion decoding: one block h (B, Bk, D) at ``pos`` after the clean prefix in ``state``."""
@@ -185,23 +188,28 @@ class Backbone(nn.Module):
                 h = block(h, c, lengths)  # (B, L, D)
         return self.norm(h)
 
-    def forward_blocks(self, h_noisy: torch.Tensor, h_clean: torch.Tensor, c: torch.Tensor, block: int
-                       ) -> torch.Tensor:
+    def forward_blocks(self, h_noisy: torch.Tensor, h_clean: torch.Tensor, c: torch.Tensor, block: int,
+                       clean_grad: bool = True) -> torch.Tensor:
         """Block diffusion (BD3-LM): the noisy stream h_noisy (B, L, D) read with the clean stream h_clean
         (B, L, D) -> the noisy stream's output (B, L, D) after the final norm.
 
         Outputs in block k (positions k*block .. (k+1)*block - 1) depend on the noisy block k and the clean
         blocks before it only; L must be a multiple of ``block``. With ``block = L`` this is :meth:`forward`.
+        The clean stream runs first, through every layer; with ``clean_grad=False`` it runs without gradients,
+        a constant context (Transformer-XL's stop-gradient memory), which saves its backward pass and activations.
         """
         if h_noisy.shape[1] % block:
             raise ValueError(f"sequence length {h_noisy.shape[1]} is not a multiple of block_size {block}: "
                              "give whole blocks (set the context length to a multiple of model.block_size)")
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.blocks:
-            if recompute:
-                h_noisy, h_clean = checkpoint(layer.forward_blocks, h_noisy, h_clean, c, block, use_reentrant=False)
-            else:
-                h_noisy, h_clean = layer.forward_blocks(h_noisy, h_clean, c, block)  # (B, L, D) each
+        run = partial(checkpoint, use_reentrant=False) if recompute else (lambda fn, *args: fn(*args))
+        cleans = []
+        with torch.set_grad_enabled(clean_grad and torch.is_grad_enabled()):
+            for layer in self.blocks:
+                h_clean, clean = run(layer.clean_blocks, h_clean, c, block)  # (B, L, D), the layer's context
+                cleans.append(clean)
+        for layer, clean in zip(self.blocks, cleans, strict=True):
+            h_noisy = run(layer.noisy_blocks, h_noisy, c, clean, block)  # (B, L, D)
         return self.norm(h_noisy)
 
     def allocate_block_cache(self, batch: int, max_len: int, device: torch.device | None = None,

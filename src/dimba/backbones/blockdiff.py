@@ -1,5 +1,5 @@
 """Block diffusion (BD3-LM, Arriola et al. 2025) for the Mamba-2 mixers: the clean prefix's state carried into
-each block, in one vectorised pass over both streams.
+each block, in one vectorised pass over each stream.
 
 A block-diffusion backbone reads two streams of the same length L, split into blocks of ``block`` positions:
 the noisy x_t and the clean x_0. Outputs of block k of the noisy stream depend on the clean blocks before k and
@@ -14,8 +14,11 @@ Since a scan is linear in its initial state, the forward scan of block k from a 
 block alone from zero plus ``C_t exp(s_t) h`` (s_t: the block's cumulative log decay up to t). So every block of
 both streams is scanned alone (a batch of n * nb rows of ``block`` positions, by the mixer's own scan), and the
 states entering the blocks come from the clean stream: each block's written state S_k, chained across blocks
-with an (nb x nb) decay matrix (no loop over blocks). In decoding (`block_step`) the state is carried instead:
-(the last ``lookback`` clean conv inputs, the forward SSM state), O(block) work per call.
+with an (nb x nb) decay matrix (no loop over blocks). `clean_blocks` runs the clean stream and returns what the
+noisy stream reads of it (the entering states and the conv look-back before each block); `noisy_blocks` runs the
+noisy stream with them, so the clean stream can also run without gradients (`Backbone.forward_blocks`). In
+decoding (`block_step`) the state is carried instead: (the last ``lookback`` clean conv inputs, the forward SSM
+state), O(block) work per call.
 
 A mixer using these functions provides ``_project(u) -> (z, xBC, dt)``, ``_lookback`` and ``_lookahead``
 (its conv's reach), ``_block_features(xBC, dt, context) -> BlockFeatures`` and
@@ -130,18 +133,31 @@ def state_readout(h_in: torch.Tensor, f: BlockFeatures) -> torch.Tensor:
     return y * s.exp()[..., None]
 
 
-def forward_blocks(mixer, u_noisy: torch.Tensor, u_clean: torch.Tensor, block: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The block-diffusion forward of a Mamba-2 ``mixer`` (see the module docstring): (n, L, D) twice ->
-    (y_noisy, y_clean), each (n, L, D)."""
-    n = u_clean.shape[0]
-    z, xBC, dt = mixer._project(torch.cat([u_noisy, u_clean]))  # (2n, L, ...) each
-    context = clean_context(xBC[n:], mixer._lookback, block)  # (n, nb, lb, C)
-    f = mixer._block_features(to_blocks(xBC, block), to_blocks(dt, block), context.repeat(2, 1, 1, 1))
-    clean = BlockFeatures(*(t[n:] for t in (f.x, f.dt)), f.A, *(t[n:] for t in (f.B, f.C)))
-    h_in = entering_states(*block_writes(clean))  # (n, nb, H, P, N)
-    y = mixer._block_output(to_blocks(z, block), f, h_in.repeat(2, 1, 1, 1, 1)).flatten(1, 2)  # (2n, L, D)
-    return y[:n], y[n:]
+def _blocks(mixer, u: torch.Tensor, block: int, context: torch.Tensor | None = None):
+    """The projections of u (n, L, D) as blocks: z (n, nb, Bk, ...), the post-conv `BlockFeatures` after the clean
+    conv ``context`` (n, nb, lb, C) (None: u's own, u being the clean stream) and that context."""
+    z, xBC, dt = mixer._project(u)  # (n, L, ...) each
+    if context is None:
+        context = clean_context(xBC, mixer._lookback, block)  # (n, nb, lb, C)
+    return to_blocks(z, block), mixer._block_features(to_blocks(xBC, block), to_blocks(dt, block), context), context
+
+
+def clean_blocks(mixer, u_clean: torch.Tensor, block: int
+                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The clean stream of a Mamba-2 ``mixer`` (see the module docstring): (n, L, D) -> (y_clean (n, L, D), what
+    the noisy stream reads of it: the conv look-back before each block (n, nb, lb, C) and the forward state
+    entering each block (n, nb, H, P, N))."""
+    z, f, context = _blocks(mixer, u_clean, block)
+    h_in = entering_states(*block_writes(f))  # (n, nb, H, P, N)
+    return mixer._block_output(z, f, h_in).flatten(1, 2), (context, h_in)
+
+
+def noisy_blocks(mixer, u_noisy: torch.Tensor, clean: tuple[torch.Tensor, torch.Tensor], block: int
+                 ) -> torch.Tensor:
+    """The noisy stream (n, L, D) of a Mamba-2 ``mixer`` read with what `clean_blocks` gave -> (n, L, D)."""
+    context, h_in = clean
+    z, f, _ = _blocks(mixer, u_noisy, block, context)
+    return mixer._block_output(z, f, h_in).flatten(1, 2)
 
 
 def block_step(mixer, u: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
@@ -176,12 +192,15 @@ class BlockDiffusionMixin:
     """The block-diffusion entry points of a Mamba-2 mixer (`Mamba2Mixer`, `SharedBiMamba2`), which provides
     ``_project`` and ``_block_features``; the work is this module's functions."""
 
-    def forward_blocks(self, u_noisy: torch.Tensor, u_clean: torch.Tensor, block: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block-diffusion forward of the noisy and clean streams (n, L, D) -> (y_noisy, y_clean): block k of the
-        noisy stream reads the clean blocks before it (the forward scan's state, the conv's look-back) and itself;
-        what looks ahead (a reverse scan, a centred conv) stays inside each block."""
-        return forward_blocks(self, u_noisy, u_clean, block)
+    def clean_blocks(self, u_clean: torch.Tensor, block: int) -> tuple[torch.Tensor, tuple]:
+        """Block diffusion's clean stream (n, L, D) -> (its output (n, L, D), what the noisy stream reads of it: the
+        forward scan's state entering each block and the conv's look-back before it)."""
+        return clean_blocks(self, u_clean, block)
+
+    def noisy_blocks(self, u_noisy: torch.Tensor, clean: tuple, block: int) -> torch.Tensor:
+        """Block diffusion's noisy stream (n, L, D) -> (n, L, D): block k reads the clean blocks before it through
+        ``clean`` (`clean_blocks`) and itself; what looks ahead (a reverse scan, a centred conv) stays inside it."""
+        return noisy_blocks(self, u_noisy, clean, block)
 
     def allocate_block_state(self, batch: int, max_len: int | None = None, device: torch.device | None = None,
                              dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -228,16 +228,21 @@ class BiMamba2(BidirectionalMixer):
             y_fwd, y_rev = self.forward_mixer(u), self.reverse_mixer(u_rev)  # (B, L, D) each
         return y_fwd + reverse_rows(y_rev, lengths)  # (B, L, D): the reverse output back in the original order
 
-    def forward_blocks(self, u_noisy: torch.Tensor, u_clean: torch.Tensor, block: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block-diffusion forward (n, L, D) twice -> (y_noisy, y_clean): the forward mixer carries the clean
-        prefix's state into each block (:meth:`Mamba2Mixer.forward_blocks`), the reverse mixer reads each block
-        alone."""
-        y_noisy, y_clean = self.forward_mixer.forward_blocks(u_noisy, u_clean, block)  # (n, L, D) each
-        u = blockdiff.to_blocks(torch.cat([u_noisy, u_clean]), block)  # (2n, nb, Bk, D)
-        y_rev = self._reverse_within(u.flatten(0, 1)).view(u.shape).flatten(1, 2)  # (2n, L, D)
-        n = u_noisy.shape[0]
-        return y_noisy + y_rev[:n], y_clean + y_rev[n:]
+    def clean_blocks(self, u_clean: torch.Tensor, block: int) -> tuple[torch.Tensor, tuple]:
+        """Block diffusion's clean stream (n, L, D) -> (its output, what the noisy stream reads of it): the forward
+        mixer carries the clean prefix's state into each block (:meth:`Mamba2Mixer.clean_blocks`), the reverse
+        mixer reads each block alone."""
+        y, clean = self.forward_mixer.clean_blocks(u_clean, block)  # (n, L, D)
+        return y + self._reverse_blocks(u_clean, block), clean
+
+    def noisy_blocks(self, u_noisy: torch.Tensor, clean: tuple, block: int) -> torch.Tensor:
+        """Block diffusion's noisy stream (n, L, D) read with ``clean`` (:meth:`clean_blocks`) -> (n, L, D)."""
+        return self.forward_mixer.noisy_blocks(u_noisy, clean, block) + self._reverse_blocks(u_noisy, block)
+
+    def _reverse_blocks(self, u: torch.Tensor, block: int) -> torch.Tensor:
+        """The reverse mixer on each block of u (n, L, D) alone -> (n, L, D)."""
+        blocks = blockdiff.to_blocks(u, block)  # (n, nb, Bk, D)
+        return self._reverse_within(blocks.flatten(0, 1)).view(blocks.shape).flatten(1, 2)
 
     def allocate_block_state(self, batch: int, max_len: int | None = None, device: torch.device | None = None,
                              dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:

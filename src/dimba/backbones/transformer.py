@@ -107,15 +107,25 @@ class Attention(nn.Module):
         return self._output(y)[:, 0], cache  # (B, D)
 
     # ----- block diffusion ---------------------------------------------------------------------
-    def forward_blocks(self, x_noisy: torch.Tensor, x_clean: torch.Tensor, block: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block-diffusion attention over the two streams (n, L, D), both at positions 0..L-1 ->
-        (y_noisy, y_clean): `block_diffusion_mask` (BD3-LM's)."""
+    def clean_blocks(self, x_clean: torch.Tensor, block: int
+                     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Block diffusion's clean stream x_clean (n, L, D) -> (its output: each block attends to the clean blocks up
+        to its own, and the clean keys and values (n, H, L, Dh) each, what the noisy stream reads)."""
+        length = x_clean.shape[1]
+        q, k, v = self._rotated_qkv(x_clean, 0)  # (n, H, L, Dh) each
+        mask = block_diffusion_mask(length, block, x_clean.device)[length:, length:]  # (L, L): clean queries and keys
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (n, H, L, Dh)
+        return self._output(y), (k, v)
+
+    def noisy_blocks(self, x_noisy: torch.Tensor, clean: tuple[torch.Tensor, torch.Tensor], block: int
+                     ) -> torch.Tensor:
+        """Block diffusion's noisy stream x_noisy (n, L, D): each block attends to itself and to the clean blocks
+        before it, whose keys and values ``clean`` holds (:meth:`clean_blocks`) -> (n, L, D)."""
         length = x_noisy.shape[1]
-        q, k, v = (torch.cat(pair, dim=2) for pair in zip(self._rotated_qkv(x_noisy, 0), self._rotated_qkv(x_clean, 0)))
-        mask = block_diffusion_mask(length, block, x_noisy.device)  # (2L, 2L)
-        y = self._output(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))  # (n, 2L, D)
-        return y[:, :length], y[:, length:]
+        q, k, v = self._rotated_qkv(x_noisy, 0)  # (n, H, L, Dh) each
+        k, v = (torch.cat(pair, dim=2) for pair in zip((k, v), clean))  # (n, H, 2L, Dh) each
+        mask = block_diffusion_mask(length, block, x_noisy.device)[:length]  # (L, 2L): BD3-LM's, noisy queries
+        return self._output(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
     def allocate_block_state(self, batch: int, max_len: int, device: torch.device | None = None,
                              dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:

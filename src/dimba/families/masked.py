@@ -28,17 +28,18 @@ def block_size_of(model) -> int | None:
 
 
 def denoiser_logits(model, x_t: torch.Tensor, x_0: torch.Tensor, prompt_mask: torch.Tensor | None = None,
-                    drop_cond: bool | torch.Tensor = False) -> torch.Tensor:
+                    drop_cond: bool | torch.Tensor = False, clean_grad: bool = True) -> torch.Tensor:
     """Raw logits (B, L, V) of the denoiser on x_t (B, L): a block-diffusion model also reads the clean x_0 (its
-    blocks before each noisy block; `DIMBA.block_logits`), a full-sequence model x_t alone."""
+    blocks before each noisy block; `DIMBA.block_logits`, with or without gradients through it), a full-sequence
+    model x_t alone."""
     if block_size_of(model) is None:
         return model.token_logits(x_t, prompt_mask, drop_cond)
-    return model.block_logits(x_t, x_0, prompt_mask, drop_cond)
+    return model.block_logits(x_t, x_0, prompt_mask, drop_cond, clean_grad)
 
 
 def compute_masked_losses(model, input_ids: torch.Tensor, t: torch.Tensor | None = None,
                           prompt_mask: torch.Tensor | None = None, drop_cond: bool | torch.Tensor = False,
-                          generator: torch.Generator | None = None, t_min: float = 1e-3):
+                          generator: torch.Generator | None = None, t_min: float = 1e-3, clean_grad: bool = True):
     """The continuous-time MDLM objective; returns ``(loss, parts)``.
 
     Tokens outside the clean prompt are masked with probability 1 - alpha(t) (t stratified across
@@ -48,7 +49,7 @@ def compute_masked_losses(model, input_ids: torch.Tensor, t: torch.Tensor | None
 
     A block-diffusion model (``block_size``) draws one t per block (BD3-LM): the loss is then the sum of the
     blocks' NELBOs, each block denoised given the clean blocks before it. ``t`` (B,) gives every block of a row
-    the same time.
+    the same time; ``clean_grad=False`` stops the gradients through the clean stream (`Backbone.forward_blocks`).
     """
     b, length = input_ids.shape
     dev = input_ids.device
@@ -62,7 +63,8 @@ def compute_masked_losses(model, input_ids: torch.Tensor, t: torch.Tensor | None
         prompt_mask = prompt_mask & ~drop[:, None]  # (B, L)
     x_t, masked = mask_tokens(input_ids, model.mask_schedule.alpha(t_pos), model.mask_id, keep=prompt_mask,
                               generator=generator)  # (B, L) each
-    logp = subs_log_probs(denoiser_logits(model, x_t, input_ids, prompt_mask, drop), x_t, model.mask_id)  # (B, L, V)
+    logits = denoiser_logits(model, x_t, input_ids, prompt_mask, drop, clean_grad)  # (B, L, V)
+    logp = subs_log_probs(logits, x_t, model.mask_id)  # (B, L, V)
     nll = -logp.gather(-1, input_ids[..., None])[..., 0].masked_fill(~masked, 0.0)  # (B, L)
     scored = torch.ones_like(nll) if prompt_mask is None else (~prompt_mask).float()  # (B, L)
     loss = (nll * model.mask_schedule.weight(t_pos)).sum() / scored.sum().clamp_min(1)
@@ -219,7 +221,8 @@ class MaskedFamily(Family):
 
     def loss(self, model, input_ids, dc, t=None, prompt_mask=None, drop_cond=False, self_cond_prob=None, noise=None,
              generator=None):
-        return compute_masked_losses(model, input_ids, t, prompt_mask, drop_cond, generator)
+        return compute_masked_losses(model, input_ids, t, prompt_mask, drop_cond, generator,
+                                     clean_grad=dc.block_clean_grad)
 
     def predict_token_logits(self, model, input_ids, t=None, **kwargs):
         """SUBS log-probabilities (B, L, V) of x_0 given ``input_ids`` holding [MASK] (t is implied by the masks)."""
