@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 
 # the CLI in a subprocess (this folder is on the path of a script run here)
-from budget_curve import bound
+from budget_curve import add_common_args, bound, redrawn
 from continuous_recipes import dimba
 
 NAME = re.compile(r"^(ar|full|B(\d+)(ng)?)$")
@@ -110,14 +110,9 @@ def main() -> None:
     ap.add_argument("--group", action="append", default=[], help="LABEL:ar=RUN,full=RUN,B16=RUN,... (repeatable)")
     ap.add_argument("--time", help="block sizes whose training step to time, e.g. 4,16,64")
     ap.add_argument("--time-steps", type=int, default=10)
-    ap.add_argument("--from-json", help="draw --png from this script's earlier JSON instead of measuring")
-    ap.add_argument("--mc-samples", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=16384)
-    ap.add_argument("--png")
+    add_common_args(ap)
     args = ap.parse_args()
-    if args.from_json:
-        with open(args.from_json) as f:
-            plot(json.load(f), args.png)
+    if redrawn(args, plot):
         return
     result = {"mc_samples": args.mc_samples, "max_tokens": args.max_tokens, "groups": {}}
     for spec in args.group:

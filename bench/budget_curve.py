@@ -82,21 +82,33 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """The options of the bench scripts that score bounds and draw: --from-json, --mc-samples, --max-tokens, --png."""
+    ap.add_argument("--from-json", help="draw --png from this script's earlier JSON instead of measuring")
+    ap.add_argument("--mc-samples", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=16384)
+    ap.add_argument("--png")
+
+
+def redrawn(args: argparse.Namespace, plot) -> bool:
+    """With --from-json, draw --png from that JSON by ``plot(result, path)`` and say so."""
+    if not args.from_json:
+        return False
+    with open(args.from_json) as f:
+        plot(json.load(f), args.png)
+    return True
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--point", action="append", default=[], help="MINUTES:ar=RUN,NAME=RUN,... (repeatable)")
-    ap.add_argument("--from-json", help="draw --png from this script's earlier JSON instead of scoring runs")
     ap.add_argument("--setting", action="append", default=[],
                     help='NAME="sample-quality flags": one sampler setting of family NAME (repeatable)')
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--mc-samples", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=16384)
-    ap.add_argument("--png")
+    add_common_args(ap)
     args = ap.parse_args()
-    if args.from_json:
-        with open(args.from_json) as f:
-            plot(json.load(f), args.png)
+    if redrawn(args, plot):
         return
     if not args.point:
         raise SystemExit("give --point MINUTES:ar=RUN,... (or --from-json with --png)")
