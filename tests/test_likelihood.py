@@ -127,7 +127,7 @@ class FakeBlockModel(FakeModel):
     def token_logits(self, ids, prompt_mask=None, drop_cond=False):
         raise AssertionError("a block model is scored through block_logits")
 
-    def block_logits(self, x_t, x_0, prompt_mask=None, drop_cond=False):
+    def block_logits(self, x_t, x_0, prompt_mask=None, drop_cond=False, clean_grad=True):
         return self.block_fn(x_t, x_0)
 
 
