@@ -4,6 +4,7 @@ input), exact match and best-of-K."""
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -447,6 +448,23 @@ def test_an_ar_run_adapts_into_a_masked_model_from_its_weights(tmp_path, capsys)
     source, adapted = run_model(ar).state_dict(), run_model(masked).state_dict()
     shared = [k for k in source if k in adapted]
     assert len(shared) == len(source) and all(torch.allclose(source[k], adapted[k], atol=1e-6) for k in shared)
+
+
+def test_an_ar_mamba_run_adapts_into_a_block_masked_model_with_its_mixers(tmp_path, capsys):
+    ar, masked = tmp_path / "ar", tmp_path / "a2d"
+    assert main(["train", "--family", "ar", "--data", "task:arithmetic", "--max-steps", "2", "--out", str(ar),
+                 "--quiet", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["train", "--init", str(ar), "--family", "masked", "--max-steps", "1", "--out", str(masked),
+                 "--quiet", "train.lr=1e-9", "train.ema_decay=0", "model.block_size=4"]) == 0
+    done, total = re.search(r"initialised (\d+) of (\d+) tensors", capsys.readouterr().err).groups()
+    source, adapted = run_model(ar).state_dict(), run_model(masked).state_dict()
+    assert int(total) - int(done) == 2 and {k for k in adapted if k not in source} == {"prompt_proj.weight",
+                                                                                      "prompt_proj.bias"}
+    d_inner = source["backbone.blocks.0.mixer.out_proj.weight"].shape[1]
+    for k, v in ((k, v) for k, v in source.items() if k != "latent_scale"):  # calibrated anew for the new run
+        ours, theirs = (adapted[k][:2 * d_inner], v[:2 * d_inner]) if k.endswith("in_proj.weight") else (adapted[k], v)
+        assert ours.shape != theirs.shape or torch.allclose(ours, theirs, atol=1e-6), k
 
 
 def test_a_block_diffusion_model_is_refused_in_one_line(tmp_path, capsys):

@@ -328,7 +328,8 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", nargs="?", const=True, help="continue a run: --resume RUN, or --resume with --out RUN")
     p.add_argument("--init", help="start from the weights (and config, tokenizer) of this run or one of its "
                    "checkpoints (RUN/checkpoints/best.ckpt), e.g. an ar run adapted into --family masked; tensors "
-                   "whose name and shape match are copied")
+                   "whose name and shape match are copied, a causal Mamba-2 mixer into the bidirectional block's "
+                   "forward direction")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=3e-4")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from dimba.backbones.adapt import bidirectional_from_causal
 from dimba.config import Config, FINETUNE_METHODS, apply_overrides, load_run_config
 from dimba.data.finetune import FinetuneData
 from dimba.data.tokenizer import FILE_NAME
@@ -85,12 +86,14 @@ def _init_model(cfg: Config) -> torch.nn.Module:
 
 def prepare_model(model, cfg: Config, weights: dict | None) -> None:
     """Load the starting ``weights`` (a new fine-tuning run: all of them; an adaptation, ``finetune.method=none``:
-    those whose name and shape match, the rest keep their initialisation) and inject LoRA adapters when
+    those whose name and shape match, a causal Mamba-2 mixer's rewritten for the bidirectional block first
+    (`dimba.backbones.adapt`), the rest keep their initialisation) and inject LoRA adapters when
     ``finetune.lora_rank`` is set (before a resumed run's checkpoint, which holds them, is loaded)."""
     if weights is not None and cfg.finetune.method != "none":
         model.load_state_dict(weights)
     elif weights is not None:
         own = model.state_dict()
+        weights = bidirectional_from_causal(weights, own)  # an ar Mamba-2 model's mixers into the bidirectional block
         fits = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
         if not fits:
             raise UsageError(f"no weight of {cfg.finetune.init!r} fits this model (other sizes or backbone?): keep "
