@@ -73,13 +73,15 @@ def size_of(name: str) -> int:
 
 def plot(result: dict, path: str) -> None:
     """Left: each group's ratio to ar over the block size (with and without the clean stream's gradients);
-    right: the training step's time over the block size."""
+    right, when the result holds timings: the training step's time over the block size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    timing = result.get("timing") or {}
+    fig, axes = plt.subplots(1, 2 if timing else 1, figsize=(11 if timing else 6, 4), squeeze=False)
+    left = axes[0, 0]
     for i, (group, runs) in enumerate(result["groups"].items()):
         for ng, marker in ((False, "o-"), (True, "s--")):
             names = sorted((n for n in runs if n != "ar" and (n.endswith("ng") == ng)), key=size_of)
@@ -88,21 +90,26 @@ def plot(result: dict, path: str) -> None:
                           label=f"{group}{' (no clean-stream gradients)' if ng else ''}")
     left.axhline(TARGET, color="g", ls="--", label=f"target {TARGET}x")
     left.set(xscale="log", xlabel="block size (256: the full-sequence model)", ylabel="bits per byte / ar's")
-    timing = result.get("timing") or {}
-    for ng, marker in ((False, "o-"), (True, "s--")):
-        names = sorted((n for n in timing if n != "full" and n.endswith("ng") == ng), key=size_of)
-        if names:
-            right.plot([size_of(n) for n in names], [timing[n]["mean_over_passes"] for n in names], marker,
-                       label="without clean-stream gradients" if ng else "block model")
-    if "full" in timing:
-        right.axhline(timing["full"]["mean_over_passes"], color="k", ls=":", label="full-sequence model")
-    right.set(xscale="log", xlabel="block size", ylabel="training step, s (tiny, batch 8, 2 threads)")
-    for ax in (left, right):
+    if timing:
+        plot_timing(axes[0, 1], timing)
+    for ax in axes[0]:
         ax.set_xticks([4, 16, 64, 256], ["4", "16", "64", "256"])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def plot_timing(ax, timing: dict) -> None:
+    """The training step's time over the block size, with and without the clean stream's gradients."""
+    for ng, marker in ((False, "o-"), (True, "s--")):
+        names = sorted((n for n in timing if n != "full" and n.endswith("ng") == ng), key=size_of)
+        if names:
+            ax.plot([size_of(n) for n in names], [timing[n]["mean_over_passes"] for n in names], marker,
+                    label="without clean-stream gradients" if ng else "block model")
+    if "full" in timing:
+        ax.axhline(timing["full"]["mean_over_passes"], color="k", ls=":", label="full-sequence model")
+    ax.set(xscale="log", xlabel="block size", ylabel="training step, s (tiny, batch 8, 2 threads)")
 
 
 def main() -> None:
