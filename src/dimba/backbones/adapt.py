@@ -3,10 +3,10 @@ adaptation, `dimba train --init`).
 
 The causal mixer's input projection holds (z, x, B, C, dt); the shared block's holds (z, x, B_fwd, C_fwd, B_rev,
 C_rev, dt_fwd, dt_rev). The forward direction takes the causal mixer's B, C, dt, dt_bias and A as they are; the
-reverse direction starts as a copy of it with C_rev = 0 (its projection rows and conv bias zero), so at the start it adds nothing and the block computes
-the causal mixer's scan, and its first gradients teach it to read the future. The causal conv reads positions
-t - k + 1 .. t, the shared block's centred conv t - k + 1 + a .. t + a (a = its lookahead): each kernel moves a
-taps earlier, dropping its oldest a taps and reading nothing ahead at first.
+reverse direction starts as a copy of it with C_rev = 0 (its projection rows and conv bias zero), so at the start
+it adds nothing and the block computes the causal mixer's scan, and its first gradients teach it to read the
+future. The causal conv reads positions t - k + 1 .. t, the shared block's centred conv t - k + 1 + a .. t + a
+(a = its lookahead): each kernel moves a taps earlier, dropping its oldest a taps and reading nothing ahead at first.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 _SUFFIX = ".mixer.in_proj.weight"
 
 
-def bidirectional_from_causal(weights: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def bidirectional_from_causal(weights: dict[str, torch.Tensor], own: dict[str, torch.Tensor]
+                              ) -> dict[str, torch.Tensor]:
     """``weights`` with every causal Mamba-2 mixer whose counterpart in the model state ``own`` is a shared
     bidirectional block (not Hydra's) rewritten in that block's layout; every other tensor as it was."""
     out = dict(weights)
