@@ -101,6 +101,27 @@ def test_stacked_form_of_the_cuda_path_equals_the_explicit_matrix(groups, forwar
     assert_matches(got, ref, 1e-10)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("forward_diagonal", [True, False])
+@pytest.mark.parametrize("length", [1, 9, 16])
+def test_one_chunk_without_gradients_equals_the_explicit_matrix(groups, forward_diagonal, length):
+    """A sequence of at most one chunk, read without gradients (a cached block step), takes the one-matrix path;
+    the chunked Function (with gradients) and the explicit matrix give the same outputs."""
+    inputs = biscan_inputs(length=length, groups=groups)
+    ref = quasiseparable_reference(**inputs, forward_diagonal=forward_diagonal)
+    with torch.no_grad():
+        fast = chunked_bidirectional_scan(**inputs, chunk_size=16, forward_diagonal=forward_diagonal)
+    chunked = with_grads(chunked_bidirectional_scan, inputs, chunk_size=16, forward_diagonal=forward_diagonal)[0]
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(chunked.detach(), ref, rtol=1e-10, atol=1e-12)
+    low = {k: None if v is None else v.float() for k, v in {**inputs, "D": None}.items()}
+    with torch.no_grad():  # float32, no D: as the block step runs it
+        got = bidirectional_scan(**low, chunk_size=16, forward_diagonal=forward_diagonal)
+    assert got.dtype == torch.float32
+    assert_rel_close(got.double(), quasiseparable_reference(**{**inputs, "D": None},
+                                                            forward_diagonal=forward_diagonal), 1e-4, "y")
+
+
 def test_float32_matches_float64_reference():
     inputs = biscan_inputs(length=130, heads=4, headdim=8, d_state=8, groups=2)
     got = with_grads(bidirectional_scan, {k: v.float() for k, v in inputs.items()}, chunk_size=32)

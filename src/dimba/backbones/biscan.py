@@ -74,6 +74,9 @@ def chunked_bidirectional_scan(
     R, Q = H // G, chunk_size
     x_, dtf, dtr, Af, Ar, Bf, Cf, Br, Cr, D_ = _to_compute_dtype(
         x, dt_fwd, dt_rev, A_fwd, A_rev, B_fwd, C_fwd, B_rev, C_rev, D)
+    if length <= Q and not _needs_grad(x, dt_fwd, dt_rev, A_fwd, A_rev, B_fwd, C_fwd, B_rev, C_rev, D):
+        with torch.autocast(x.device.type, enabled=False):
+            return _one_chunk(x_, dtf, dtr, Af, Ar, Bf, Cf, Br, Cr, D_, forward_diagonal).to(x.dtype)
     pad = -length % Q
     if pad:  # padded steps have x = 0 and dt = 0: they add nothing and decay nothing, in either direction
         x_, dtf, dtr, Bf, Cf, Br, Cr = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
@@ -91,6 +94,34 @@ def chunked_bidirectional_scan(
             0 if forward_diagonal else -1,
         )
     return y.view(batch, n_chunks * Q, H, P)[:, :length].to(x.dtype)  # (b, L, H, P)
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will differentiate through any of ``tensors``."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _one_chunk(x, dtf, dtr, Af, Ar, Bf, Cf, Br, Cr, D, forward_diagonal: bool) -> torch.Tensor:
+    """The scan of a sequence no longer than one chunk, without gradients (a cached block-diffusion step, a short
+    prompt): y = M x + D x with the whole L x L matrix M of the module docstring formed at once and no states to
+    pass, in a dozen tensor ops instead of the chunked Function's setup for many chunks. Shapes as in
+    `chunked_bidirectional_scan`, in the compute dtype."""
+    batch, length, H, P = x.shape
+    R = H // Bf.shape[2]
+    pos = torch.arange(length, device=x.device)
+    lower = pos[:, None] >= pos[None, :] if forward_diagonal else pos[:, None] > pos[None, :]  # (L, L): s <= t
+    upper = pos[:, None] < pos[None, :]  # (L, L): s > t
+    af = (dtf * Af).cumsum(1).transpose(1, 2)  # (b, H, L): a^f_1 + ... + a^f_t
+    ar = dtr * Ar  # (b, L, H)
+    ar = (ar.cumsum(1) - ar).transpose(1, 2)  # (b, H, L): a^r_1 + ... + a^r_{t-1}
+    log_f = (af[..., :, None] - af[..., None, :]).masked_fill(~lower, float("-inf"))  # (b, H, L, L) [t, s]
+    log_r = (ar[..., None, :] - ar[..., :, None]).masked_fill(~upper, float("-inf"))  # (b, H, L, L) [t, s]
+    cb_f = torch.einsum("btgn,bsgn->bgts", Cf, Bf).repeat_interleave(R, dim=1)  # (b, H, L, L)
+    cb_r = torch.einsum("btgn,bsgn->bgts", Cr, Br).repeat_interleave(R, dim=1)  # (b, H, L, L)
+    m = (cb_f * log_f.exp() * dtf.transpose(1, 2)[..., None, :]
+         + cb_r * log_r.exp() * dtr.transpose(1, 2)[..., None, :])  # (b, H, L, L)
+    y = (m @ x.transpose(1, 2)).transpose(1, 2)  # (b, L, H, P)
+    return y if D is None else y + D[:, None] * x
 
 
 class _BidirectionalChunkedScan(torch.autograd.Function):
