@@ -169,6 +169,10 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.01, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
+    optimizer: Literal["adamw", "muon"] = Field("adamw", description="muon: Muon on the weights of the network's "
+                                                "linear layers, AdamW on the rest (dimba.training.optimizers)")
+    muon_lr: float | None = Field(None, gt=0, description="train.optimizer=muon: the peak learning rate of the "
+                                  "Muon-trained weights (None: train.lr), on the same schedule")
     grad_clip: float = Field(1.0, ge=0)
     max_bad_steps: int = Field(10, gt=0, description="stop after this many consecutive steps with a non-finite loss "
                                "or gradient norm (each is skipped)")

@@ -21,6 +21,7 @@ from dimba.io import atomic_save
 from dimba.training import sharded
 from dimba.training.files import BEST_CKPT, BEST_DCP, CKPT_SUBDIR, LAST_CKPT, remove_partial_saves
 from dimba.training.fsdp import shard_optimizer_state
+from dimba.training.optimizers import peak_lrs
 from dimba.training.rng import rng_state, set_rng_state
 
 
@@ -62,16 +63,16 @@ def check_state_fits(model, shapes: dict[str, tuple[int, ...]], run: str | Path)
                               "config.yaml edited, e.g. model.family?): restore the run's config.yaml or retrain")
 
 
-def _restore(state: dict[str, Any], optimizer, scheduler, lr: float) -> None:
+def _restore(state: dict[str, Any], optimizer, scheduler, tc) -> None:
     """Load a checkpoint's optimizer (a single-file one's: into this rank's shards under FSDP; a sharded one's
     is loaded already), scheduler and RNG states (the weights and EMA of a single file are loaded before
-    sharding). ``lr`` (this run's ``train.lr``) replaces the stored base learning rate, so that a resumed run
-    can lower it."""
+    sharding). This run's peak learning rates (``train.lr``, ``train.muon_lr`` of the `TrainConfig` ``tc``)
+    replace the stored ones, so that a resumed run can lower them."""
     if "optimizer" in state:
         optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], optimizer))
     scheduler.load_state_dict(state["scheduler"])
-    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
-    for group, f in zip(optimizer.param_groups, scheduler.lr_lambdas):
+    scheduler.base_lrs = peak_lrs(tc, optimizer)
+    for group, lr, f in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = lr * f(scheduler.last_epoch)  # as LambdaLR computes it: the same float when lr is unchanged
     set_rng_state(state["rng"])
 
@@ -87,7 +88,7 @@ def resume_training(ts, state: dict) -> None:
     ts.clock.before = ts.clock.now = float(state.get("elapsed_s", 0.0))
     if state.get("sharded") is not None:  # each rank reads its shards into the sharded model, EMA and optimizer
         sharded.load(state["sharded"], ts.model, ts.ema, ts.optimizer.optimizer)
-    _restore(state, ts.optimizer, ts.scheduler, ts.cfg.train.lr)
+    _restore(state, ts.optimizer, ts.scheduler, ts.cfg.train)
     if ts.fabric.is_global_zero:
         remove_partial_saves(ts.run_dir / CKPT_SUBDIR)
 

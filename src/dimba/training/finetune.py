@@ -32,7 +32,9 @@ def finetune_config(init: str | Path, method: str, data: str, overrides: list[st
     """The config of a fine-tuning run from the run ``init``: its model (same family and shapes), tokenizer and
     context; its train settings unless overridden, with the fine-tuning defaults below (a short EMA, 0.9: the EMA
     weights are what is evaluated, and a pre-training decay of 0.999 would leave them near the init weights after a
-    few hundred steps); ``finetune.method`` and ``finetune.data`` set. ``overrides`` are ``KEY=VALUE`` (e.g. ``train.lr=1e-4``, ``finetune.beta=0.2``)."""
+    few hundred steps; AdamW, whatever optimizer pre-trained the model: fine-tuning was measured with it);
+    ``finetune.method`` and ``finetune.data`` set. ``overrides`` are ``KEY=VALUE`` (e.g. ``train.lr=1e-4``,
+    ``finetune.beta=0.2``)."""
     if method not in FINETUNE_METHODS:
         raise UsageError(f"unknown fine-tuning method {method!r}: choose one of {', '.join(FINETUNE_METHODS)}")
     folder = _run_folder(init)
@@ -41,7 +43,7 @@ def finetune_config(init: str | Path, method: str, data: str, overrides: list[st
         raise UsageError(f"{str(init)!r} is a block-diffusion model (model.block_size={base.model.block_size}), "
                          "which fine-tuning does not support yet: fine-tune a full-sequence model")
     defaults = ["train.max_steps=300", "train.warmup_steps=10", "train.lr=3e-4", "train.ema_decay=0.9",
-                "train.eval_every=50",
+                "train.eval_every=50", "train.optimizer=adamw",
                 "train.save_every=100", "train.log_every=10", "train.max_time=null",
                 "finetune.lora_rank=0", f"finetune.init={init}", f"finetune.data={data}", f"finetune.method={method}",
                 f"data.tokenizer={folder / FILE_NAME}"]

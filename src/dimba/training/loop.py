@@ -94,8 +94,8 @@ def _report(ts: TrainState, result: StepResult, start_step: int, bar, log: Metri
     bar.set_postfix(loss=f"{float(parts['loss']):.3f}", ce=f"{float(parts['ce']):.2f}", tok_s=f"{tok_s:,.0f}")
     if ts.step % tc.log_every == 0 or ts.step == tc.max_steps or not result.applied:
         row = {k: float(v) for k, v in parts.items()}
-        row.update(lr=ts.scheduler.get_last_lr()[0], tokens_per_s=tok_s, elapsed_s=ts.clock.now,
-                   bad_steps=ts.bad_total,
+        lr = ts.scheduler.get_last_lr()[-1]  # train.lr's schedule (with Muon, AdamW's groups come last)
+        row.update(lr=lr, tokens_per_s=tok_s, elapsed_s=ts.clock.now, bad_steps=ts.bad_total,
                    grad_norm=float(result.grad_norm) if result.grad_norm is not None else float("nan"))
         log.write(ts.step, row)
     if ts.bad_streak >= tc.max_bad_steps:

@@ -1,6 +1,6 @@
 """`setup`: from a config and a run folder to a `TrainState` ready for `dimba.training.step.train_step`: the
-Fabric strategy, the data, the model (calibrated, or loaded from the run's checkpoint), its EMA, AdamW and the
-learning-rate schedule, with a resumed run's state restored exactly."""
+Fabric strategy, the data, the model (calibrated, or loaded from the run's checkpoint), its EMA, the optimizer
+(AdamW, or Muon with AdamW) and the learning-rate schedule, with a resumed run's state restored exactly."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from dimba.training.files import CKPT_SUBDIR
 from dimba.training.finetune import init_weights, make_objective, open_finetune_data, prepare_model
 from dimba.training.fsdp import FORWARD_METHODS, PRECISIONS, shard_model
 from dimba.training.fsdp import strategy as fsdp_strategy
+from dimba.training.optimizers import build_optimizer, muon_names
 from dimba.training.rng import set_rng_state
 from dimba.training.schedule import Clock, ema_avg, lr_lambda
 from dimba.training.vae import freeze_token_vae, load_token_vae, vae_tokenizer_path
@@ -38,7 +39,7 @@ class TrainState:
     fabric, precision, sharded: the strategy, its precision and whether weights are FSDP-sharded.
     model: the network (its shards under FSDP); fmodel: the same, wrapped by Fabric (DDP), for the losses.
     ema: the `AveragedModel` used for validation, generation and export.
-    optimizer (Fabric-wrapped AdamW), scheduler (LambdaLR), data (see `dimba.data.open_data`), batches (its
+    optimizer (Fabric-wrapped AdamW or `MuonAdamW`), scheduler (LambdaLR), data (see `dimba.data.open_data`), batches (its
     micro-batches for this rank), clock (`dimba.training.schedule.Clock`).
     step, bad_total, bad_streak: optimizer steps taken, skipped steps in all and in a row.
     saved_step: the step of the last checkpoint (None before any).
@@ -119,6 +120,9 @@ def _launch(cfg: Config) -> tuple[Fabric, str, bool]:
     if sharded and precision not in PRECISIONS:
         raise UsageError(f"train.precision={precision} does not work with train.strategy=fsdp (no gradient scaler): "
                          f"set train.precision to one of {', '.join(PRECISIONS)}")
+    if sharded and tc.optimizer == "muon":
+        raise UsageError("train.optimizer=muon does not work with train.strategy=fsdp (Muon orthogonalises whole "
+                         "weight matrices, FSDP shards them): use train.strategy=ddp or train.optimizer=adamw")
     fabric = Fabric(accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, precision=precision,
                     strategy=fsdp_strategy(tc.devices * tc.num_nodes) if sharded else tc.strategy)
     fabric.launch()
@@ -157,14 +161,11 @@ def _build_model(cfg: Config, data, state: dict | None, run_dir: Path | None, wo
     return model
 
 
-def _optimizer(cfg: Config, model, exempt: set[str], clock: Clock):
-    """AdamW (no weight decay on ``exempt``) and its warmup + cosine schedule, which follows the clock when
-    ``train.max_time`` is set."""
+def _optimizer(cfg: Config, model, exempt: set[str], muon: set[str], clock: Clock):
+    """The optimizer of ``train.optimizer`` (`dimba.training.optimizers.build_optimizer`) and its warmup + cosine
+    schedule, which follows the clock when ``train.max_time`` is set."""
     tc = cfg.train
-    named = list(model.named_parameters())  # the shards under FSDP: the optimizer comes after the sharding
-    groups = [{"params": [p for n, p in named if n not in exempt], "weight_decay": tc.weight_decay},
-              {"params": [p for n, p in named if n in exempt], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2))
+    optimizer = build_optimizer(tc, model, exempt, muon)
     time_fraction = (lambda: clock.now / (tc.max_time * 60)) if tc.max_time is not None else None
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, time_fraction))
 
@@ -200,13 +201,14 @@ def setup(cfg: Config, run_dir: str | Path | None, resume: bool = False) -> Trai
         ema.load_state_dict(state["ema"])
     ema.to(fabric.device)
     exempt = _no_weight_decay(model)
+    muon = muon_names(model, exempt)  # read before FSDP, like exempt
     fmodel = fabric.setup_module(model)  # DDP wraps the model; FSDP shards it in place
     for name in FORWARD_METHODS:  # what the losses call besides forward goes through the DDP wrapper too
         fmodel.mark_forward_method(name)
     if sharded:  # the EMA sharded like the model: ema.update_parameters pairs them up shard by shard
         shard_model(ema.module, fabric.strategy.device_mesh, reshard_root=True)
     clock = Clock()
-    optimizer, scheduler = _optimizer(cfg, model, exempt, clock)
+    optimizer, scheduler = _optimizer(cfg, model, exempt, muon, clock)
     ts = TrainState(cfg, run_dir, fabric, precision, sharded, model, fmodel, ema, fabric.setup_optimizers(optimizer),
                     scheduler, data, None, clock)
     if cfg.finetune.method != "none":
