@@ -31,10 +31,14 @@ def test_muon_takes_exactly_the_linear_weights():
     assert not any("embedding" in n or "conv1d" in n or "norm" in n or n.endswith("bias") for n in names)
 
 
-def _one_step(model, optimizer, seed):
+def _set_grads(model, seed):
     torch.manual_seed(seed)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
+
+
+def _one_step(model, optimizer, seed):
+    _set_grads(model, seed)
     optimizer.step()
 
 
@@ -56,9 +60,7 @@ def test_the_combined_optimizer_steps_each_part_as_its_own_optimizer_would():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for seed in range(3):
         _one_step(model, combined, seed)
-        torch.manual_seed(seed)
-        for p in twin.parameters():
-            p.grad = torch.randn_like(p)
+        _set_grads(twin, seed)
         adamw.step()
         plain_muon.step()
     for n, p in model.named_parameters():

@@ -62,16 +62,14 @@ def build_optimizer(tc: TrainConfig, model: nn.Module, exempt: set[str], muon: s
     """The optimizer of ``tc.optimizer`` over ``model``'s parameters: no weight decay on ``exempt``; with muon,
     Muon on the names in ``muon`` (see `muon_names`; read before FSDP replaces the modules' parameters)."""
     named = list(model.named_parameters())  # the shards under FSDP: the optimizer comes after the sharding
-    if tc.optimizer == "adamw":
-        muon = set()
-    decayed = [p for n, p in named if n not in exempt and n not in muon]
-    groups = [{"params": decayed, "weight_decay": tc.weight_decay},
+    hidden = muon if tc.optimizer == "muon" else set()
+    groups = [{"params": [p for n, p in named if n not in exempt and n not in hidden], "weight_decay": tc.weight_decay},
               {"params": [p for n, p in named if n in exempt], "weight_decay": 0.0}]
     if tc.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2))
-    hidden = [{"params": [p for n, p in named if n in muon], "weight_decay": tc.weight_decay,
-               "lr": tc.muon_lr or tc.lr}]
-    return MuonAdamW(groups, hidden, tc.lr, (tc.beta1, tc.beta2))
+    matrices = {"params": [p for n, p in named if n in hidden], "weight_decay": tc.weight_decay,
+                "lr": tc.muon_lr or tc.lr}
+    return MuonAdamW(groups, [matrices], tc.lr, (tc.beta1, tc.beta2))
 
 
 def peak_lrs(tc: TrainConfig, optimizer: torch.optim.Optimizer) -> list[float]:

@@ -39,8 +39,8 @@ class TrainState:
     fabric, precision, sharded: the strategy, its precision and whether weights are FSDP-sharded.
     model: the network (its shards under FSDP); fmodel: the same, wrapped by Fabric (DDP), for the losses.
     ema: the `AveragedModel` used for validation, generation and export.
-    optimizer (Fabric-wrapped AdamW or `MuonAdamW`), scheduler (LambdaLR), data (see `dimba.data.open_data`), batches (its
-    micro-batches for this rank), clock (`dimba.training.schedule.Clock`).
+    optimizer (Fabric-wrapped AdamW or `MuonAdamW`), scheduler (LambdaLR), data (see `dimba.data.open_data`),
+    batches (its micro-batches for this rank), clock (`dimba.training.schedule.Clock`).
     step, bad_total, bad_streak: optimizer steps taken, skipped steps in all and in a row.
     saved_step: the step of the last checkpoint (None before any).
     best: the best validation score so far, {"metric", "score" (lower is better), "step"} (None before any; see
