@@ -16,11 +16,11 @@ import time
 
 import torch
 
-from dimba.data import prepare_data
+from dimba.cli import _eval_blocks
 from dimba.diffusion.masked import subs_log_probs
+from dimba.evaluation.likelihood import _text_bytes
 from dimba.families.masked import denoiser_logits
-from dimba.config import load_run_config
-from dimba.loading import load_for_inference, model_folder
+from dimba.loading import load_for_inference
 
 
 @torch.no_grad()
@@ -42,19 +42,18 @@ def left_to_right_nats(model, block: torch.Tensor, batch: int = 64) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="a masked-family run or export folder")
-    ap.add_argument("--max-tokens", type=int, default=4096, help="the first blocks of the validation split")
+    ap.add_argument("--max-tokens", type=int, default=4096,
+                    help="the first blocks of the validation split, as `dimba eval --max-tokens` takes them")
     args = ap.parse_args()
     torch.set_num_threads(2)
     model, tokenizer = load_for_inference(args.run)
-    data = load_run_config(model_folder(args.run) / "config.yaml").data  # a training run: its split of its corpus
-    blocks = prepare_data(data.corpus, data.seq_len, data.val_fraction, tokenizer, tokenizer.vocab_size).val
-    blocks = blocks[: math.ceil(args.max_tokens / blocks.shape[1])]  # (N, L)
+    where = argparse.Namespace(model=args.run, data=None, split="val", max_tokens=args.max_tokens)
+    blocks, _ = _eval_blocks(where, tokenizer, model.config.context_length)  # (N, L): `dimba eval`'s blocks
     start = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         nats = sum(left_to_right_nats(model, block) for block in blocks)
-    nbytes = sum(len(tokenizer.decode(row.tolist()).encode("utf-8")) for row in blocks)
     print(json.dumps({"run": args.run, "nats_per_token": nats / blocks.numel(), "bits_per_byte": nats / math.log(2)
-                      / nbytes, "tokens": blocks.numel(), "blocks": len(blocks),
+                      / _text_bytes(blocks, tokenizer), "tokens": blocks.numel(), "blocks": len(blocks),
                       "seconds": time.perf_counter() - start}, indent=1))
 
 
