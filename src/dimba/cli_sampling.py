@@ -40,5 +40,6 @@ def sampler_flags(p: argparse.ArgumentParser, hidden: bool = False) -> None:
     p.add_argument("--unmask-threshold", type=float, help=h(describe(SampleConfig, "unmask_threshold")))
     p.add_argument("--unmask-entropy", type=float, help=h(describe(SampleConfig, "unmask_entropy")))
     p.add_argument("--dual-cache", action="store_true", default=None, help=h(describe(SampleConfig, "dual_cache")))
+    p.add_argument("--guide-model", help=h(describe(SampleConfig, "guide_model")))
     p.add_argument("--score-temperature", type=float, help=h(describe(SampleConfig, "score_temperature")))
     p.add_argument("--commit", choices=choices(SampleConfig, "commit"), help=h(describe(SampleConfig, "commit")))

@@ -225,6 +225,11 @@ class SampleConfig(_Strict):
         False, description="masked family, full-sequence models: Fast-dLLM's DualCache, an approximate cache: each "
         "block's first step reads the whole canvas and keeps every layer's state before and after the block; its "
         "other steps read the block alone (use with --block-length)")
+    guide_model: str | None = Field(
+        None, description="masked family, full-sequence models: autoguidance (Karras et al. 2024): a weaker model "
+        "of the same tokenizer (an earlier checkpoint of the run, RUN/checkpoints/step-N.ckpt, or a smaller model) "
+        "that --guidance w extrapolates away from, log p_weak + w (log p - log p_weak), in place of classifier-free "
+        "guidance's unconditional prediction; each step calls both models")
 
 
 FINETUNE_METHODS = ("sft", "dpo", "ipo", "simpo", "grpo")
@@ -292,7 +297,7 @@ SAMPLE_NAMES = {"steps": "num_steps", "temperature": "temperature", "top_k": "to
                 "guidance": "guidance_scale", "eta": "eta", "clamp": "clamp", "remasking": "remasking",
                 "block_length": "block_length", "score_temperature": "score_temperature",
                 "commit": "commit", "unmask_threshold": "unmask_threshold", "unmask_entropy": "unmask_entropy",
-                "dual_cache": "dual_cache"}
+                "dual_cache": "dual_cache", "guide_model": "guide_model"}
 
 
 class Config(_Strict):

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from dimba.config import SampleConfig
+from dimba.errors import UsageError
 from dimba.families import Generation
 from dimba.samplers.state import ModelOutput, SamplerState
 from dimba.special_tokens import EOS_ID
@@ -118,6 +119,9 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor | None, seq_len: in
     """`sample_from_model` with the sampler settings of a `SampleConfig`: ids (N, P + seq_len); ``prompt_ids``
     may also be one prompt per row (N, P). ``on_step`` observes every `Step` (see `run`)."""
     model.eval()
+    if settings.guide_model is not None and "guide_model" not in model.family.sample_settings:
+        raise UsageError(f"--guide-model (autoguidance) is available for the masked family, not {model.family}: "
+                         "leave it out")
     prompt = _prompt_tensor(prompt_ids, num_samples, _device(model, device))  # (N, P)
     return run(model.family.generation(model, prompt, seq_len, settings, generator, eos_id, use_cache), generator,
                callback, on_step)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from pydantic import ValidationError
 
 from dimba.config import SampleConfig, load_run_config
 from dimba.data.tokenizer import Tokenizer
-from dimba.errors import CheckpointError
+from dimba.errors import CheckpointError, UsageError
 from dimba.export import CONFIG_NAME, SAMPLE_NAME, TOKENIZER_NAME, read_sample
 from dimba.hub import resolve
 from dimba.model import DIMBA, build_model
@@ -95,6 +96,28 @@ def load_for_inference(path: str | Path, map_location: str = "cpu") -> tuple[DIM
         raise CheckpointError(f"{str(tok_path)!r} has {tokenizer.vocab_size} tokens but the model's vocabulary has "
                               f"{model.config.vocab_size}: put the tokenizer.json the model was trained with beside it")
     return model.eval(), tokenizer
+
+
+@functools.lru_cache(maxsize=2)
+def _loaded_guide(path: str, device: str) -> DIMBA:
+    return load_for_inference(path, device)[0]
+
+
+def guide_model(path: str, model: DIMBA) -> DIMBA:
+    """The weaker model of autoguidance (`SampleConfig.guide_model`) for ``model``, on its device (loaded once per
+    path and device); one line if it cannot guide ``model``."""
+    device = next(model.parameters()).device
+    try:
+        guide = _loaded_guide(str(path), str(device))
+    except CheckpointError as err:
+        raise CheckpointError(f"--guide-model: {err}") from None
+    mine, theirs = model.config, guide.config
+    if str(guide.family) != str(model.family) or theirs.vocab_size != mine.vocab_size or theirs.block_size is not None:
+        raise UsageError(f"--guide-model {path!r} holds a model of the {guide.family} family (vocabulary "
+                         f"{theirs.vocab_size}, block_size {theirs.block_size}): autoguidance needs a full-sequence "
+                         f"{model.family} model of the same tokenizer (vocabulary {mine.vocab_size}), e.g. an earlier "
+                         "checkpoint of the run")
+    return guide
 
 
 def sample_defaults(path: str | Path) -> SampleConfig:

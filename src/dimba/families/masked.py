@@ -154,7 +154,8 @@ class MaskedGeneration(Generation):
     The model is not conditioned on t, so its output is a function of the canvas alone: with
     ``use_cache`` a step whose canvas did not change since the last model call reuses the logits
     (MDLM's caching). Guidance: log p_u + w (log p_c - log p_u), p_u from the canvas with the
-    prompt replaced by [MASK] and the prompt conditioning dropped.
+    prompt replaced by [MASK] and the prompt conditioning dropped; with ``guide`` (autoguidance,
+    `SampleConfig.guide_model`) p_u is instead the weaker model's on the same canvas, with or without a prompt.
 
     With ``settings.dual_cache`` (Fast-dLLM's DualCache) the first step of each block reads the whole canvas and
     keeps what every layer needs of the positions outside the block (`DIMBA.dual_forward`); the block's other
@@ -162,7 +163,8 @@ class MaskedGeneration(Generation):
     at the block's first step.
     """
 
-    def __init__(self, model, prompt: torch.Tensor, seq_len: int, settings, eos_id: int | None, use_cache: bool):
+    def __init__(self, model, prompt: torch.Tensor, seq_len: int, settings, eos_id: int | None, use_cache: bool,
+                 guide=None):
         n, p = prompt.shape
         sampler = MaskedSampler(model.mask_id, settings.remasking, settings.block_length, settings.temperature,
                                 settings.top_k, settings.top_p, eos_id, threshold=settings.unmask_threshold,
@@ -171,14 +173,18 @@ class MaskedGeneration(Generation):
         sampler.set_timesteps(settings.num_steps, state)
         super().__init__(sampler, state)
         self.model, self.use_cache = model, use_cache
-        self.guidance = settings.guidance_scale if settings.guidance_scale != 1.0 and p > 0 else None
+        self.guide = guide
+        if guide is not None and settings.guidance_scale == 1.0:
+            raise UsageError("--guide-model has no effect at --guidance 1: give the autoguidance scale, e.g. "
+                             "--guidance 1.5")
+        guided = settings.guidance_scale != 1.0 and (p > 0 or guide is not None)
+        self.guidance = settings.guidance_scale if guided else None
         self.prompt_mask = torch.arange(p + seq_len, device=prompt.device)[None].expand(n, -1) < p  # (N, L)
         self._logits: torch.Tensor | None = None
         self._seen: torch.Tensor | None = None
         self.dual = settings.dual_cache
         if self.dual and self.guidance is not None:
-            raise UsageError("classifier-free guidance is not available with the DualCache (--dual-cache): "
-                             "leave --guidance at 1")
+            raise UsageError("guidance is not available with the DualCache (--dual-cache): leave --guidance at 1")
         if self.dual:
             self.cond = model.condition(state.x, torch.zeros((), device=prompt.device), self.prompt_mask)  # (N, D)
         self._dual: tuple[tuple[int, int], list] | None = None  # (the block, its DualCache)
@@ -190,10 +196,13 @@ class MaskedGeneration(Generation):
             return self._dual_predict(state, i)
         if self._logits is None or not self.use_cache or not torch.equal(x, self._seen):
             logits = model.token_logits(x, self.prompt_mask).log_softmax(-1)  # (N, L, V)
-            if self.guidance is not None:
+            if self.guide is not None:
+                logits_u = self.guide.token_logits(x, self.prompt_mask).log_softmax(-1)  # (N, L, V)
+            elif self.guidance is not None:
                 x_u = x.masked_fill(self.prompt_mask, model.mask_id)  # (N, L)
-                logits_u = model.token_logits(x_u, None, drop_cond=True).log_softmax(-1)
-                logits = logits_u + self.guidance * (logits - logits_u)
+                logits_u = model.token_logits(x_u, None, drop_cond=True).log_softmax(-1)  # (N, L, V)
+            if self.guidance is not None:
+                logits = logits_u + self.guidance * (logits - logits_u)  # (N, L, V)
             self._logits, self._seen = logits, x
         return ModelOutput(logits=self._logits)
 
@@ -217,7 +226,7 @@ class MaskedFamily(Family):
     block_diffusion = True
     description = "A masked ([MASK] absorbing-state) diffusion language model"
     sample_settings = Family.sample_settings + ("remasking", "block_length", "unmask_threshold", "unmask_entropy",
-                                                "dual_cache")
+                                                "dual_cache", "guide_model")
 
     def loss(self, model, input_ids, dc, t=None, prompt_mask=None, drop_cond=False, self_cond_prob=None, noise=None,
              generator=None):
@@ -230,8 +239,16 @@ class MaskedFamily(Family):
 
     def generation(self, model, prompt, seq_len, settings, generator, eos_id, use_cache):
         if block_size_of(model) is not None:
+            if settings.guide_model is not None:
+                raise UsageError("autoguidance (--guide-model) is not available for a block-diffusion model "
+                                 "(model.block_size): leave it out")
             return BlockMaskedGeneration(model, prompt, seq_len, settings, eos_id, use_cache)
-        return MaskedGeneration(model, prompt, seq_len, settings, eos_id, use_cache)
+        guide = None
+        if settings.guide_model is not None:
+            from dimba.loading import guide_model  # loading builds models, which import the families
+
+            guide = guide_model(settings.guide_model, model)
+        return MaskedGeneration(model, prompt, seq_len, settings, eos_id, use_cache, guide)
 
     def response_noise(self, rows, generator=None, full=False, t0=None):
         """The masks and weights of one NELBO sample per row (`response_masks`); its bound has no ``t0``."""

@@ -62,7 +62,7 @@ class Served:
 
     def settings_fields(self) -> list[str]:
         """The request's sampler fields that apply to the model's family (`Family.sample_settings`)."""
-        return [name for name, field in SAMPLE_NAMES.items() if field in self.model.family.sample_settings]
+        return [name for name, field in REQUEST_SAMPLE_NAMES.items() if field in self.model.family.sample_settings]
 
 
 class CompletionRequest(BaseModel):
@@ -91,6 +91,10 @@ class CompletionRequest(BaseModel):
     clamp: str | None = Field(None, description="continuous / hybrid: none, soft or hard")
     score_temperature: float | None = Field(None, description="continuous logits models: score temperature")
     commit: str | None = Field(None, description="continuous: commit tokens while denoising (none, confidence, random)")
+
+
+# the sampler fields a request may set (not a guide model: a served run's own `sample.guide_model` is the one)
+REQUEST_SAMPLE_NAMES = {name: field for name, field in SAMPLE_NAMES.items() if name in CompletionRequest.model_fields}
 
 
 def _bad(message: str, param: str | None = None) -> ApiError:
@@ -155,7 +159,7 @@ def sample_settings(served: Served, req: CompletionRequest) -> SampleConfig:
     """The served model's sampler defaults overridden by the request's sampler fields; 400 for a field that does
     not apply to the family or a value out of range."""
     family = served.model.family
-    given = {name: getattr(req, name) for name in SAMPLE_NAMES if getattr(req, name) is not None}
+    given = {name: getattr(req, name) for name in REQUEST_SAMPLE_NAMES if getattr(req, name) is not None}
     for name in given:
         if SAMPLE_NAMES[name] not in family.sample_settings:
             raise _bad(f"{name} does not apply to the {family} family: its sampler takes "
