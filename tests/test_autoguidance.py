@@ -61,8 +61,9 @@ def test_other_families_refuse_a_guide_model():
 
 def test_a_block_diffusion_model_refuses_a_guide_model():
     model = masked_model(0, block_size=4)
+    settings = SampleConfig(num_steps=8, guide_model="a path", guidance_scale=2.0)
     with pytest.raises(UsageError, match="block-diffusion"):
-        generate(model, [5], 8, SampleConfig(num_steps=8, guide_model="anything", guidance_scale=2.0))
+        model.family.generation(model, torch.tensor([[5]]), 8, settings, None, None, True, guide=masked_model(1))
 
 
 def test_generate_with_the_run_as_its_own_guide_prints_the_unguided_text(masked_run, capsys):

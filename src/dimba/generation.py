@@ -119,12 +119,18 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor | None, seq_len: in
     """`sample_from_model` with the sampler settings of a `SampleConfig`: ids (N, P + seq_len); ``prompt_ids``
     may also be one prompt per row (N, P). ``on_step`` observes every `Step` (see `run`)."""
     model.eval()
-    if settings.guide_model is not None and "guide_model" not in model.family.sample_settings:
-        raise UsageError(f"--guide-model (autoguidance) is available for the masked family, not {model.family}: "
-                         "leave it out")
+    guide = None
+    if settings.guide_model is not None:
+        if "guide_model" not in model.family.sample_settings:
+            raise UsageError(f"--guide-model (autoguidance) is available for the masked family, not {model.family}: "
+                             "leave it out")
+        from dimba.loading import guide_model  # loading reads runs, whose training modules generate (GRPO)
+
+        guide = guide_model(settings.guide_model, model)
     prompt = _prompt_tensor(prompt_ids, num_samples, _device(model, device))  # (N, P)
-    return run(model.family.generation(model, prompt, seq_len, settings, generator, eos_id, use_cache), generator,
-               callback, on_step)
+    guided = {} if guide is None else {"guide": guide}  # only the families that take one are given one
+    gen = model.family.generation(model, prompt, seq_len, settings, generator, eos_id, use_cache, **guided)
+    return run(gen, generator, callback, on_step)
 
 
 def canvas_length(model, prompt_len: int, length: int) -> int:

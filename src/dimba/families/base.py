@@ -107,7 +107,8 @@ class Family:
                    eos_id: int | None, use_cache: bool) -> Generation:
         """A `Generation` of ``seq_len`` tokens after ``prompt`` (N, P) with the sampler settings ``settings`` (a
         `SampleConfig`); rows stop at ``eos_id`` where the sampler allows; ``use_cache`` lets the loop reuse
-        model outputs or states where that is exact."""
+        model outputs or states where that is exact. A family whose `sample_settings` name ``guide_model`` also
+        takes ``guide=``, that model loaded (autoguidance); the others are never given it."""
         raise NotImplementedError
 
     def canvas_length(self, context: int, prompt_len: int, length: int) -> int:

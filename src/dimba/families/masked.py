@@ -237,17 +237,12 @@ class MaskedFamily(Family):
         """SUBS log-probabilities (B, L, V) of x_0 given ``input_ids`` holding [MASK] (t is implied by the masks)."""
         return subs_log_probs(model.token_logits(input_ids, **kwargs), input_ids, model.mask_id)
 
-    def generation(self, model, prompt, seq_len, settings, generator, eos_id, use_cache):
+    def generation(self, model, prompt, seq_len, settings, generator, eos_id, use_cache, guide=None):
         if block_size_of(model) is not None:
-            if settings.guide_model is not None:
+            if guide is not None:
                 raise UsageError("autoguidance (--guide-model) is not available for a block-diffusion model "
                                  "(model.block_size): leave it out")
             return BlockMaskedGeneration(model, prompt, seq_len, settings, eos_id, use_cache)
-        guide = None
-        if settings.guide_model is not None:
-            from dimba.loading import guide_model  # loading builds models, which import the families
-
-            guide = guide_model(settings.guide_model, model)
         return MaskedGeneration(model, prompt, seq_len, settings, eos_id, use_cache, guide)
 
     def response_noise(self, rows, generator=None, full=False, t0=None):
