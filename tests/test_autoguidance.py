@@ -89,3 +89,12 @@ def test_a_guide_model_that_cannot_guide_is_one_line_and_exit_2(masked_run, tmp_
                  "--guidance", "2"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and words in err and "\n" not in err
+
+
+def test_serve_refuses_a_run_whose_guide_model_cannot_be_loaded_at_start(masked_run):
+    from dimba.errors import CheckpointError
+    from dimba.serve.server import Options, prepare
+
+    defaults = SampleConfig(guide_model=str(masked_run / "nowhere"), guidance_scale=2.0)
+    with pytest.raises(CheckpointError, match="--guide-model: "):
+        prepare(str(masked_run), defaults, Options(port=0), start=False)

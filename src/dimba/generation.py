@@ -15,7 +15,6 @@ from typing import Callable, Sequence
 import torch
 
 from dimba.config import SampleConfig
-from dimba.errors import UsageError
 from dimba.families import Generation
 from dimba.samplers.state import ModelOutput, SamplerState
 from dimba.special_tokens import EOS_ID
@@ -121,9 +120,6 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor | None, seq_len: in
     model.eval()
     guide = None
     if settings.guide_model is not None:
-        if "guide_model" not in model.family.sample_settings:
-            raise UsageError(f"--guide-model (autoguidance) is available for the masked family, not {model.family}: "
-                             "leave it out")
         from dimba.loading import guide_model  # loading reads runs, whose training modules generate (GRPO)
 
         guide = guide_model(settings.guide_model, model)

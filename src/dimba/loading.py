@@ -105,7 +105,10 @@ def _loaded_guide(path: str, device: str) -> DIMBA:
 
 def guide_model(path: str, model: DIMBA) -> DIMBA:
     """The weaker model of autoguidance (`SampleConfig.guide_model`) for ``model``, on its device (loaded once per
-    path and device); one line if it cannot guide ``model``."""
+    path and device); one line if it cannot guide ``model`` or ``model``'s family takes no guide."""
+    if "guide_model" not in model.family.sample_settings:
+        raise UsageError(f"--guide-model (autoguidance) is available for the masked family, not {model.family}: "
+                         "leave it out")
     device = next(model.parameters()).device
     try:
         guide = _loaded_guide(str(path), str(device))

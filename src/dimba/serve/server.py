@@ -12,7 +12,7 @@ import torch
 
 from dimba.config import SampleConfig
 from dimba.errors import UsageError
-from dimba.loading import load_for_inference
+from dimba.loading import guide_model, load_for_inference
 from dimba.training.files import run_of_checkpoint
 from dimba.serve.engine import Engine
 from dimba.serve.schema import Limits, Served
@@ -77,6 +77,8 @@ def prepare(model_path: str, defaults: SampleConfig, options: Options, start: bo
     if options.threads:
         torch.set_num_threads(options.threads)
     model, tokenizer = load_for_inference(model_path)
+    if defaults.guide_model is not None:  # the run's autoguidance model: refused here, not at every request
+        guide_model(defaults.guide_model, model)
     context = model.config.context_length or 256
     limits = Limits(max_tokens=min(options.max_tokens or context, context), max_steps=options.max_steps,
                     max_n=options.max_batch, timeout=options.timeout)
