@@ -98,3 +98,18 @@ def test_serve_refuses_a_run_whose_guide_model_cannot_be_loaded_at_start(masked_
     defaults = SampleConfig(guide_model=str(masked_run / "nowhere"), guidance_scale=2.0)
     with pytest.raises(CheckpointError, match="--guide-model: "):
         prepare(str(masked_run), defaults, Options(port=0), start=False)
+
+
+def test_a_served_guide_is_checked_with_each_request_s_settings(masked_run):
+    """The request check builds the generation as generating does, guide included: a request that leaves the
+    guidance at 1 under a run's guide is a 400 naming the fix, one with a scale is a job."""
+    from dimba.loading import load_for_inference
+    from dimba.serve.schema import ApiError, CompletionRequest, Limits, Served, to_job
+
+    model, tokenizer = load_for_inference(masked_run)
+    defaults = SampleConfig(guide_model=str(masked_run / "checkpoints" / "last.ckpt"))
+    served = Served(model, tokenizer, "m", defaults, Limits(max_tokens=16))
+    with pytest.raises(ApiError, match="--guidance 1"):
+        to_job(served, CompletionRequest(prompt="ROMEO:", max_tokens=4))
+    job, _ = to_job(served, CompletionRequest(prompt="ROMEO:", max_tokens=4, guidance=1.5))
+    assert job.settings.guide_model == defaults.guide_model and job.settings.guidance_scale == 1.5

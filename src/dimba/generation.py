@@ -118,15 +118,21 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor | None, seq_len: in
     """`sample_from_model` with the sampler settings of a `SampleConfig`: ids (N, P + seq_len); ``prompt_ids``
     may also be one prompt per row (N, P). ``on_step`` observes every `Step` (see `run`)."""
     model.eval()
-    guide = None
+    prompt = _prompt_tensor(prompt_ids, num_samples, _device(model, device))  # (N, P)
+    return run(build_generation(model, prompt, seq_len, settings, generator, eos_id, use_cache), generator, callback,
+               on_step)
+
+
+def build_generation(model, prompt: torch.Tensor, seq_len: int, settings: SampleConfig,
+                     generator: torch.Generator | None, eos_id: int | None, use_cache: bool) -> Generation:
+    """The family's `Generation` of ``seq_len`` tokens after ``prompt`` (N, P) with ``settings``, given the loaded
+    ``settings.guide_model`` when one is set (autoguidance; only the families that take one are given one)."""
+    guided = {}
     if settings.guide_model is not None:
         from dimba.loading import guide_model  # loading reads runs, whose training modules generate (GRPO)
 
-        guide = guide_model(settings.guide_model, model)
-    prompt = _prompt_tensor(prompt_ids, num_samples, _device(model, device))  # (N, P)
-    guided = {} if guide is None else {"guide": guide}  # only the families that take one are given one
-    gen = model.family.generation(model, prompt, seq_len, settings, generator, eos_id, use_cache, **guided)
-    return run(gen, generator, callback, on_step)
+        guided["guide"] = guide_model(settings.guide_model, model)
+    return model.family.generation(model, prompt, seq_len, settings, generator, eos_id, use_cache, **guided)
 
 
 def canvas_length(model, prompt_len: int, length: int) -> int:

@@ -12,7 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dimba.config import SAMPLE_NAMES, SampleConfig
-from dimba.generation import canvas_length
+from dimba.generation import build_generation, canvas_length
 from dimba.serve.engine import Job
 
 MAX_BODY_BYTES = 1 << 20  # a request body above this is refused (413)
@@ -183,7 +183,7 @@ def _check_generation(served: Served, prompt_len: int, length: int, settings: Sa
     prompt = torch.zeros(1, prompt_len, dtype=torch.long)
     try:
         with torch.no_grad():
-            model.family.generation(model, prompt, canvas, settings, None, served.tokenizer.eos_id, True)
+            build_generation(model, prompt, canvas, settings, None, served.tokenizer.eos_id, True)
     except ValueError as exc:
         raise _bad(str(exc).splitlines()[0] if str(exc) else "the sampler settings do not fit together") from None
 
