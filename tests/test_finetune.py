@@ -447,7 +447,9 @@ def test_an_ar_run_adapts_into_a_masked_model_from_its_weights(tmp_path, capsys)
     assert cfg.model.family == "masked" and cfg.model.backbone == "transformer" and cfg.finetune.init == str(ar)
     source, adapted = run_model(ar).state_dict(), run_model(masked).state_dict()
     shared = [k for k in source if k in adapted]
-    assert len(shared) == len(source) and all(torch.allclose(source[k], adapted[k], atol=1e-6) for k in shared)
+    assert len(shared) == len(source)
+    for k in (k for k in shared if k != "latent_scale"):  # calibrated anew for the new run, on the loaded embedding
+        assert torch.allclose(source[k], adapted[k], atol=1e-6), k
 
 
 def test_an_ar_mamba_run_adapts_into_a_block_masked_model_with_its_mixers(tmp_path, capsys):

@@ -87,3 +87,18 @@ def test_fit_leaves_the_callers_config_alone_and_bench_times_its_step(corpus, tm
     result = train_step(ts)
     assert ts.step == 1 and result.applied and set(result.parts) == set(ts.model.family.metrics)
     assert any(not torch.equal(a, b) for a, b in zip(weights, ts.model.parameters()))
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_a_sampler_seeded_like_the_run_does_not_draw_its_initial_weights(corpus, tiny, seed):
+    """The initial weights come from a stream of their own (`dimba.training.rng.init_seed`): a sampler seeded with
+    ``train.seed`` (``torch.Generator().manual_seed(seed)``) would otherwise draw the initial embedding table as its
+    noise, rows of the codebook in id order that a continuous model decodes as word salad."""
+    from dimba.training import setup
+
+    cfg = load_config("tiny", None, [*tiny, f"data.corpus={corpus}", f"train.seed={seed}"])
+    table = setup(cfg, run_dir=None).model.embedding.weight.detach().flatten()  # (V d,) normal, std d^-0.5
+    assert torch.equal(table, setup(cfg, run_dir=None).model.embedding.weight.detach().flatten())  # reproducible
+    stream = torch.randn(8 * table.numel(), generator=torch.Generator().manual_seed(seed))  # (M,)
+    windows = stream.unfold(0, 4, 1) * cfg.model.d_model ** -0.5  # (M - 3, 4) every offset, scaled as the init
+    assert not torch.isclose(windows, table[:4], rtol=1e-5, atol=0).all(1).any()

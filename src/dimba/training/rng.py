@@ -1,5 +1,5 @@
 """Every global random generator's state (torch CPU and CUDA, Python ``random``, NumPy), saved in checkpoints so
-that a resumed run draws exactly what an uninterrupted one would."""
+that a resumed run draws exactly what an uninterrupted one would; and the seed of a model's initial weights."""
 
 from __future__ import annotations
 
@@ -33,3 +33,14 @@ def set_rng_state(state: dict[str, Any] | torch.Tensor) -> None:
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def init_seed(seed: int) -> int:
+    """The seed of a model's initial weights in a run seeded ``seed``: a splitmix64 mix of it, never a seed a user
+    types. Initialised from ``seed`` itself, a model's weights would be the stream that
+    ``torch.Generator().manual_seed(seed)`` draws when the same seed samples from it: a continuous sampler's initial
+    noise would replay the initial embedding table (rows of the codebook in id order, decoded as word salad)."""
+    z = (seed + 0x9E3779B97F4A7C15) % 2**64
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 % 2**64
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB % 2**64
+    return (z ^ (z >> 31)) % 2**63

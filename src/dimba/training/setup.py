@@ -25,7 +25,7 @@ from dimba.training.finetune import init_weights, make_objective, open_finetune_
 from dimba.training.fsdp import FORWARD_METHODS, PRECISIONS, shard_model
 from dimba.training.fsdp import strategy as fsdp_strategy
 from dimba.training.optimizers import build_optimizer, muon_names
-from dimba.training.rng import set_rng_state
+from dimba.training.rng import init_seed, set_rng_state
 from dimba.training.schedule import Clock, ema_avg, lr_lambda
 from dimba.training.vae import freeze_token_vae, load_token_vae, vae_tokenizer_path
 
@@ -137,7 +137,9 @@ def _build_model(cfg: Config, data, state: dict | None, run_dir: Path | None, wo
     """The model of ``cfg.model``: calibrated on the first global batch, or with the weights of checkpoint
     ``state`` (a sharded checkpoint's are loaded after sharding), or of a fine-tuning run's ``finetune.init``
     (with its LoRA adapters); speed options applied."""
-    model = build_model(cfg.model)
+    with torch.random.fork_rng(devices=[]):  # initial weights from their own stream (`init_seed`)
+        torch.manual_seed(init_seed(cfg.train.seed))
+        model = build_model(cfg.model)
     finetuning, starts_from = cfg.finetune.method != "none", cfg.finetune.init is not None
     if cfg.model.vae_checkpoint_path:  # a pre-trained latent space: loaded in a new run, frozen in every session
         if state is None and not starts_from:

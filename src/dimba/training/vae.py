@@ -18,6 +18,7 @@ from dimba.data.packing import tokenize_and_pack
 from dimba.data.tokenizer import Tokenizer
 from dimba.errors import CheckpointError, UsageError
 from dimba.io import atomic_write_text
+from dimba.training.rng import init_seed
 from dimba.vae import TokenVAE, elbo
 
 VAE_TYPE = "dimba-token-vae"
@@ -47,7 +48,7 @@ def train_vae(corpus: str, out: str | Path, d_latent: int = 64, d_model: int = 2
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out {str(out)!r} already exists and is not empty: choose another folder")
-    torch.manual_seed(seed)
+    torch.manual_seed(init_seed(seed))  # the initial weights: not the stream of ``gen`` below
     train_docs, val_docs = split_text(load_corpus(corpus))
     tokenizer = Tokenizer.train(train_docs, vocab_size=vocab_size)
     train = tokenize_and_pack(train_docs, tokenizer, 1).flatten()  # (T,) the token stream, EOS between documents
